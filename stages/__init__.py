@@ -1,0 +1,1 @@
+"""One module per DVC stage: plain functions, params in, files out."""
