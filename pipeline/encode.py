@@ -50,9 +50,10 @@ def _options(enc: Encoding) -> dict[str, str]:
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 25.0, enc: Encoding = Encoding(),
                 rotation: int | None = None) -> Path:
-    """Encode `frames` (T, H, W, 3) uint8 RGB to `path`; H and W must be even (yuv420p).
+    """Encode `frames` (T, H, W, 3) uint8 RGB to `path`.
 
-    `rotation` stores a display-rotation tag (degrees) where the container supports it, to mimic phone clips.
+    Even sizes use yuv420p (what cameras write); odd sizes need yuv444p, which only libx264 offers here.
+    `rotation` stores a display rotation (degrees counter-clockwise), as phones do for portrait clips.
     """
     import av
 
@@ -60,18 +61,20 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 25.0, enc: En
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (T, H, W, 3), got {frames.shape}")
     _, height, width, _ = frames.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"height and width must be even for yuv420p, got {width}x{height}")
+    odd = bool(height % 2 or width % 2)
+    if odd and enc.codec != "libx264":
+        raise ValueError(f"odd frame sizes ({width}x{height}) need codec libx264 (yuv444p)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream(enc.codec, rate=rate, options=_options(enc))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv444p" if odd else "yuv420p"
         if enc.bframes:
             stream.codec_context.max_b_frames = enc.bframes
         if rotation is not None:
-            stream.metadata["rotate"] = str(rotation)
+            stream.set_display_rotation(rotation)
         for image in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 out.mux(packet)

@@ -1,0 +1,43 @@
+"""Datasets on disk: class folders of videos (the HMDB-51 / UCF-101 layout) and video keys."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.video import is_video_file
+
+
+@dataclass(frozen=True)
+class Clip:
+    video: str  # key: path relative to the dataset root, POSIX separators, e.g. "brush_hair/a.avi"
+    label: str  # class name (the folder)
+    path: Path
+
+
+@dataclass
+class Discovery:
+    clips: list[Clip] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)  # class folders with no video in them
+    classes: list[str] = field(default_factory=list)
+
+
+class DatasetError(Exception):
+    """A dataset root that cannot be read as class folders; the message says why."""
+
+
+def discover(root: str | Path) -> Discovery:
+    """Every video under `root/<class>/` (nested folders inside a class are searched too), sorted by key."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder (expected <root>/<class>/<clip>.avi ...)")
+    found = Discovery()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        videos = sorted(p for p in folder.rglob("*") if is_video_file(p))
+        if not videos:
+            found.empty_classes.append(folder.name)
+            continue
+        found.classes.append(folder.name)
+        found.clips.extend(Clip(p.relative_to(root).as_posix(), folder.name, p) for p in videos)
+    if not found.clips and not found.empty_classes:
+        raise DatasetError(f"{root}: no class folders with videos in it")
+    return found

@@ -1,0 +1,54 @@
+"""`info`: what a feature cache holds and how it was made (provenance, counts per class, failures, size)."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from pipeline.features import FeatureCache
+
+
+def run(cache_path: Path, show_failed: int = 20) -> dict:
+    """Print the cache's description; return it as a dict (for scripts and tests)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    with FeatureCache(cache_path) as cache:
+        counts = Counter(cache.classes[i] for i in cache.labels)
+        described = {
+            "path": str(cache_path), "clips": len(cache), "classes": len(cache.classes),
+            "failed": len(cache.failed), "feature_shape": list(cache.feature_shape),
+            "bytes": Path(cache_path).stat().st_size, "attrs": cache.attrs,
+            "per_class": {c: counts.get(c, 0) for c in cache.classes},
+        }
+        failed = list(cache.failed)
+
+    prov = Table(title=f"{cache_path}", show_header=False)
+    for key in ("format_version", "backbone", "layer", "weights", "image_size", "frames", "sampling", "dtype",
+                "precision", "dataset_root", "created", "versions"):
+        if key in described["attrs"]:
+            prov.add_row(key, str(described["attrs"][key]))
+    prov.add_row("clips", str(described["clips"]))
+    prov.add_row("feature shape", " x ".join(map(str, described["feature_shape"])))
+    prov.add_row("size", f"{described['bytes'] / 2**20:.1f} MiB")
+    console.print(prov)
+
+    per_class = Table(title="clips per class")
+    per_class.add_column("class")
+    per_class.add_column("clips", justify="right")
+    for name, n in described["per_class"].items():
+        per_class.add_row(name, str(n))
+    console.print(per_class)
+
+    if failed:
+        fails = Table(title=f"failed: {len(failed)}")
+        fails.add_column("video")
+        fails.add_column("reason")
+        for video, reason in failed[:show_failed]:
+            fails.add_row(video, reason)
+        if len(failed) > show_failed:
+            fails.add_row(f"... {len(failed) - show_failed} more", "")
+        console.print(fails)
+    else:
+        console.print("failed: none")
+    return described

@@ -1,0 +1,54 @@
+"""Shared fixtures: small generated videos, written once per session."""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.encode import Encoding, numbered_frames, write_video
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def overstate_avi_frame_count(path: Path, extra: int = 1) -> Path:
+    """Copy of an AVI whose headers claim `extra` more frames than exist (as real HMDB-51 files do)."""
+    data = bytearray(path.read_bytes())
+    avih = data.find(b"avih") + 8 + 16  # dwTotalFrames
+    strh = data.find(b"strh") + 8 + 32  # dwLength
+    for offset in (avih, strh):
+        (count,) = struct.unpack("<I", data[offset:offset + 4])
+        data[offset:offset + 4] = struct.pack("<I", count + extra)
+    out = path.with_name(path.stem + "-overstated.avi")
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.fixture(scope="session")
+def numbered_video(tmp_path_factory):
+    """Factory: a video of `count` frames, frame i showing i in its pixels."""
+    root = tmp_path_factory.mktemp("numbered")
+
+    def make(enc: Encoding = Encoding(), count: int = 61, height: int = 96, width: int = 128, name: str | None = None,
+             rotation: int | None = None) -> Path:
+        path = root / f"{name or enc.label}-{count}-{width}x{height}{enc.suffix}"
+        if not path.exists():
+            write_video(path, numbered_frames(count, height, width), enc=enc, rotation=rotation)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def mini_dataset(tmp_path) -> Path:
+    """Three classes of short clips in mixed codecs, the layout `extract` expects."""
+    root = tmp_path / "videos"
+    rng = np.random.default_rng(0)
+    encodings = [Encoding("mpeg4", "avi", 2), Encoding("libx264", "mp4", 2), Encoding("libx264", "mkv", 0)]
+    for c, name in enumerate(("jump", "run", "walk")):
+        for i in range(2):
+            frames = rng.integers(0, 255, size=(12, 48, 64, 3), dtype=np.uint8)
+            write_video(root / name / f"clip{i}{encodings[(c + i) % 3].suffix}", frames, enc=encodings[(c + i) % 3])
+    return root
