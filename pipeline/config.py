@@ -78,7 +78,13 @@ class RenderConfig:
     strip_frames: int = 6
 
 
+@dataclass
+class DataConfig:
+    videos: str = "data/videos"
+
+
 SECTIONS: dict[str, type] = {
+    "data": DataConfig,
     "synth": SynthConfig,
     "extract": ExtractConfig,
     "split": SplitConfig,

@@ -112,7 +112,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_table(h5, clips: Sequence[ClipFeatures], labels: np.ndarray) -> None:
+def _write_table(h5, clips: Sequence[ClipFeatures], labels: np.ndarray, frames: int) -> None:
     """The per-clip datasets shared by shards and the joined cache."""
     n = len(clips)
     shape = clips[0].features.shape if n else (0, 0, 0, 0)
@@ -122,7 +122,7 @@ def _write_table(h5, clips: Sequence[ClipFeatures], labels: np.ndarray) -> None:
         h5["features"][i] = clip.features
     h5.create_dataset("label", data=labels.astype(np.int16))
     h5.create_dataset("video", data=[c.video for c in clips], dtype=_str_dtype())
-    h5.create_dataset("frame_index", data=np.array([c.frame_index for c in clips], dtype=np.int32).reshape(n, -1))
+    h5.create_dataset("frame_index", data=np.array([c.frame_index for c in clips], dtype=np.int32).reshape(n, frames))
     h5.create_dataset("num_frames", data=np.array([c.num_frames for c in clips], dtype=np.int32))
     h5.create_dataset("fps", data=np.array([c.fps for c in clips], dtype=np.float32))
     h5.create_dataset("height", data=np.array([c.height for c in clips], dtype=np.int16))
@@ -148,7 +148,7 @@ def write_shard(parts_dir: Path, clips: Sequence[ClipFeatures], failed: Sequence
             h5.attrs[key] = _attr(value)
         h5.attrs["format_version"] = FORMAT_VERSION
         h5.attrs["classes"] = _attr(classes)
-        _write_table(h5, clips, labels)
+        _write_table(h5, clips, labels, int(settings["frames"]))
         _write_failed(h5, failed)
     _fsync_file(tmp)
     os.replace(tmp, final)

@@ -7,6 +7,7 @@ decoding worker processes.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,19 @@ def sample_indices(num_frames: int, count: int) -> np.ndarray:
 
 def is_video_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".")
+
+
+_silenced = False
+
+
+def silence_native_stderr() -> None:
+    """Send this process's fd 2 to /dev/null (once); for decoder worker processes only."""
+    global _silenced
+    if not _silenced:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        _silenced = True
 
 
 def _open(path: Path):

@@ -24,7 +24,7 @@ from pipeline.config import ExtractConfig
 from pipeline.data import Clip, discover
 from pipeline.features import (ClipFeatures, FeatureCache, ShardWriter, join, remove_unfinished, settings_mismatch,
                                 shard_paths, CacheError)
-from pipeline.video import DecodedClip, decode_sampled
+from pipeline.video import DecodedClip, decode_sampled, silence_native_stderr
 from pipeline.workers import TimedPool
 
 SAMPLING = "segment-centre: floor((k + 0.5) * n / T) over frames decoded in order"
@@ -41,7 +41,8 @@ class ExtractSummary:
     skipped: int = 0  # already in the cache (or already recorded as failed)
     failed: list[tuple[str, str]] = field(default_factory=list)
     frames: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, start-up and join included
+    extract_seconds: float = 0.0  # from the first clip dispatched to the last clip handed to the writer
     total_clips: int = 0  # in the cache after the run
     total_failed: int = 0
 
@@ -78,7 +79,12 @@ def exclusive_lock(cache: Path) -> Iterator[None]:
 
 
 def decode_task(task: tuple[str, int]) -> DecodedClip:
-    """Worker-process entry point: (path, frames) -> the sampled frames."""
+    """Worker-process entry point: (path, frames) -> the sampled frames.
+
+    FFmpeg's and decord's own complaints about broken files would scribble over the progress bar; the
+    reason is recorded in the cache instead, so the worker's stderr goes to /dev/null.
+    """
+    silence_native_stderr()
     path, frames = task
     return decode_sampled(path, frames)
 
@@ -155,7 +161,7 @@ class _Batcher:
         head, rest = batch[:count], batch[count:]
         self._frames = [rest] if len(rest) else []
         self._queued = len(rest)
-        feats = self.backbone(head).to(torch.float16).cpu().numpy()  # (count, C, h, w)
+        feats = self.backbone.forward(head).to(torch.float16).cpu().numpy()  # (count, C, h, w)
         offset = 0
         while offset < count:
             entry = self._pending[0]
@@ -199,7 +205,7 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
         done = _already_done(cache, retry_failed)
         todo = [c for c in found.clips if c.video not in done]
         summary.skipped = len(found.clips) - len(todo)
-        writer = ShardWriter(parts, settings)
+        writer = ShardWriter(parts, settings, every_clips=int(os.environ.get("PIPELINE_SHARD_CLIPS", "32")))
         for name in found.empty_classes:
             key = f"{name}/"
             if key not in done:
@@ -259,8 +265,8 @@ def _extract(todo: list[Clip], backbone, cfg: ExtractConfig, writer: ShardWriter
 
         def advance() -> None:
             elapsed = max(time.monotonic() - t0, 1e-9)
-            done = summary.extracted + len(summary.failed)
-            bar.update(task_id, completed=done,
+            bar.advance(task_id)
+            bar.update(task_id,
                        rate=f"{summary.extracted / elapsed:.2f} clips/s {summary.frames / elapsed:.1f} frames/s")
 
         def emit(clip: Clip, decoded: DecodedClip, feats: np.ndarray) -> None:
@@ -284,6 +290,7 @@ def _extract(todo: list[Clip], backbone, cfg: ExtractConfig, writer: ShardWriter
                     continue
                 batcher.add(clip, result)
             batcher.finish()
+            summary.extract_seconds = time.monotonic() - t0
         finally:
             stop.set()
             while decoder_thread.is_alive():  # unblock a decoder waiting on a full queue

@@ -1,0 +1,149 @@
+"""Stage-one throughput, three ways in one run, so the ratios compare like with like.
+
+* end to end: `stages.extract.run` (decode workers + backbone + shard writes + join) on HMDB-like clips
+* bare backbone: the same frames, pre-decoded and pre-processed, through `Backbone.forward` in batches
+* naive: decode every frame, then push the sampled frames one at a time through an fp32 trunk
+
+    python bench/extract.py [--clips 12] [--frames 30] [--image-size 224] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_clips(root: Path, clips: int, length: int, width: int, height: int) -> list[Path]:
+    """HMDB-51-like files: MPEG-4 Part 2 with B-frames in AVI, moving textured content."""
+    from pipeline.encode import Encoding, write_video
+
+    rng = np.random.default_rng(0)
+    paths = []
+    yy, xx = np.mgrid[0:height, 0:width]
+    for i in range(clips):
+        phase = rng.uniform(0, 6.28, size=3)
+        frames = np.stack([
+            np.stack([(127 + 120 * np.sin(xx / (7 + c) + yy / (11 + c) + t / 5 + phase[c])) for c in range(3)], -1)
+            for t in range(length)
+        ]).astype(np.uint8)  # (L, H, W, 3)
+        paths.append(write_video(root / f"class{i % 4}" / f"clip{i:03d}.avi", frames, enc=Encoding("mpeg4", "avi", 2)))
+    return paths
+
+
+def bare_backbone(backbone, decoded: list[np.ndarray], batch: int) -> float:
+    import torch
+
+    x = torch.cat([backbone.preprocess(torch.from_numpy(f)) for f in decoded])  # (N*T, 3, S, S)
+    backbone.forward(x[:batch])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(x), batch):
+        backbone.forward(x[i:i + batch])
+    return len(x) / (time.perf_counter() - start)
+
+
+def naive(paths: list[Path], frames: int, image_size: int, weights: str) -> float:
+    """Decode every frame in order, then one frame at a time through an fp32, contiguous-format trunk."""
+    import decord
+    import torch
+
+    from pipeline.backbone import MEAN, STD, build_trunk, resolve_weights
+    from pipeline.video import sample_indices
+
+    trunk = build_trunk("pool5")
+    trunk.load_state_dict(resolve_weights(weights)[0])
+    trunk.eval()
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    done = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for path in paths:
+            vr = decord.VideoReader(str(path))
+            every = vr.get_batch(list(range(len(vr)))).asnumpy()  # (L, H, W, 3): all frames
+            for i in sample_indices(len(every), frames):
+                x = torch.from_numpy(every[i]).permute(2, 0, 1)[None].float() / 255
+                x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+                trunk((x - mean) / std)
+                done += 1
+    return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=12)
+    parser.add_argument("--length", type=int, default=90, help="frames per generated clip")
+    parser.add_argument("--frames", type=int, default=30, help="T, frames sampled per clip")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--weights", default="random:0")
+    parser.add_argument("--naive-clips", type=int, default=4, help="clips for the (slow) naive baseline")
+    parser.add_argument("--read-clips", type=int, default=200, help="clips in the cache-read benchmark")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    import torch
+
+    from pipeline.backbone import Backbone
+    from pipeline.config import ExtractConfig
+    from pipeline.video import decode_sampled
+    from stages import extract
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "videos"
+        paths = make_clips(root, args.clips, args.length, 320, 240)
+        cfg = ExtractConfig(weights=args.weights, frames=args.frames, image_size=args.image_size,
+                            batch_size=args.batch_size, workers=args.workers, device=args.device,
+                            precision=args.precision)
+        summary = extract.run(root, Path(tmp) / "f.h5", cfg, progress=False)
+        end_to_end = summary.frames / summary.extract_seconds
+        backbone = Backbone(args.weights, "pool5", args.image_size, args.device, args.precision)
+        decoded = [decode_sampled(p, args.frames).frames for p in paths]
+        bare = bare_backbone(backbone, decoded, args.batch_size)
+        baseline = naive(paths[: args.naive_clips], args.frames, args.image_size, args.weights)
+        read = cache_read_rate(Path(tmp) / "read", args.read_clips, args.frames)
+
+    figures = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                   f"cpu capability {torch.backends.cpu.get_cpu_capability()}",
+        "precision": backbone.precision, "device": str(backbone.device),
+        "clips": args.clips, "frames": args.frames, "image_size": args.image_size,
+        "end_to_end_fps": round(end_to_end, 2),
+        "end_to_end_fps_whole_run": round(summary.frames / summary.seconds, 2),
+        "bare_backbone_fps": round(bare, 2), "naive_fps": round(baseline, 2),
+        "end_to_end_over_bare": round(end_to_end / bare, 3),
+        "end_to_end_over_naive": round(end_to_end / baseline, 2),
+        "cache_read_clips": args.read_clips, "cache_read_gb_per_s": round(read, 2),
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+def cache_read_rate(folder: Path, clips: int, frames: int) -> float:
+    """Warm read of a whole `clips`-clip cache (random 512x7x7 cubes) into memory, GB/s (best of three)."""
+    from pipeline.features import ClipFeatures, FeatureCache, join, write_shard
+
+    rng = np.random.default_rng(0)
+    settings = {"frames": frames, "dtype": "float16"}
+    rows = [ClipFeatures(f"c/{i:04d}.avi", "c", rng.standard_normal((frames, 512, 7, 7)).astype(np.float16),
+                         np.arange(frames, dtype=np.int32), frames, 25.0, 240, 320) for i in range(clips)]
+    write_shard(folder / "f.h5.parts", rows, [], settings)
+    join(folder / "f.h5", folder / "f.h5.parts", settings)
+    best = 0.0
+    with FeatureCache(folder / "f.h5") as cache:
+        for _ in range(3):
+            start = time.perf_counter()
+            data = cache.load()
+            best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+if __name__ == "__main__":
+    main()
