@@ -187,7 +187,10 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
     if cfg.frames < 1:
         raise ExtractError(f"--frames must be >= 1, got {cfg.frames}")
     found = discover(videos)
-    backbone = Backbone(cfg.weights, cfg.layer, cfg.image_size, cfg.device, cfg.precision)
+    try:
+        backbone = Backbone(cfg.weights, cfg.layer, cfg.image_size, cfg.device, cfg.precision)
+    except ValueError as exc:  # an option the user gave: layer, device, precision, image size
+        raise ExtractError(str(exc)) from None
     provenance = backbone.provenance()
     settings = {
         "backbone": provenance["backbone"], "layer": cfg.layer,
