@@ -27,7 +27,7 @@ PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params.yaml 
 def _err(message: str) -> None:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
 
 
 # Exception classes that mean "the user gave us something we cannot use", by module. They are looked up
@@ -147,6 +147,29 @@ def _print_extract_summary(summary) -> None:
         console.print(f"  [red]failed[/] {video}: {reason}", highlight=False)
     if len(summary.failed) > 20:
         console.print(f"  ... and {len(summary.failed) - 20} more (see `python -m pipeline info`)")
+
+
+@app.command()
+def split(
+    cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache whose clips are split."),
+    out: Path = typer.Argument(Path("splits"), help="Folder to write train.txt, val.txt, test.txt, summary.json into."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the stratified split (and of val carved from train)."),
+    val: Optional[float] = typer.Option(None, help="Fraction of each class for val (of train, with official lists)."),
+    test: Optional[float] = typer.Option(None, help="Fraction of each class for test (stratified split only)."),
+    hmdb51: Optional[Path] = typer.Option(None, "--hmdb51", help="Folder of the official HMDB-51 split files "
+                                          "(<class>_test_split<fold>.txt)."),
+    ucf101: Optional[Path] = typer.Option(None, "--ucf101", help="Folder of the official UCF-101 lists "
+                                          "(trainlist0N.txt, testlist0N.txt)."),
+    fold: int = typer.Option(1, help="Fold of the official lists (1-3)."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Stage two, first step: split the cached clips into train/val/test lists (stratified or official)."""
+    with _user_errors():
+        from pipeline.config import load_section
+        from stages import split as stage
+
+        cfg = load_section("split", params, seed=seed, val=val, test=test)
+        stage.run(cache, out, cfg, hmdb51=hmdb51, ucf101=ucf101, fold=fold)
 
 
 @app.command()

@@ -26,7 +26,9 @@ def cfg(**changes) -> ExtractConfig:
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout)
+    """The CLI as a user runs it, with built-in defaults (no params.yaml of the repo in the way)."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args, "--params", "/nonexistent/params.yaml"],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_cache_holds_one_row_per_clip_with_labels_indices_and_provenance(mini_dataset, tmp_path):
@@ -173,7 +175,7 @@ def test_kill_9_at_any_moment_leaves_a_complete_cache_or_none_and_a_rerun_finish
     extract.run(root, reference, cfg(), progress=False)
     cache = tmp_path / "f.h5"
     args = [sys.executable, "-m", "pipeline", "extract", str(root), str(cache), "--weights", "random:0", "--frames", "6",
-            "--image-size", "64", "--batch-size", "8", "--no-progress"]
+            "--image-size", "64", "--batch-size", "8", "--no-progress", "--params", "/nonexistent/params.yaml"]
     env = dict(os.environ, PIPELINE_SHARD_CLIPS="2")
     for delay in (0.5, 2.0, 3.0, 4.0, 5.0, 6.5):
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -1,0 +1,168 @@
+"""The frozen VGG-16 conv trunk: weights (imagenet | random:<seed> | a file), preprocessing, embedding.
+
+Frames are resized whole to SxS (no crop: the feature grid covers the frame, so attention overlays the
+whole picture), scaled to [0, 1] and normalised with ImageNet's mean/std, as the weights were trained.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision.models.vgg as tv_vgg
+from torch import Tensor, nn
+
+from pipeline.weights import WeightsError, conv_shapes, imagenet_state_dict, load_state_dict_file, \
+    state_dict_sha256
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB, as torchvision's VGG16_Weights.IMAGENET1K_V1 expects
+STD = (0.229, 0.224, 0.225)
+
+# Cut points: slice end in torchvision's vgg16().features (31 modules; 28 = conv5_3, 29 its ReLU, 30 pool5).
+LAYERS = {
+    "pool5": 31,  # the whole trunk: 512 x 7 x 7 at 224
+    "conv5_3": 30,  # after conv5_3's ReLU, before the last pool: 512 x 14 x 14 at 224
+}
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def build_trunk(layer: str = "pool5", device: str | torch.device = "cpu") -> nn.Sequential:
+    """torchvision's vgg16().features up to `layer`, with no weights loaded (and no download).
+
+    Built from torchvision's own table (cfgs["D"], the one vgg16() uses) without its 100M-parameter
+    classifier, so it is exactly `vgg16(weights=None).features[:cut]`, only faster. On the "meta" device
+    it costs nothing and waits for `load_state_dict(..., assign=True)`.
+    """
+    if layer not in LAYERS:
+        raise ValueError(f"unknown layer {layer!r}: choose one of {', '.join(LAYERS)}")
+    with torch.device(device):
+        features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=False)
+    return features[:LAYERS[layer]]
+
+
+def random_state_dict(seed: int) -> dict[str, Tensor]:
+    """Weights for tests: torchvision's VGG init (kaiming normal, fan_out, ReLU; zero bias) from a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    sd = {}
+    for index, (cin, cout) in conv_shapes().items():
+        std = math.sqrt(2.0 / (cout * 3 * 3))  # fan_out = out_channels * kh * kw
+        sd[f"{index}.weight"] = torch.randn(cout, cin, 3, 3, generator=generator) * std
+        sd[f"{index}.bias"] = torch.zeros(cout)
+    return sd
+
+
+def resolve_weights(spec: str) -> tuple[dict[str, Tensor], str]:
+    """`imagenet` | `random:<seed>` | a path -> (trunk state_dict, label recorded in the cache)."""
+    if spec == "imagenet":
+        sd, _source = imagenet_state_dict()
+        return sd, "imagenet"
+    if spec.startswith("random:"):
+        seed = spec.removeprefix("random:")
+        if not seed.lstrip("-").isdigit():
+            raise WeightsError(f"bad weights {spec!r}: use random:<integer seed>, e.g. random:0")
+        return random_state_dict(int(seed)), f"random:{int(seed)}"
+    path = Path(spec).expanduser()
+    return load_state_dict_file(path), f"file:{path.name}"
+
+
+def cpu_supports_bf16() -> bool:
+    """True where bf16 matrix maths is native on this CPU (AVX-512 BF16 or AMX), so bf16 pays off."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda when available, else cpu; an explicit cuda without CUDA is the user's error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here: use auto or cpu")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> bf16 where the hardware runs it natively (CUDA with bf16, or a bf16 CPU), else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = cpu_supports_bf16()
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not native:
+        raise ValueError("precision bf16 asked for, but this GPU has no bf16: use auto or fp32")
+    return precision
+
+
+def output_shape(trunk: nn.Sequential, image_size: int) -> tuple[int, int, int]:
+    """(C, h, w) of the trunk at SxS input: convs keep the size (3x3, padding 1), each 2x2 pool floors it."""
+    channels, size = 3, image_size
+    for module in trunk:
+        if isinstance(module, nn.Conv2d):
+            channels = module.out_channels
+        elif isinstance(module, nn.MaxPool2d):
+            size //= 2
+    return channels, size, size
+
+
+class Backbone:
+    """The frozen trunk on its device, in eval mode, channels_last, at the chosen precision."""
+
+    def __init__(self, weights: str = "imagenet", layer: str = "pool5", image_size: int = 224,
+                 device: str = "auto", precision: str = "auto") -> None:
+        self.layer = layer
+        self.image_size = image_size
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        trunk = build_trunk(layer, device="meta")
+        self.out_shape = output_shape(trunk, image_size)  # (C, h, w)
+        if self.out_shape[1] < 1:
+            raise ValueError(f"image_size {image_size} is too small for {layer}: use at least 32")
+        state_dict, self.weights_label = resolve_weights(weights)
+        self.weights_sha256 = state_dict_sha256(state_dict)
+        trunk.load_state_dict(state_dict, assign=True)
+        self.trunk = self._deployed(trunk)
+        self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+
+    def _deployed(self, trunk: nn.Sequential) -> nn.Sequential:
+        """Frozen, eval, channels_last on the device; bf16 weights on CPU (CUDA uses autocast instead)."""
+        trunk.eval().requires_grad_(False)
+        dtype = torch.bfloat16 if self.precision == "bf16" and self.device.type == "cpu" else torch.float32
+        return trunk.to(self.device, dtype=dtype, memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def preprocess(self, frames: Tensor) -> Tensor:
+        """uint8 RGB frames (B, H, W, 3), any size and device -> normalised float (B, 3, S, S) on self.device."""
+        frames = torch.as_tensor(frames)
+        if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 (B, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+        x = frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)  # (B, 3, H, W)
+        size = (self.image_size, self.image_size)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)  # (B, 3, S, S)
+        return (x - self._mean) / self._std
+
+    @torch.inference_mode()
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalised (B, 3, S, S) -> float32 features (B, C, h, w), contiguous."""
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        if self.precision == "bf16" and self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = self.trunk(x)
+        else:
+            y = self.trunk(x.to(next(self.trunk.parameters()).dtype))
+        return y.float().contiguous()  # (B, C, h, w)
+
+    def embed(self, frames: Tensor) -> Tensor:
+        """uint8 RGB frames (B, H, W, 3) -> float32 features (B, C, h, w)."""
+        return self.forward(self.preprocess(frames))
+
+    def provenance(self) -> dict:
+        """What a cache records so later stages can show, and refuse to mix, how features were made."""
+        return {"backbone": "vgg16", "layer": self.layer, "weights": self.weights_label,
+                "weights_sha256": self.weights_sha256, "image_size": self.image_size,
+                "mean": list(MEAN), "std": list(STD), "precision": self.precision}
