@@ -1,0 +1,309 @@
+"""The attention head (stage two), written so DESIGN.md's equations can be checked line by line.
+
+Input X_t in R^{C x H x W}, t = 1..T; d = head.channels, k = head.kernel.
+
+    P_t  = W_p * X_t                                       1x1 conv, C -> d            ConvLSTMHead.w_p
+    Z_t  = w_z * tanh(W_xa * P_t + W_ha * H_{t-1} + b_a)   1x1 convs -> 1 channel      SoftAttention
+    A_t  = softmax of Z_t over the H*W positions                                       attend()
+    X~_t = (H*W) * A_t (.) P_t                             uniform A_t: X~_t == P_t    attend()
+    i, f, o, g = sigm, sigm, sigm, tanh(W_x * X~_t + W_h * H_{t-1} + b)   kxk, same    ConvLSTMCell
+    C_t  = f (.) C_{t-1} + i (.) g,   H_t = o (.) tanh(C_t)                            lstm_update()
+    H_0, C_0 = tanh(conv(mean_t P_t))                                                  StateInit
+    y_t  = W_c dropout(avgpool(H_t)) + b_c                 per-frame logits            ConvLSTMHead.w_c
+
+Variants (HeadConfig):
+  cell      convlstm  the equations above;
+            lstm      Sharma et al.: the LSTM input is the attention-weighted sum over positions,
+                      avgpool(X~_t) = sum_i A_{t,i} P_{t,i}, fed to a vector LSTM of d units; attention
+                      sees P_t and h_{t-1} broadcast over the positions; h_0, c_0 from the mean feature;
+            mean      no temporal memory: y_t = W_c dropout(avgpool(X_t)) + b_c, uniform attention
+                      (the `attention` setting does not apply to it).
+  attention soft      Z_t as above;
+            none      Z_t = 0, so A_t = 1/(H*W) everywhere and X~_t == P_t exactly.
+
+Layout: inside the heads a feature map is (B, H, W, channels). A 1x1 conv is then an nn.Linear on the last
+axis, which runs as one matrix product; on 7x7 maps that is several times faster than mkldnn's 1x1
+convolution, and the kxk convolutions read the same memory as channels_last (see `conv_hwc`).
+
+Loss (head_loss): mean over t of CE(y_t, label) + lambda * sum_i (1 - sum_t A_{t,i} * HW/T)^2, the second
+term averaged over the batch; it is 0 for uniform attention. Video prediction (video_probabilities): mean
+over t of the per-frame softmax.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ConfigError, HeadConfig
+
+CELLS = ("convlstm", "lstm", "mean")
+ATTENTIONS = ("soft", "none")
+
+
+class HeadOutput(NamedTuple):
+    logits: torch.Tensor  # (B, T, K) per-frame logits y_t
+    attention: torch.Tensor  # (B, T, H, W) attention maps A_t, each sums to 1
+
+
+def conv_hwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply `conv` to a (B, H, W, C) map; the permuted view is channels_last, so nothing is copied."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C) -> (B, H, W, C')
+
+
+def conv2d_hwc(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
+    """A kxk, same-padding nn.Conv2d for `conv_hwc`; its weight is stored channels_last like its input,
+    else the convolution would copy the weight into that layout on every call (forward and backward)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
+    return conv.to(memory_format=torch.channels_last)
+
+
+def features_hwc(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, C, H, W) of any float dtype -> (B, T, H, W, C) in `dtype`, contiguous, in one copy."""
+    return x.permute(0, 1, 3, 4, 2).to(dtype, memory_format=torch.contiguous_format)
+
+
+# --- attention -------------------------------------------------------------------------------------------
+
+
+class SoftAttention(nn.Module):
+    """Z_t = w_z * tanh(W_xa * P_t + W_ha * H_{t-1} + b_a), with 1x1 convs: one score per position.
+
+    W_xa * P_t + b_a does not depend on the recurrent state, so `input_term` computes it for all frames at
+    once, outside the recurrence. H_{t-1} is (B, H, W, d) for the ConvLSTM or (B, 1, 1, d) for the vector
+    LSTM, where it broadcasts over the positions.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.w_xa = nn.Linear(channels, channels)  # its bias is b_a
+        self.w_ha = nn.Linear(channels, channels, bias=False)
+        self.w_z = nn.Linear(channels, 1, bias=False)  # a bias would cancel in the softmax
+
+    def input_term(self, p: torch.Tensor) -> torch.Tensor:
+        return self.w_xa(p)  # (..., H, W, d) -> (..., H, W, d)
+
+    def forward(self, p_term: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+        z = self.w_z(torch.tanh(p_term + self.w_ha(h_prev)))  # (B, H, W, 1)
+        return z.flatten(1)  # (B, H*W)
+
+
+class UniformAttention(nn.Module):
+    """Z_t = 0: every position scores the same, so A_t = 1/(H*W) (attention: none)."""
+
+    def input_term(self, p: torch.Tensor) -> torch.Tensor:
+        return p
+
+    def forward(self, p_term: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = p_term.shape
+        return p_term.new_zeros(b, h * w)  # (B, H*W)
+
+
+def attend(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_t = softmax of Z_t over positions and X~_t = (H*W) * A_t (.) P_t; returns (X~_t, A_t).
+
+    p: (B, H, W, d), z: (B, H*W). The softmax is written out as e / sum(e) with e = exp(Z - max Z) so that
+    (H*W) * A_t is computed as e * (H*W / sum(e)): for constant scores e = 1 and sum(e) = H*W exactly, so
+    uniform attention multiplies P_t by exactly 1 and X~_t == P_t bit for bit.
+    """
+    b, h, w, _ = p.shape
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # the softmax in at least float32
+    e = torch.exp(z - z.amax(dim=1, keepdim=True).detach())  # (B, H*W); the shift cancels, so no gradient
+    total = e.sum(dim=1, keepdim=True)  # (B, 1)
+    a = e / total  # (B, H*W), sums to 1
+    # (H*W) * A_t; not `h * w / total`, which multiplies by a rounded 1/total (49 * (1/49) != 1 in float64)
+    scale = e * (torch.full_like(total, h * w) / total)
+    return p * scale.view(b, h, w, 1).to(p.dtype), a
+
+
+def make_attention(kind: str, channels: int) -> nn.Module:
+    return SoftAttention(channels) if kind == "soft" else UniformAttention()
+
+
+# --- recurrent cells -------------------------------------------------------------------------------------
+
+
+def lstm_update(gates: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """i, f, o, g = sigm, sigm, sigm, tanh(gates); C_t = f (.) C_{t-1} + i (.) g; H_t = o (.) tanh(C_t).
+
+    gates: (..., 4d), channels last, in the order i, f, o, g.
+    """
+    d = gates.shape[-1] // 4
+    i, f, o = torch.sigmoid(gates[..., : 3 * d]).chunk(3, dim=-1)
+    g = torch.tanh(gates[..., 3 * d :])
+    c = f * c_prev + i * g
+    h = o * torch.tanh(c)
+    return h, c
+
+
+class ConvLSTMCell(nn.Module):
+    """ConvLSTM step. W_x * X~_t + W_h * H_{t-1} + b is one kxk conv over concat([X~_t, H_{t-1}])."""
+
+    def __init__(self, in_channels: int, channels: int, kernel: int):
+        super().__init__()
+        self.w = conv2d_hwc(in_channels + channels, 4 * channels, kernel)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h_prev, c_prev = state  # (B, H, W, d) each
+        gates = conv_hwc(self.w, torch.cat([x, h_prev], dim=-1))  # (B, H, W, 4d)
+        return lstm_update(gates, c_prev)
+
+
+class LSTMCell(nn.Module):
+    """Vector LSTM step. W_x x_t + W_h h_{t-1} + b is one linear map of concat([x_t, h_{t-1}])."""
+
+    def __init__(self, in_features: int, features: int):
+        super().__init__()
+        self.w = nn.Linear(in_features + features, 4 * features)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h_prev, c_prev = state  # (B, d) each
+        gates = self.w(torch.cat([x, h_prev], dim=-1))  # (B, 4d)
+        return lstm_update(gates, c_prev)
+
+
+class StateInit(nn.Module):
+    """H_0, C_0 = tanh(conv(mean_t P_t)): one kxk conv to 2d channels (a linear map for the vector LSTM)."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear):
+        super().__init__()
+        self.w = layer
+
+    def forward(self, p_mean: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        out = conv_hwc(self.w, p_mean) if isinstance(self.w, nn.Conv2d) else self.w(p_mean)
+        h0, c0 = torch.tanh(out).chunk(2, dim=-1)  # (B, H, W, d) or (B, d) each
+        return h0, c0.to(dtype)  # C accumulates over T steps: keep it in the input's precision under autocast
+
+
+# --- heads -----------------------------------------------------------------------------------------------
+
+
+class ConvLSTMHead(nn.Module):
+    """Soft-attention ConvLSTM (after VideoLSTM): the equations at the top of this module."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int, kernel: int, attention: str, dropout: float):
+        super().__init__()
+        self.w_p = nn.Linear(in_channels, channels, bias=False)  # 1x1 conv
+        self.attention = make_attention(attention, channels)
+        self.init_state = StateInit(conv2d_hwc(channels, 2 * channels, kernel))
+        self.cell = ConvLSTMCell(channels, channels, kernel)
+        self.dropout = nn.Dropout(dropout)
+        self.w_c = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> HeadOutput:
+        b, t, _, h, w = x.shape  # (B, T, C, H, W)
+        x = features_hwc(x, self.w_p.weight.dtype)  # (B, T, H, W, C)
+        p = self.w_p(x)  # (B, T, H, W, d)
+        p_term = self.attention.input_term(p)  # (B, T, H, W, d)
+        state = self.init_state(p.mean(dim=1), x.dtype)  # H_0, C_0: (B, H, W, d)
+        pooled, maps = [], []
+        for p_t, p_term_t in zip(p.unbind(1), p_term.unbind(1)):  # unbind, not p[:, t]: one gradient copy, not T
+            z = self.attention(p_term_t, state[0])  # (B, H*W)
+            x_att, a = attend(p_t, z)  # (B, H, W, d), (B, H*W)
+            state = self.cell(x_att, state)
+            pooled.append(state[0].mean(dim=(1, 2)))  # avgpool(H_t): (B, d)
+            maps.append(a)
+        logits = self.w_c(self.dropout(torch.stack(pooled, dim=1)))  # (B, T, K)
+        return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, h, w))
+
+
+class LSTMHead(nn.Module):
+    """Sharma et al.: attention-weighted sum over positions -> vector LSTM of d units."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int, attention: str, dropout: float):
+        super().__init__()
+        self.w_p = nn.Linear(in_channels, channels, bias=False)  # 1x1 conv
+        self.attention = make_attention(attention, channels)
+        self.init_state = StateInit(nn.Linear(channels, 2 * channels))
+        self.cell = LSTMCell(channels, channels)
+        self.dropout = nn.Dropout(dropout)
+        self.w_c = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> HeadOutput:
+        b, t, _, h, w = x.shape  # (B, T, C, H, W)
+        x = features_hwc(x, self.w_p.weight.dtype)  # (B, T, H, W, C)
+        p = self.w_p(x)  # (B, T, H, W, d)
+        p_term = self.attention.input_term(p)  # (B, T, H, W, d)
+        state = self.init_state(p.mean(dim=(1, 2, 3)), x.dtype)  # h_0, c_0: (B, d)
+        outputs, maps = [], []
+        for p_t, p_term_t in zip(p.unbind(1), p_term.unbind(1)):
+            z = self.attention(p_term_t, state[0][:, None, None, :])  # h_{t-1} broadcast: (B, H*W)
+            x_att, a = attend(p_t, z)  # (B, H, W, d), (B, H*W)
+            state = self.cell(x_att.mean(dim=(1, 2)), state)  # avgpool(X~_t) = sum_i A_{t,i} P_{t,i}
+            outputs.append(state[0])  # (B, d)
+            maps.append(a)
+        logits = self.w_c(self.dropout(torch.stack(outputs, dim=1)))  # (B, T, K)
+        return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, h, w))
+
+
+class MeanHead(nn.Module):
+    """No temporal memory: y_t = W_c dropout(avgpool(X_t)) + b_c, with uniform attention."""
+
+    def __init__(self, in_channels: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.w_c = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> HeadOutput:
+        b, t, _, h, w = x.shape  # (B, T, C, H, W)
+        dtype = self.w_c.weight.dtype
+        pooled = x.mean(dim=(3, 4), dtype=dtype)  # avgpool(X_t): (B, T, C)
+        logits = self.w_c(self.dropout(pooled))  # (B, T, K)
+        attention = torch.full((b, t, h, w), 1.0 / (h * w), dtype=dtype, device=x.device)
+        return HeadOutput(logits, attention)
+
+
+def build_head(cfg: HeadConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The head that `cfg` names, for C = in_channels input channels and K = num_classes classes."""
+    if cfg.cell not in CELLS:
+        raise ConfigError(f"head.cell '{cfg.cell}' is not one of {', '.join(CELLS)}")
+    if cfg.attention not in ATTENTIONS:
+        raise ConfigError(f"head.attention '{cfg.attention}' is not one of {', '.join(ATTENTIONS)}")
+    if cfg.channels < 1:
+        raise ConfigError(f"head.channels must be at least 1, got {cfg.channels}")
+    if cfg.kernel < 1 or cfg.kernel % 2 == 0:
+        raise ConfigError(f"head.kernel must be odd (same padding), got {cfg.kernel}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"head.dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.cell == "convlstm":
+        return ConvLSTMHead(in_channels, num_classes, cfg.channels, cfg.kernel, cfg.attention, cfg.dropout)
+    if cfg.cell == "lstm":
+        return LSTMHead(in_channels, num_classes, cfg.channels, cfg.attention, cfg.dropout)
+    return MeanHead(in_channels, num_classes, cfg.dropout)
+
+
+# --- loss and prediction ---------------------------------------------------------------------------------
+
+
+def attention_regulariser(attention: torch.Tensor) -> torch.Tensor:
+    """sum_i (1 - sum_t A_{t,i} * HW/T)^2, averaged over the batch; 0 when every A_t is uniform.
+
+    attention: (B, T, H, W). Sharma et al.'s term pushes the model to look at every position at some
+    time; the HW/T factor scales it so uniform attention, the neutral case, costs nothing.
+    """
+    b, t, h, w = attention.shape
+    coverage = attention.float().sum(dim=1).flatten(1) * (h * w / t)  # (B, H*W)
+    return ((1.0 - coverage) ** 2).sum(dim=1).mean()
+
+
+def head_loss(out: HeadOutput, labels: torch.Tensor, attention_reg: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean over t (and the batch) of CE(y_t, label) + attention_reg * attention_regulariser.
+
+    Returns (total, parts); parts holds the two terms, detached, for logging.
+    """
+    b, t, k = out.logits.shape
+    ce = F.cross_entropy(out.logits.float().reshape(b * t, k), labels.repeat_interleave(t))
+    reg = attention_regulariser(out.attention)
+    total = ce + attention_reg * reg
+    return total, {"cross_entropy": ce.detach(), "attention_reg": reg.detach()}
+
+
+def video_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Video prediction: the mean over t of the per-frame softmax, (B, T, K) -> (B, K)."""
+    return torch.softmax(logits.float(), dim=-1).mean(dim=1)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

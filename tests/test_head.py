@@ -1,0 +1,234 @@
+"""The attention head: shapes, the attention equations, the loss, gradients, and that it learns motion."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from pipeline.config import ConfigError, HeadConfig
+from pipeline.head import (
+    HeadOutput,
+    attend,
+    attention_regulariser,
+    build_head,
+    count_parameters,
+    head_loss,
+    video_probabilities,
+)
+
+VARIANTS = list(itertools.product(("convlstm", "lstm", "mean"), ("soft", "none")))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def small_head(cell: str, attention: str, in_channels: int = 6, num_classes: int = 4, **kw) -> torch.nn.Module:
+    cfg = HeadConfig(cell=cell, attention=attention, channels=kw.pop("channels", 8), **kw)
+    return build_head(cfg, in_channels, num_classes)
+
+
+@pytest.mark.parametrize("cell,attention", VARIANTS)
+def test_every_variant_returns_per_frame_logits_and_an_attention_map_per_frame(cell, attention):
+    head = small_head(cell, attention)
+    x = torch.randn(2, 5, 6, 7, 7)  # (B, T, C, H, W)
+
+    out = head(x)
+
+    assert isinstance(out, HeadOutput)
+    assert out.logits.shape == (2, 5, 4)
+    assert out.attention.shape == (2, 5, 7, 7)
+
+
+@pytest.mark.parametrize("cell,attention", VARIANTS)
+def test_attention_maps_are_distributions_over_positions(cell, attention):
+    head = small_head(cell, attention)
+
+    a = head(torch.randn(3, 4, 6, 5, 6)).attention
+
+    assert (a >= 0).all()
+    torch.testing.assert_close(a.sum(dim=(2, 3)), torch.ones(3, 4))
+
+
+def test_soft_attention_is_not_uniform_while_attention_none_is():
+    x = torch.randn(2, 4, 6, 7, 7)
+
+    soft = small_head("convlstm", "soft")(x).attention
+    none = small_head("convlstm", "none")(x).attention
+
+    assert soft.std(dim=(2, 3)).min() > 0
+    torch.testing.assert_close(none, torch.full_like(none, 1 / 49))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("grid", [(7, 7), (14, 14), (3, 5), (1, 1)])
+def test_uniform_attention_is_the_identity(dtype, grid):
+    p = torch.randn(4, *grid, 8).to(dtype)  # (B, H, W, d)
+    constant_scores = torch.full((4, grid[0] * grid[1]), 0.37, dtype=dtype)
+
+    x_att, a = attend(p, constant_scores)
+
+    assert torch.equal(x_att, p)  # bit for bit, not just close
+    torch.testing.assert_close(a, torch.full_like(a, 1 / (grid[0] * grid[1])))
+
+
+def test_attend_weights_positions_by_hw_times_the_softmax():
+    p = torch.randn(2, 4, 4, 3)  # (B, H, W, d)
+    z = torch.randn(2, 16)
+
+    x_att, a = attend(p, z)
+
+    torch.testing.assert_close(a, torch.softmax(z, dim=1))
+    torch.testing.assert_close(x_att, 16 * a.view(2, 4, 4, 1) * p)
+
+
+def test_attention_regulariser_is_zero_for_uniform_attention_and_positive_otherwise():
+    uniform = torch.full((2, 30, 7, 7), 1 / 49)
+    peaked = torch.softmax(torch.randn(2, 30, 49) * 3, dim=-1).view(2, 30, 7, 7)
+
+    assert attention_regulariser(uniform).item() == pytest.approx(0.0, abs=1e-9)
+    assert attention_regulariser(peaked).item() > 0.1
+
+
+def test_head_loss_is_frame_cross_entropy_plus_weighted_regulariser():
+    logits = torch.randn(2, 3, 4)
+    attention = torch.softmax(torch.randn(2, 3, 25), dim=-1).view(2, 3, 5, 5)
+    labels = torch.tensor([1, 3])
+
+    total, parts = head_loss(HeadOutput(logits, attention), labels, attention_reg=0.5)
+
+    frame_labels = torch.tensor([1, 1, 1, 3, 3, 3])
+    ce = torch.nn.functional.cross_entropy(logits.reshape(6, 4), frame_labels)
+    torch.testing.assert_close(parts["cross_entropy"], ce)
+    torch.testing.assert_close(total, ce + 0.5 * attention_regulariser(attention))
+
+
+def test_video_probabilities_are_the_mean_of_per_frame_softmax():
+    logits = torch.randn(2, 5, 4)
+
+    probs = video_probabilities(logits)
+
+    assert probs.shape == (2, 4)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2))
+    torch.testing.assert_close(probs[1], torch.softmax(logits[1], dim=-1).mean(dim=0))
+
+
+@pytest.mark.parametrize("cell", ["convlstm", "lstm"])
+def test_gradients_match_finite_differences_in_float64(cell):
+    head = small_head(cell, "soft", in_channels=3, num_classes=2, channels=2, dropout=0.0).double().eval()
+    names, values = zip(*[(n, p.detach().clone().requires_grad_()) for n, p in head.named_parameters()])
+    x = torch.randn(1, 2, 3, 3, 3, dtype=torch.float64, requires_grad=True)  # (B, T, C, H, W)
+
+    def run(x, *params):
+        out = functional_call(head, dict(zip(names, params)), (x,))
+        return out.logits, out.attention
+
+    assert torch.autograd.gradcheck(run, (x, *values), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell,attention", VARIANTS)
+def test_each_variant_trains_one_step_with_finite_loss_and_moving_parameters(cell, attention):
+    head = small_head(cell, attention)
+    x, labels = torch.randn(4, 5, 6, 7, 7), torch.tensor([0, 1, 2, 3])
+    before = [p.detach().clone() for p in head.parameters()]
+    optimiser = torch.optim.AdamW(head.parameters(), lr=1e-2)
+
+    loss, _ = head_loss(head(x), labels, attention_reg=1e-3)
+    loss.backward()
+    optimiser.step()
+
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(b, p) for b, p in zip(before, head.parameters()))
+
+
+def test_half_precision_features_give_float32_logits():
+    head = small_head("convlstm", "soft")
+
+    out = head(torch.randn(2, 3, 6, 7, 7).half())
+
+    assert out.logits.dtype == torch.float32
+    assert torch.isfinite(out.logits).all()
+
+
+def test_bf16_autocast_runs_and_keeps_the_cell_state_in_float32():
+    head = small_head("convlstm", "soft")
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(torch.randn(2, 3, 6, 7, 7))
+        loss, _ = head_loss(out, torch.tensor([0, 1]), attention_reg=1e-3)
+    loss.backward()
+
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(out.attention.float().sum(dim=(2, 3)), torch.ones(2, 3), atol=1e-2, rtol=0)
+
+
+def test_default_head_parameter_count_follows_the_equations():
+    c, d, k, classes = 512, 64, 3, 8
+
+    head = build_head(HeadConfig(), c, classes)
+
+    w_p = c * d  # P_t = W_p * X_t (no bias)
+    attention = (d * d + d) + d * d + d  # W_xa with b_a, W_ha, w_z
+    init = d * 2 * d * k * k + 2 * d  # H_0, C_0 = tanh(conv(mean_t P_t))
+    cell = 2 * d * 4 * d * k * k + 4 * d  # [W_x W_h] kxk to i, f, o, g, with b
+    classifier = d * classes + classes  # W_c, b_c
+    assert count_parameters(head) == w_p + attention + init + cell + classifier
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [({"cell": "gru"}, "head.cell"), ({"attention": "hard"}, "head.attention"), ({"kernel": 2}, "odd"), ({"dropout": 1.0}, "dropout")],
+)
+def test_unusable_head_settings_are_reported_in_one_line(change, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        build_head(HeadConfig(**change), 512, 8)
+    assert "\n" not in str(err.value)
+
+
+# --- it learns what it is for: motion needs memory ---------------------------------------------------------
+
+DIRECTIONS = 4  # right, left, down, up
+
+
+def moving_blob_clips(n: int, generator: torch.Generator, frames: int = 5, size: int = 7, channels: int = 3):
+    """A bright blob crossing a size x size grid, one cell per frame; the class is its direction.
+
+    Every frame alone shows one blob somewhere, so without memory the class cannot be told.
+    """
+    labels = torch.arange(n) % DIRECTIONS
+    x = 0.1 * torch.randn(n, frames, channels, size, size, generator=generator)  # (B, T, C, H, W)
+    start = torch.randint(0, size - frames + 1, (n,), generator=generator)
+    across = torch.randint(0, size, (n,), generator=generator)
+    for i in range(n):
+        for t in range(frames):
+            along = start[i] + t if labels[i] in (0, 2) else size - 1 - start[i] - t
+            row, col = (across[i], along) if labels[i] < 2 else (along, across[i])
+            x[i, t, 0, row, col] += 1.0
+    return x, labels
+
+
+def training_accuracy(cell: str, steps: int) -> float:
+    """Fit the head to 64 moving-blob clips; the video accuracy on those same clips."""
+    x, labels = moving_blob_clips(64, torch.Generator().manual_seed(1))
+    head = build_head(HeadConfig(cell=cell, attention="soft", channels=8, dropout=0.0), 3, DIRECTIONS)
+    optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss, _ = head_loss(head(x), labels, attention_reg=1e-3)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        predicted = video_probabilities(head.eval()(x).logits).argmax(dim=1)
+    return (predicted == labels).float().mean().item()
+
+
+@pytest.mark.slow
+def test_convlstm_head_can_fit_motion_direction_which_the_mean_baseline_cannot():
+    convlstm = training_accuracy("convlstm", steps=150)
+    mean = training_accuracy("mean", steps=150)
+
+    assert convlstm >= 0.95
+    assert mean <= 1 / DIRECTIONS + 0.2
