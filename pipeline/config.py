@@ -45,7 +45,7 @@ class SplitConfig:
 
 @dataclass
 class HeadConfig:
-    cell: str = "convlstm"  # convlstm | lstm | none (mean of frame features, linear classifier)
+    cell: str = "convlstm"  # convlstm | lstm | mean (no temporal memory: per-frame linear classifier)
     attention: str = "soft"  # soft | none
     channels: int = 64
     kernel: int = 3
