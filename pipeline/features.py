@@ -168,7 +168,6 @@ class ShardWriter:
         self._clips: list[ClipFeatures] = []
         self._failed: list[tuple[str, str]] = []
         self._since = time.monotonic()
-        self.shards_written = 0
 
     def add(self, clip: ClipFeatures) -> None:
         self._clips.append(clip)
@@ -185,7 +184,6 @@ class ShardWriter:
     def flush(self) -> None:
         if self._clips or self._failed:
             write_shard(self.parts_dir, self._clips, self._failed, self.settings)
-            self.shards_written += 1
         self._clips, self._failed = [], []
         self._since = time.monotonic()
 
@@ -372,10 +370,3 @@ def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any]) -> JoinResult
         shard.unlink(missing_ok=True)
     return JoinResult(len(videos), len(failed), classes)
 
-
-def read_settings(path: Path) -> dict[str, Any] | None:
-    """The extraction settings of a cache or shard, or None when the file is absent."""
-    if not path.exists():
-        return None
-    with FeatureCache(path) as cache:
-        return cache.settings
