@@ -36,6 +36,7 @@ USER_ERRORS = (
     ("pipeline.config", "ConfigError"), ("pipeline.features", "CacheError"), ("pipeline.data", "DatasetError"),
     ("pipeline.weights", "WeightsError"), ("pipeline.video", "VideoError"), ("stages.extract", "ExtractError"),
     ("stages.synth", "SynthError"), ("pipeline.splits", "SplitError"), ("pipeline.checkpoint", "CheckpointError"),
+    ("stages.predict", "PredictError"),
 )
 
 
@@ -137,12 +138,21 @@ def _print_extract_summary(summary) -> None:
     from rich.table import Table
 
     table = Table(title=f"extract -> {summary.cache}")
-    for col in ("extracted", "skipped (cached)", "failed", "frames/s", "clips in cache", "failed in cache"):
+    # stale: entries whose file is gone (dropped) or changed (extracted again); the line below splits them
+    for col in ("extracted", "skipped (cached)", "stale", "failed", "frames/s", "clips in cache", "failed in cache"):
         table.add_column(col, justify="right")
-    table.add_row(str(summary.extracted), str(summary.skipped), str(len(summary.failed)),
-                  f"{summary.frames_per_second:.1f}", str(summary.total_clips), str(summary.total_failed))
+    table.add_row(str(summary.extracted), str(summary.skipped), str(summary.removed + summary.changed),
+                  str(len(summary.failed)), f"{summary.frames_per_second:.1f}", str(summary.total_clips),
+                  str(summary.total_failed))
     console = Console()
     console.print(table)
+    if summary.removed or summary.changed:
+        console.print(f"  stale: {summary.removed} dropped (file gone), {summary.changed} re-extracted (file changed)",
+                      highlight=False)
+    if summary.unverified:
+        console.print(f"  [yellow]note[/] {summary.unverified} cached clips predate source fingerprints; a file "
+                      "replaced under the same name is not detected for them (--overwrite redoes all)",
+                      highlight=False)
     for video, reason in summary.failed[:20]:
         console.print(f"  [red]failed[/] {video}: {reason}", highlight=False)
     if len(summary.failed) > 20:
@@ -170,6 +180,158 @@ def split(
 
         cfg = load_section("split", params, seed=seed, val=val, test=test)
         stage.run(cache, out, cfg, hmdb51=hmdb51, ucf101=ucf101, fold=fold)
+
+
+@app.command()
+def train(
+    cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache written by `extract`."),
+    splits: Path = typer.Argument(Path("splits"), help="Folder with train.txt and val.txt written by `split`."),
+    model: Path = typer.Argument(Path("models/head.pt"), help="Where to write the best checkpoint."),
+    cell: Optional[str] = typer.Option(None, help="convlstm | lstm | mean (no temporal memory: the baseline)."),
+    attention: Optional[str] = typer.Option(None, help="soft | none (uniform attention)."),
+    channels: Optional[int] = typer.Option(None, help="Hidden channels d of the head."),
+    kernel: Optional[int] = typer.Option(None, help="ConvLSTM kernel size k (odd)."),
+    dropout: Optional[float] = typer.Option(None, help="Dropout before the classifier."),
+    seed: Optional[int] = typer.Option(None, help="Seed: the same seed gives the same model."),
+    epochs: Optional[int] = typer.Option(None, help="Most epochs to train."),
+    batch_size: Optional[int] = typer.Option(None, help="Clips per batch."),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (not on biases)."),
+    schedule: Optional[str] = typer.Option(None, help="cosine | step (x0.1 at 1/2 and 3/4 of the epochs)."),
+    attention_reg: Optional[float] = typer.Option(None, help="Weight of the attention regulariser."),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better val loss."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (bf16 autocast on CUDA)."),
+    max_memory_gb: Optional[float] = typer.Option(None, help="Load a split into memory when it fits under this; "
+                                                  "else stream it from the cache."),
+    metrics: Path = typer.Option(Path("metrics/train.json"), help="Metrics of the selected epoch (JSON)."),
+    plots: Path = typer.Option(Path("plots/train"), help="Folder for the per-epoch loss/accuracy curves (TSV)."),
+    resume: bool = typer.Option(False, help="Continue from <model>.resume, the state after the last epoch."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Stage two: train the attention head on cached features; keep the epoch with the best val loss."""
+    with _user_errors():
+        from pipeline.config import load_section
+        from stages import train as stage
+
+        head = load_section("head", params, cell=cell, attention=attention, channels=channels, kernel=kernel,
+                            dropout=dropout)
+        cfg = load_section("train", params, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, schedule=schedule, attention_reg=attention_reg,
+                           patience=patience, device=device, max_memory_gb=max_memory_gb)
+        summary = stage.run(cache, splits, model, head, cfg, metrics_path=metrics, plots_dir=plots, resume=resume,
+                            progress=progress)
+        _print_train_summary(summary)
+
+
+def _print_train_summary(summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    best = summary.best
+    table = Table(title=f"train -> {summary.model}")
+    for col in ("epochs", "best epoch", "train loss", "val loss", "val acc", "val frame acc", "s/epoch"):
+        table.add_column(col, justify="right")
+    per_epoch = sum(e.seconds for e in summary.history) / max(len(summary.history), 1)
+    if best is None:
+        table.add_row(str(len(summary.history)), "-", "-", "-", "-", "-", f"{per_epoch:.1f}")
+    else:
+        table.add_row(f"{len(summary.history)}{' (early stop)' if summary.stopped_early else ''}", str(best.epoch),
+                      f"{best.train_loss:.3f}", f"{best.val_loss:.3f}", f"{best.val_accuracy:.1%}",
+                      f"{best.val_frame_accuracy:.1%}", f"{per_epoch:.2f}")
+    Console().print(table)
+
+
+@app.command()
+def evaluate(
+    cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache written by `extract`."),
+    splits: Path = typer.Argument(Path("splits"), help="Folder with the split lists written by `split`."),
+    model: Path = typer.Argument(Path("models/head.pt"), help="Checkpoint written by `train`."),
+    out: Path = typer.Argument(Path("metrics"), help="Folder for eval.json and predictions.csv."),
+    split: Optional[str] = typer.Option(None, help="Which split to evaluate: test | val | train."),
+    batch_size: Optional[int] = typer.Option(None, help="Clips per batch."),
+    boxes: Optional[Path] = typer.Option(None, help="Ground-truth boxes JSON (default: boxes.json in the cache's "
+                                         "dataset root, when there is one)."),
+    plots: Path = typer.Option(Path("plots/eval"), help="Folder for confusion.csv (DVC's confusion plot)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Accuracy (video, per-frame, top-5, per class), confusion, predictions and attention quality."""
+    with _user_errors():
+        from pipeline.config import load_section
+        from stages import evaluate as stage
+
+        cfg = load_section("evaluate", params, split=split, batch_size=batch_size)
+        report = stage.run(cache, splits, model, out, cfg, boxes=boxes, plots_dir=plots, device=device,
+                           progress=progress)
+        stage.print_report(report)
+
+
+@app.command()
+def predict(
+    videos: list[Path] = typer.Argument(..., help="Video files (or folders of them) to classify."),
+    model: Path = typer.Option(Path("models/head.pt"), "--model", help="Checkpoint written by `train`."),
+    top_k: int = typer.Option(5, "--top-k", help="Classes shown per file (at most the model's classes)."),
+    render: Optional[Path] = typer.Option(None, "--render", help="Folder for attention overlays: a PNG strip and a "
+                                          "GIF per file."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the predictions (file, frame_index, "
+                                            "top-k) to this JSON file."),
+    weights: Optional[str] = typer.Option(None, help="The VGG-16 weights file the model's features were extracted "
+                                          "with, when it records a file; its sha256 must match."),
+    timeout: float = typer.Option(60.0, help="Seconds per file before it is recorded as failed."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Classify video files with a trained head, extracting their features exactly as the model's were made.
+
+    Exit status: 0 all files predicted, 1 some files failed, 2 nothing could be done.
+    """
+    with _user_errors():
+        from pipeline.config import load_section
+        from stages import predict as stage
+
+        cfg = load_section("render", params)
+        predictions = stage.run(videos, model, top_k=top_k, render_dir=render, device=device, progress=progress,
+                                weights=weights, strip_frames=cfg.strip_frames, timeout=timeout)
+        stage.print_table(predictions, model)
+        if json_out is not None:
+            stage.write_json(predictions, model, json_out)
+        failed = sum(not p.ok for p in predictions)
+        if failed:
+            raise typer.Exit(2 if failed == len(predictions) else 1)
+
+
+@app.command()
+def render(
+    cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache written by `extract`."),
+    model: Path = typer.Argument(Path("models/head.pt"), help="Checkpoint written by `train`."),
+    out: Path = typer.Argument(Path("reports"), help="Folder for clips/, curves.png, confusion.png, index.html."),
+    split: str = typer.Option("test", help="Split whose clips are rendered: test | val | train."),
+    splits: Path = typer.Option(Path("splits"), help="Folder with the split lists written by `split`."),
+    metrics: Path = typer.Option(Path("metrics"), help="Folder with eval.json and train.json (shown when present)."),
+    train_plots: Path = typer.Option(Path("plots/train"), help="Folder with loss.tsv and accuracy.tsv (the curves)."),
+    clip: Optional[list[str]] = typer.Option(None, "--clip", help="Render this clip key (repeatable); "
+                                             "overrides the per-class choice."),
+    videos: Optional[Path] = typer.Option(None, help="Dataset root to re-decode frames from (default: the cache's)."),
+    per_class: Optional[int] = typer.Option(None, help="Clips per class of the split (half right, half wrong)."),
+    strip_frames: Optional[int] = typer.Option(None, help="Frames in each PNG strip."),
+    fps: Optional[float] = typer.Option(None, help="Frame rate of the GIFs."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Attention strips and GIFs of chosen clips, curves, confusion matrix and an offline index.html."""
+    with _user_errors():
+        from pipeline.config import load_section
+        from stages import render as stage
+
+        cfg = load_section("render", params, per_class=per_class, strip_frames=strip_frames, fps=fps)
+        summary = stage.run(cache, model, out, cfg, splits_dir=splits, split=split, metrics_dir=metrics,
+                            train_plots=train_plots, clips=clip or None, videos=videos, device=device,
+                            progress=progress)
+        stage.print_summary(summary)
 
 
 @app.command()

@@ -74,8 +74,11 @@ class EvaluateConfig:
 
 @dataclass
 class RenderConfig:
-    per_class: int = 2
-    strip_frames: int = 6
+    per_class: int = 2  # clips per class of the split (about half right, half wrong)
+    strip_frames: int = 6  # frames shown in each PNG strip (evenly spaced over T)
+    fps: float = 4.0  # frame rate of the attention GIFs
+    alpha: float = 0.5  # opacity of the heatmap over the frame
+    batch_size: int = 32  # clips per batch when the head runs
 
 
 @dataclass

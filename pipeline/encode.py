@@ -45,7 +45,9 @@ def _options(enc: Encoding) -> dict[str, str]:
         if not enc.bframes:
             opts["x264-params"] = "bframes=0"
         return opts
-    return {"qscale": str(enc.quality), "bf": str(enc.bframes), "g": "12"}
+    # A fixed quantiser, as ffmpeg's `-qscale:v q` sets it (a bare "qscale" option is silently ignored and
+    # leaves the encoder at its low default bitrate, smearing small moving objects).
+    return {"flags": "+qscale", "global_quality": str(enc.quality * 118), "bf": str(enc.bframes), "g": "12"}
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 25.0, enc: Encoding = Encoding(),

@@ -4,15 +4,19 @@ Nothing is modified in place. Extraction appends finished clips to small shard f
 (each written under a temporary name and renamed when complete); the join copies the previous cache and
 all shards into `<cache>.tmp` and renames it over the cache. After `kill -9` at any moment the cache path
 holds the previous complete cache (or nothing) and the shards hold the work since, so a rerun resumes.
+
+Every row and every failure records a fingerprint of its source file (`source`, `failed_source`), so a rerun
+over a changed dataset can drop what is gone and redo what was replaced (`join(..., drop=...)`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -20,6 +24,7 @@ FORMAT_VERSION = 1
 # Attributes that define what a feature *is*; two runs that differ in any of them must never be mixed.
 SETTINGS_KEYS = ("backbone", "layer", "weights", "image_size", "frames", "sampling", "mean", "std", "dtype")
 SHARD_GLOB = "shard-*.h5"
+_HASH_BLOCK = 1 << 20
 _STR = None  # h5py string dtype, created lazily so importing this module stays cheap
 
 
@@ -76,6 +81,66 @@ def settings_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
+# --- source fingerprints ------------------------------------------------------------------------------
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """"sha256:<hex> size:<bytes> mtime_ns:<ns>" of a source file.
+
+    The hash is what identifies the content; size and mtime only let a rerun skip hashing files whose stat
+    is unchanged (as git and DVC do). The stat is taken *before* reading, so a file written while it is
+    hashed or decoded never looks unchanged later.
+    """
+    stat = os.stat(path)
+    digest = hashlib.sha256()
+    buffer = bytearray(_HASH_BLOCK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
+    return f"sha256:{digest.hexdigest()} size:{stat.st_size} mtime_ns:{stat.st_mtime_ns}"
+
+
+def _fingerprint_fields(fingerprint: str) -> dict[str, str]:
+    return dict(token.split(":", 1) for token in fingerprint.split() if ":" in token)
+
+
+def source_changed(fingerprint: str, path: str | Path) -> bool | None:
+    """Whether `path` no longer holds the content `fingerprint` was taken of; None when nothing was recorded.
+
+    Unchanged size and mtime are trusted without reading the file, so an unchanged dataset costs one stat
+    per clip; otherwise the file is hashed (a touched or re-copied file with the same bytes is unchanged).
+    A file that cannot be read counts as changed.
+    """
+    if not fingerprint:
+        return None
+    recorded = _fingerprint_fields(fingerprint)
+    try:
+        stat = os.stat(path)
+        if recorded.get("size") != str(stat.st_size):
+            return True
+        if recorded.get("mtime_ns") == str(stat.st_mtime_ns):
+            return False
+        return _fingerprint_fields(source_fingerprint(path)).get("sha256") != recorded.get("sha256")
+    except OSError:
+        return True
+
+
+def extraction_settings(provenance: dict[str, Any], frames: int, weights_label: str | None = None) -> dict[str, Any]:
+    """The settings (SETTINGS_KEYS) a cache records for features made by a backbone with `provenance`.
+
+    extract writes them and predict rebuilds them to compare with a checkpoint's, so they are made here
+    only. `weights_label` replaces the provenance's own label (predict names a weights file by its path).
+    """
+    from pipeline.video import SAMPLING
+
+    label = weights_label if weights_label is not None else provenance["weights"]
+    return {"backbone": provenance["backbone"], "layer": provenance["layer"],
+            "weights": f"{label} sha256:{provenance['weights_sha256']}", "image_size": provenance["image_size"],
+            "frames": frames, "sampling": SAMPLING, "mean": list(provenance["mean"]), "std": list(provenance["std"]),
+            "dtype": "float16"}
+
+
 @dataclass
 class ClipFeatures:
     """One extracted clip, as the writer receives it."""
@@ -88,6 +153,7 @@ class ClipFeatures:
     fps: float
     height: int
     width: int
+    source: str = ""  # source_fingerprint of the file the features were made from; "" = not recorded
 
 
 # --- shards -------------------------------------------------------------------------------------------
@@ -127,15 +193,21 @@ def _write_table(h5, clips: Sequence[ClipFeatures], labels: np.ndarray, frames: 
     h5.create_dataset("fps", data=np.array([c.fps for c in clips], dtype=np.float32))
     h5.create_dataset("height", data=np.array([c.height for c in clips], dtype=np.int16))
     h5.create_dataset("width", data=np.array([c.width for c in clips], dtype=np.int16))
+    h5.create_dataset("source", data=[c.source for c in clips], dtype=_str_dtype())
 
 
-def _write_failed(h5, failed: Sequence[tuple[str, str]]) -> None:
+def _write_failed(h5, failed: Sequence[tuple[str, str]], sources: Sequence[str] | None = None) -> None:
     h5.create_dataset("failed", data=np.array(failed, dtype=object).reshape(-1, 2), dtype=_str_dtype())
+    sources = [""] * len(failed) if sources is None else list(sources)
+    h5.create_dataset("failed_source", data=sources, dtype=_str_dtype())
 
 
 def write_shard(parts_dir: Path, clips: Sequence[ClipFeatures], failed: Sequence[tuple[str, str]],
-                settings: dict[str, Any]) -> Path:
-    """Write one complete shard: temporary name, fsync, rename. Returns its final path."""
+                settings: dict[str, Any], failed_source: Sequence[str] | None = None) -> Path:
+    """Write one complete shard: temporary name, fsync, rename. Returns its final path.
+
+    `failed_source[i]` is the fingerprint of failed[i]'s file ("" or None: not recorded).
+    """
     import h5py
 
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +221,7 @@ def write_shard(parts_dir: Path, clips: Sequence[ClipFeatures], failed: Sequence
         h5.attrs["format_version"] = FORMAT_VERSION
         h5.attrs["classes"] = _attr(classes)
         _write_table(h5, clips, labels, int(settings["frames"]))
-        _write_failed(h5, failed)
+        _write_failed(h5, failed, failed_source)
     _fsync_file(tmp)
     os.replace(tmp, final)
     _fsync_dir(parts_dir)
@@ -167,14 +239,16 @@ class ShardWriter:
         self.every_clips, self.every_seconds = every_clips, every_seconds
         self._clips: list[ClipFeatures] = []
         self._failed: list[tuple[str, str]] = []
+        self._failed_source: list[str] = []
         self._since = time.monotonic()
 
     def add(self, clip: ClipFeatures) -> None:
         self._clips.append(clip)
         self._maybe_flush()
 
-    def add_failure(self, video: str, reason: str) -> None:
+    def add_failure(self, video: str, reason: str, source: str = "") -> None:
         self._failed.append((video, reason))
+        self._failed_source.append(source)
         self._maybe_flush()
 
     def _maybe_flush(self) -> None:
@@ -183,8 +257,8 @@ class ShardWriter:
 
     def flush(self) -> None:
         if self._clips or self._failed:
-            write_shard(self.parts_dir, self._clips, self._failed, self.settings)
-        self._clips, self._failed = [], []
+            write_shard(self.parts_dir, self._clips, self._failed, self.settings, self._failed_source)
+        self._clips, self._failed, self._failed_source = [], [], []
         self._since = time.monotonic()
 
 
@@ -236,6 +310,8 @@ class FeatureCache:
             self.width = self._h5["width"][()]
             raw_failed = self._h5["failed"][()] if "failed" in self._h5 else np.empty((0, 2))
             self.failed = [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in raw_failed]
+            self.source = self._fingerprints("source", len(self.videos))
+            self.failed_source = self._fingerprints("failed_source", len(self.failed))
         except CacheError:
             self._h5.close()
             raise
@@ -243,6 +319,15 @@ class FeatureCache:
             self._h5.close()
             raise CacheError(f"{self.path}: incomplete feature cache ({exc})") from None
         self._position = {v: i for i, v in enumerate(self.videos)}
+
+    def _fingerprints(self, name: str, count: int) -> list[str]:
+        """Source fingerprints per row; "" for each row of a cache written before they were recorded."""
+        if name not in self._h5:
+            return [""] * count
+        values = [v.decode() if isinstance(v, bytes) else v for v in self._h5[name][()]]
+        if len(values) != count:
+            raise ValueError(f"{name} has {len(values)} entries for {count} rows")
+        return values
 
     @property
     def features(self):
@@ -313,28 +398,35 @@ class JoinResult:
     classes: list[str] = field(default_factory=list)
 
 
-def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any]) -> JoinResult:
+def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any],
+         drop: Collection[tuple[str, str]] = frozenset()) -> JoinResult:
     """Write previous cache + shards as one new cache beside `cache_path`, then rename it into place.
 
     Later shards win over earlier data for the same video (a retried failure becomes a success); the
     shards are removed only after the rename, and a rerun after a crash in between deduplicates.
+    `drop` names stale entries as (video, source fingerprint): rows and failures matching one are left out,
+    while a re-extraction of the same video (a new fingerprint) is kept. Classes left without a clip vanish
+    and labels are renumbered.
     """
     import h5py
 
+    drop = set(drop)
     sources: list[Path] = ([cache_path] if cache_path.exists() else []) + shard_paths(parts_dir)
     rows: dict[str, tuple[int, int]] = {}  # video -> (source number, row)
     labels: dict[str, str] = {}
-    failed: dict[str, str] = {}
+    failed: dict[str, tuple[str, str]] = {}  # video -> (reason, source fingerprint)
     handles = [FeatureCache(p) for p in sources]
     try:
         for s, src in enumerate(handles):
             for r, video in enumerate(src.videos):
+                if (video, src.source[r]) in drop:
+                    continue
                 rows[video] = (s, r)
                 labels[video] = src.classes[src.labels[r]]
                 failed.pop(video, None)
-            for video, reason in src.failed:
-                if video not in rows:
-                    failed[video] = reason
+            for (video, reason), source in zip(src.failed, src.failed_source):
+                if video not in rows and (video, source) not in drop:
+                    failed[video] = (reason, source)
         videos = sorted(rows)
         classes = sorted({labels[v] for v in videos})
         tmp = cache_path.with_name(cache_path.name + ".tmp")
@@ -346,7 +438,7 @@ def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any]) -> JoinResult
             shape = handles[rows[videos[0]][0]].feature_shape if videos else (0, 0, 0, 0)
             n = len(videos)
             feats = h5.create_dataset("features", shape=(n, *shape), dtype="float16", chunks=(1, *shape) if n else None)
-            meta = {k: [] for k in ("frame_index", "num_frames", "fps", "height", "width")}
+            meta = {k: [] for k in ("frame_index", "num_frames", "fps", "height", "width", "source")}
             for i, video in enumerate(videos):
                 s, r = rows[video]
                 src = handles[s]
@@ -359,7 +451,9 @@ def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any]) -> JoinResult
             h5.create_dataset("frame_index", data=np.array(meta["frame_index"], dtype=np.int32).reshape(n, frames))
             for key, dtype in (("num_frames", np.int32), ("fps", np.float32), ("height", np.int16), ("width", np.int16)):
                 h5.create_dataset(key, data=np.array(meta[key], dtype=dtype))
-            _write_failed(h5, sorted(failed.items()))
+            h5.create_dataset("source", data=meta["source"], dtype=_str_dtype())
+            failed_keys = sorted(failed)
+            _write_failed(h5, [(v, failed[v][0]) for v in failed_keys], [failed[v][1] for v in failed_keys])
     finally:
         for handle in handles:
             handle.close()

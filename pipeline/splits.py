@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, Iterable, Sequence
+
+from pipeline.files import write_text_atomic
 
 SPLIT_NAMES = ("train", "val", "test")
 FOLDS = (1, 2, 3)  # both HMDB-51 and UCF-101 publish three
@@ -257,17 +258,6 @@ def ucf101(folder: str | Path, fold: int, videos: Sequence[str], classes: Sequen
 
 
 # --- split files -------------------------------------------------------------------------------------
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` under a temporary name, then rename it into place: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_splits(out_dir: str | Path, splits: dict[str, list[str]]) -> list[Path]:

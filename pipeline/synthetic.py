@@ -2,10 +2,11 @@
 
 Every clip shows the same actor (a disc split into an orange and a magenta half, with rings and a dark
 rim) over a random textured background, with 2-3 distractors (squares, triangles in other colours) that
-drift and bounce at random. The actor's start position, size and orientation are random, so one frame
-cannot tell the class; only how the actor moves over time can. Opposite motions cover the same positions,
-sizes and orientations (a move_left clip is a move_right clip played backwards), so an order-free summary
-of the frames can at best tell which pair (left/right, up/down, grow/shrink, cw/ccw) a clip belongs to.
+drift and bounce at random. The actor travels in a straight line at a steady speed; the class is its
+heading, one of eight compass directions (y points down: `up` is towards the top of the picture). Its
+size, orientation, spin, start and travel are drawn the same way for every class, so each frame on its own
+looks alike whatever the class: a model that pools frames over space and time without memory (the `mean`
+baseline) sits near chance, while the way the actor moves from frame to frame tells the class.
 
 Per-frame boxes of the actor, `[x0, y0, x1, y1]` in pixels of the stored frame (pixel i spans [i, i+1)),
 are written to `root/boxes.json` so attention can be scored against a right answer.
@@ -28,29 +29,28 @@ from pipeline.encode import Encoding, write_video
 
 BOXES_FILE = "boxes.json"
 BOXES_FORMAT = 1
-GENERATOR_VERSION = 1  # bump when a change here changes the pixels or boxes of a given seed
+GENERATOR_VERSION = 2  # bump when a change here changes the pixels or boxes of a given seed
 
 
 @dataclass(frozen=True)
 class Motion:
-    """Signs of the actor's motion: translation (dx, dy; y points down), scale, spin (+1 = clockwise)."""
+    """One class: the actor's heading, a unit step (dx, dy) in picture coordinates (y points down)."""
 
-    dx: int = 0
-    dy: int = 0
-    scale: int = 0
-    spin: int = 0
+    dx: float
+    dy: float
 
 
-# The classes, as data: each is one motion of the same actor.
+_DIAGONAL = math.sqrt(0.5)
+# The classes, as data: each is one heading of the same actor.
 MOTIONS: dict[str, Motion] = {
-    "move_left": Motion(dx=-1),
-    "move_right": Motion(dx=1),
-    "move_up": Motion(dy=-1),
-    "move_down": Motion(dy=1),
-    "grow": Motion(scale=1),
-    "shrink": Motion(scale=-1),
-    "rotate_cw": Motion(spin=1),
-    "rotate_ccw": Motion(spin=-1),
+    "move_right": Motion(1.0, 0.0),
+    "move_down_right": Motion(_DIAGONAL, _DIAGONAL),
+    "move_down": Motion(0.0, 1.0),
+    "move_down_left": Motion(-_DIAGONAL, _DIAGONAL),
+    "move_left": Motion(-1.0, 0.0),
+    "move_up_left": Motion(-_DIAGONAL, -_DIAGONAL),
+    "move_up": Motion(0.0, -1.0),
+    "move_up_right": Motion(_DIAGONAL, -_DIAGONAL),
 }
 CLASSES: tuple[str, ...] = tuple(MOTIONS)
 
@@ -83,34 +83,26 @@ class SynthSummary:
 
 # --- the actor's path -------------------------------------------------------------------------------------
 
-def _axis_path(rng: np.random.Generator, sign: int, extent: int, radius: float, u: np.ndarray) -> np.ndarray:
-    """Centre coordinate along one axis (T,): still, or travelling 50-80% of the room in direction `sign`."""
-    lo, hi = radius + MARGIN, extent - radius - MARGIN
-    if not sign:
-        return np.full_like(u, rng.uniform(lo, hi))
-    travel = rng.uniform(0.5, 0.8) * (hi - lo)
-    start = rng.uniform(lo, hi - travel)  # the covered interval is the same for both directions
-    return start + travel * (u if sign > 0 else 1.0 - u)
-
-
-def _radius_path(rng: np.random.Generator, scale: int, short: int, u: np.ndarray) -> np.ndarray:
-    """Radius (T,): constant at 1/4-1/3 of the short side, or growing/shrinking by a factor 1.4-1.6."""
-    if not scale:
-        return np.full_like(u, rng.uniform(0.25, 0.34) * short / 2)
-    small = rng.uniform(0.20, 0.24) * short / 2
-    big = small * rng.uniform(1.4, 1.6)
-    return small + (big - small) * (u if scale > 0 else 1.0 - u)
-
-
 def actor_path(motion: Motion, rng: np.random.Generator, frames: int, height: int, width: int) -> np.ndarray:
-    """Per-frame (cx, cy, radius, angle) of the actor, (T, 4); it stays inside the frame throughout."""
+    """Per-frame (cx, cy, radius, angle) of the actor, (T, 4); it stays inside the frame throughout.
+
+    The travel (55-75% of the short side, less only where a tiny frame has no room for it) and the radius
+    are drawn alike for every heading; the start is uniform over the places from which that travel stays
+    inside the frame. The actor also spins on itself by a random amount either way, unrelated to the class.
+    """
+    short = min(height, width)
+    radius = rng.uniform(0.16, 0.22) * short / 2
+    lo, hi_x, hi_y = radius + MARGIN, width - radius - MARGIN, height - radius - MARGIN
+    room = min((hi_x - lo) / abs(motion.dx) if motion.dx else math.inf,
+               (hi_y - lo) / abs(motion.dy) if motion.dy else math.inf)
+    travel = min(rng.uniform(0.55, 0.75) * short, room * (1 - 1e-9))  # the slack absorbs rounding
+    ex, ey = travel * motion.dx, travel * motion.dy  # the whole displacement
+    x0 = rng.uniform(lo - min(ex, 0.0), hi_x - max(ex, 0.0))
+    y0 = rng.uniform(lo - min(ey, 0.0), hi_y - max(ey, 0.0))
     u = np.linspace(0.0, 1.0, frames, dtype=np.float64)  # (T,) progress through the clip
-    radius = _radius_path(rng, motion.scale, min(height, width), u)
-    cx = _axis_path(rng, motion.dx, width, radius.max(), u)
-    cy = _axis_path(rng, motion.dy, height, radius.max(), u)
-    turn = rng.uniform(math.pi, 2 * math.pi)  # half to one full turn: frames sampled < 1/2 turn apart show the sense
-    angle = rng.uniform(0, 2 * math.pi) + motion.spin * turn * u
-    return np.stack([cx, cy, radius, angle], axis=1)  # (T, 4)
+    spin = rng.choice((-1.0, 1.0)) * rng.uniform(0.25 * math.pi, math.pi)
+    angle = rng.uniform(0, 2 * math.pi) + spin * u
+    return np.stack([x0 + ex * u, y0 + ey * u, np.full_like(u, radius), angle], axis=1)
 
 
 def path_boxes(path: np.ndarray) -> np.ndarray:
@@ -389,8 +381,12 @@ def write_boxes(root: str | Path, boxes: dict[str, np.ndarray]) -> Path:
 def read_boxes(root: str | Path) -> dict[str, np.ndarray]:
     """Per-video actor boxes (T, 4) float32 from `root/boxes.json`; {} when the dataset has none."""
     path = Path(root) / BOXES_FILE
-    if not path.exists():
-        return {}
+    return read_boxes_file(path) if path.exists() else {}
+
+
+def read_boxes_file(path: str | Path) -> dict[str, np.ndarray]:
+    """Per-video boxes (T, 4) float32 from a boxes file; a ValueError in one line when it is not one."""
+    path = Path(path)
     try:
         data = json.loads(path.read_text())
         if data.get("format") != BOXES_FORMAT:

@@ -24,6 +24,10 @@ KEEP_ALL_BYTES = 256 * 2**20
 HEADER_SLACK = 4
 
 
+# How T frames are chosen from the n that decode; recorded in every cache (part of its settings).
+SAMPLING = "segment-centre: floor((k + 0.5) * n / T) over frames decoded in order"
+
+
 class VideoError(Exception):
     """A clip that cannot be used; the message is the one-line reason recorded in the cache."""
 

@@ -7,6 +7,8 @@ past its deadline is killed and replaced, and a worker that dies is reported aga
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -131,3 +133,13 @@ class TimedPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stop_producer(stop: threading.Event, producer: threading.Thread, items: queue.Queue) -> None:
+    """Tell a producer thread to stop and wait for it, emptying `items` so a blocked put() can return."""
+    stop.set()
+    while producer.is_alive():
+        try:
+            items.get(timeout=0.05)
+        except queue.Empty:
+            pass

@@ -3,6 +3,10 @@
 Three things run at once: decoding in worker processes (each clip with a time limit), the backbone on
 batches of frames that span clips (main thread), and shard writes (a writer thread). Finished clips are
 flushed to shards as they complete, so an interruption loses at most one shard's worth of work.
+
+A rerun follows the dataset: entries whose file is gone are dropped, entries whose file changed (by content
+fingerprint) are dropped and extracted again, and an unchanged dataset costs one stat per clip and leaves the
+cache file untouched.
 """
 from __future__ import annotations
 
@@ -21,13 +25,12 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.config import ExtractConfig
-from pipeline.data import Clip, discover
-from pipeline.features import (ClipFeatures, FeatureCache, ShardWriter, join, remove_unfinished, settings_mismatch,
-                                shard_paths, CacheError)
+from pipeline.data import Clip, Discovery, discover
+from pipeline.features import (CacheError, ClipFeatures, FeatureCache, ShardWriter, extraction_settings, join,
+                               remove_unfinished, settings_mismatch, shard_paths, source_changed, source_fingerprint)
 from pipeline.video import DecodedClip, decode_sampled, silence_native_stderr
-from pipeline.workers import TimedPool
+from pipeline.workers import TimedPool, stop_producer
 
-SAMPLING = "segment-centre: floor((k + 0.5) * n / T) over frames decoded in order"
 
 
 class ExtractError(Exception):
@@ -45,6 +48,9 @@ class ExtractSummary:
     extract_seconds: float = 0.0  # from the first clip dispatched to the last clip handed to the writer
     total_clips: int = 0  # in the cache after the run
     total_failed: int = 0
+    removed: int = 0  # clips and failures dropped because their file is gone (or a class folder now has videos)
+    changed: int = 0  # clips and failures dropped because their file changed; extracted again
+    unverified: int = 0  # clips in the cache with no source fingerprint (made before fingerprints existed)
 
     @property
     def frames_per_second(self) -> float:
@@ -78,15 +84,24 @@ def exclusive_lock(cache: Path) -> Iterator[None]:
         handle.close()
 
 
-def decode_task(task: tuple[str, int]) -> DecodedClip:
-    """Worker-process entry point: (path, frames) -> the sampled frames.
+def decode_task(task: tuple[str, int]) -> tuple[DecodedClip, str]:
+    """Worker-process entry point: (path, frames) -> the sampled frames and the file's source fingerprint.
 
-    FFmpeg's and decord's own complaints about broken files would scribble over the progress bar; the
-    reason is recorded in the cache instead, so the worker's stderr goes to /dev/null.
+    Hashing here reads the file in parallel with the other workers, just before decord reads it again from
+    the page cache. FFmpeg's and decord's own complaints about broken files would scribble over the
+    progress bar; the reason is recorded in the cache instead, so the worker's stderr goes to /dev/null.
     """
     silence_native_stderr()
     path, frames = task
-    return decode_sampled(path, frames)
+    source = _fingerprint_or_blank(Path(path))  # a missing file fails in decode, with its reason
+    return decode_sampled(path, frames), source
+
+
+def _fingerprint_or_blank(path: Path) -> str:
+    try:
+        return source_fingerprint(path)
+    except OSError:
+        return ""
 
 
 def _versions() -> dict[str, str]:
@@ -121,14 +136,54 @@ def _check_compatible(cache: Path, settings: dict, overwrite: bool) -> None:
                                "pass --overwrite to start over, or write to another path")
 
 
-def _already_done(cache: Path, retry_failed: bool) -> set[str]:
-    done: set[str] = set()
+@dataclass
+class _Plan:
+    """What a rerun keeps, drops and redoes of the entries that the cache and its shards hold."""
+
+    done: set[str] = field(default_factory=set)  # keys with a current row (or failure, unless retrying)
+    drop: set[tuple[str, str]] = field(default_factory=set)  # stale (key, fingerprint) entries, for join
+    removed: set[str] = field(default_factory=set)  # keys whose file is gone
+    changed: set[str] = field(default_factory=set)  # keys whose file changed since it was extracted
+
+
+def _plan(cache: Path, found: Discovery, retry_failed: bool) -> _Plan:
+    """Check every row and failure of the cache and its shards against the dataset as it is now.
+
+    A key no longer discovered is gone; a fingerprint that no longer matches its file is changed; both are
+    dropped (changed ones are then extracted again). An entry without a fingerprint (a cache from before
+    they were recorded) cannot be checked for changes: it is kept while its file exists and is not
+    rewritten just to add one (`--overwrite` re-extracts everything). A class-folder failure ("name/")
+    is gone once the folder holds videos or no longer exists.
+    """
+    paths: dict[str, Path | None] = {c.video: c.path for c in found.clips}
+    paths.update((f"{name}/", None) for name in found.empty_classes)
+    verdicts: dict[tuple[str, str], str] = {}  # the same entry in the cache and a shard is checked once
+    plan = _Plan()
     for source in ([cache] if cache.exists() else []) + shard_paths(parts_dir_for(cache)):
         with FeatureCache(source) as existing:
-            done.update(existing.videos)
-            if not retry_failed:
-                done.update(v for v, _ in existing.failed)
-    return done
+            entries = [(v, s, False) for v, s in zip(existing.videos, existing.source)]
+            entries += [(v, s, True) for (v, _), s in zip(existing.failed, existing.failed_source)]
+        for video, fingerprint, is_failure in entries:
+            entry = (video, fingerprint)
+            if entry not in verdicts:
+                verdicts[entry] = _verdict(video, fingerprint, paths)
+            if verdicts[entry] == "current":
+                if not (is_failure and retry_failed):
+                    plan.done.add(video)
+                continue
+            plan.drop.add(entry)
+            (plan.removed if verdicts[entry] == "gone" else plan.changed).add(video)
+    return plan
+
+
+def _verdict(video: str, fingerprint: str, paths: dict[str, Path | None]) -> str:
+    """"gone", "changed" or "current" (also a class-folder entry, or one without a fingerprint)."""
+    if video not in paths:
+        return "gone"
+    path = paths[video]
+    if path is None or not source_changed(fingerprint, path):
+        return "current"
+    return "changed"
 
 
 class _Batcher:
@@ -192,12 +247,7 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
     except ValueError as exc:  # an option the user gave: layer, device, precision, image size
         raise ExtractError(str(exc)) from None
     provenance = backbone.provenance()
-    settings = {
-        "backbone": provenance["backbone"], "layer": cfg.layer,
-        "weights": f"{provenance['weights']} sha256:{provenance['weights_sha256']}",
-        "image_size": cfg.image_size, "frames": cfg.frames, "sampling": SAMPLING,
-        "mean": list(provenance["mean"]), "std": list(provenance["std"]), "dtype": "float16",
-    }
+    settings = extraction_settings(provenance, cfg.frames)
     summary = ExtractSummary(cache)
     start = time.monotonic()
     with exclusive_lock(cache):
@@ -205,9 +255,11 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
         remove_unfinished(parts)
         cache.with_name(cache.name + ".tmp").unlink(missing_ok=True)
         _check_compatible(cache, settings, overwrite)
-        done = _already_done(cache, retry_failed)
+        plan = _plan(cache, found, retry_failed)
+        done = plan.done
         todo = [c for c in found.clips if c.video not in done]
         summary.skipped = len(found.clips) - len(todo)
+        summary.removed, summary.changed = len(plan.removed), len(plan.changed)
         writer = ShardWriter(parts, settings, every_clips=int(os.environ.get("PIPELINE_SHARD_CLIPS", "32")))
         for name in found.empty_classes:
             key = f"{name}/"
@@ -219,13 +271,14 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
                 _extract(todo, backbone, cfg, writer, summary, strict, progress, console)
         finally:
             writer.flush()  # finished clips survive an interruption or a --strict stop
-        if shard_paths(parts) or not cache.exists():
+        if shard_paths(parts) or plan.drop or not cache.exists():
             attrs = dict(settings, precision=provenance.get("precision"), dataset_root=str(videos.resolve()),
                          created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          versions=_versions())
-            join(cache, parts, attrs)
+            join(cache, parts, attrs, drop=plan.drop)
         with FeatureCache(cache) as result:
             summary.total_clips, summary.total_failed = len(result), len(result.failed)
+            summary.unverified = result.source.count("")
     summary.seconds = time.monotonic() - start
     return summary
 
@@ -242,8 +295,9 @@ def _extract(todo: list[Clip], backbone, cfg: ExtractConfig, writer: ShardWriter
 
     def write_loop() -> None:
         while (item := writes.get()) is not None:
-            if isinstance(item, tuple):
-                writer.add_failure(*item)
+            if isinstance(item, tuple):  # (key, reason, path): hashed here, off the backbone's thread
+                video, reason, path = item
+                writer.add_failure(video, reason, _fingerprint_or_blank(path))
             else:
                 writer.add(item)
 
@@ -272,9 +326,11 @@ def _extract(todo: list[Clip], backbone, cfg: ExtractConfig, writer: ShardWriter
             bar.update(task_id,
                        rate=f"{summary.extracted / elapsed:.2f} clips/s {summary.frames / elapsed:.1f} frames/s")
 
+        sources: dict[str, str] = {}  # key -> fingerprint, from decode until the clip's features are done
+
         def emit(clip: Clip, decoded: DecodedClip, feats: np.ndarray) -> None:
             writes.put(ClipFeatures(clip.video, clip.label, feats, decoded.frame_index, decoded.num_frames,
-                                    decoded.fps, decoded.height, decoded.width))
+                                    decoded.fps, decoded.height, decoded.width, sources.pop(clip.video)))
             summary.extracted += 1
             summary.frames += len(feats)
             advance()
@@ -285,21 +341,19 @@ def _extract(todo: list[Clip], backbone, cfg: ExtractConfig, writer: ShardWriter
                 clip, result = item
                 if isinstance(result, BaseException):
                     reason = str(result) or result.__class__.__name__
-                    writes.put((clip.video, reason))
+                    writes.put((clip.video, reason, clip.path))
                     summary.failed.append((clip.video, reason))
                     advance()
                     if strict:
                         raise ExtractError(f"{clip.video}: {reason} (--strict stops at the first failure)")
                     continue
-                batcher.add(clip, result)
+                if not isinstance(result, tuple):  # a decode_task that returns frames only (test doubles)
+                    result = (result, _fingerprint_or_blank(clip.path))
+                decoded, sources[clip.video] = result
+                batcher.add(clip, decoded)
             batcher.finish()
             summary.extract_seconds = time.monotonic() - t0
         finally:
-            stop.set()
-            while decoder_thread.is_alive():  # unblock a decoder waiting on a full queue
-                try:
-                    decoded_q.get(timeout=0.1)
-                except queue.Empty:
-                    pass
+            stop_producer(stop, decoder_thread, decoded_q)
             writes.put(None)
             writer_thread.join()

@@ -11,6 +11,7 @@ from pathlib import Path
 from pipeline import splits as sp
 from pipeline.config import SplitConfig, as_dict
 from pipeline.features import FeatureCache
+from pipeline.files import write_text_atomic
 
 
 def run(cache_path: Path, out_dir: Path, cfg: SplitConfig, hmdb51: Path | None = None, ucf101: Path | None = None,
@@ -36,7 +37,7 @@ def run(cache_path: Path, out_dir: Path, cfg: SplitConfig, hmdb51: Path | None =
 
     sp.write_splits(out_dir, result.splits)
     summary = summarize(result, classes, mode, cfg, fold if mode != "stratified" else None)
-    sp.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print_summary(summary, out_dir)
     return summary
 

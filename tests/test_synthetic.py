@@ -1,4 +1,4 @@
-"""The embedded default dataset: motion-defined classes, real encoded files, per-frame actor boxes."""
+"""The embedded default dataset: classes by the actor's straight-line heading, real encoded files, per-frame actor boxes."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.config import SynthConfig
 from pipeline.encode import Encoding
-from pipeline.synthetic import (BOXES_FILE, CLASSES, MOTIONS, SYNTH_ENCODINGS, actor_path, clip_rng,
-                                generate_clip, generate_dataset, read_boxes)
+from pipeline.synthetic import (BOXES_FILE, CLASSES, MOTIONS, SYNTH_ENCODINGS, actor_path, clip_key, clip_rng,
+                                generate_clip, generate_dataset, path_boxes, read_boxes)
 from stages import synth as stage
 
 TINY = SynthConfig(seed=3, clips_per_class=4, frames=12, width=64, height=48)
@@ -50,72 +50,179 @@ def dataset(tmp_path_factory) -> tuple[Path, object]:
 
 
 # --- classes -------------------------------------------------------------------------------------------
+# Screen terms, independent of the generator's constants: y points down, so "up" is (0, -1) and "right" (1, 0).
+# Each class's expected heading as signs of (dx, dy) in picture coordinates.
 
-def test_there_are_at_least_six_classes_each_one_motion():
-    assert len(CLASSES) >= 6
-    assert {"move_left", "move_right", "move_up", "move_down", "grow", "shrink"} <= set(CLASSES)
-    assert len(set(MOTIONS.values())) == len(CLASSES)  # no two classes share a motion
+SCREEN = {
+    "move_right": (1, 0), "move_down_right": (1, 1), "move_down": (0, 1), "move_down_left": (-1, 1),
+    "move_left": (-1, 0), "move_up_left": (-1, -1), "move_up": (0, -1), "move_up_right": (1, -1),
+}
 
 
-@pytest.mark.parametrize("cls_name, axis, sign", [
-    ("move_left", 0, -1), ("move_right", 0, 1), ("move_up", 1, -1), ("move_down", 1, 1),
+def heading(cls_name: str) -> np.ndarray:
+    """The unit vector (2,) a class's name says the actor goes, on screen."""
+    step = np.array(SCREEN[cls_name], dtype=np.float64)
+    return step / np.linalg.norm(step)
+
+
+def centres(boxes: np.ndarray) -> np.ndarray:
+    """Box centres (T, 2) as float64."""
+    boxes = boxes.astype(np.float64)
+    return (boxes[:, :2] + boxes[:, 2:]) / 2
+
+
+def radii(boxes: np.ndarray) -> np.ndarray:
+    """Half the box width and height (T, 2) as float64: the actor's radius, twice."""
+    boxes = boxes.astype(np.float64)
+    return (boxes[:, 2:] - boxes[:, :2]) / 2
+
+
+def test_eight_distinct_headings_45_degrees_apart_named_as_seen_on_screen():
+    assert len(CLASSES) == 8 and len(set(CLASSES)) == 8
+    assert set(CLASSES) == set(SCREEN)
+    vectors = np.array([(MOTIONS[c].dx, MOTIONS[c].dy) for c in CLASSES], dtype=np.float64)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-9)  # unit steps
+    angles = np.sort(np.mod(np.degrees(np.arctan2(vectors[:, 1], vectors[:, 0])), 360))
+    np.testing.assert_allclose(np.diff(np.append(angles, angles[0] + 360)), 45.0, atol=1e-6)  # evenly round
+    for cls_name in CLASSES:  # and each name says where it goes
+        np.testing.assert_allclose((MOTIONS[cls_name].dx, MOTIONS[cls_name].dy), heading(cls_name), atol=1e-9)
+
+
+@pytest.mark.parametrize("cls_name, x_sign, y_sign", [
+    ("move_up", 0, -1), ("move_down", 0, 1), ("move_left", -1, 0), ("move_right", 1, 0),
+    ("move_down_left", -1, 1), ("move_down_right", 1, 1), ("move_up_left", -1, -1), ("move_up_right", 1, -1),
 ])
-def test_move_classes_carry_the_box_centre_the_named_way(cls_name, axis, sign):
+def test_the_boxes_go_where_the_name_says_on_screen(cls_name, x_sign, y_sign):
+    """Up is towards row 0: move_up decreases y; move_down_left increases y and decreases x."""
     for index in range(5):
         _, boxes = generate_clip(cls_name, clip_rng(0, cls_name, index), 12, 48, 64)
-        centre = (boxes[:, [0, 1]] + boxes[:, [2, 3]]) / 2  # (T, 2)
-        travel = centre[-1] - centre[0]
-        extent = (64, 48)[axis]
-        assert sign * travel[axis] > 0.2 * extent
-        assert abs(travel[1 - axis]) < 1e-3
-        assert np.all(sign * np.diff(centre[:, axis]) > 0)
+        move = centres(boxes)[-1] - centres(boxes)[0]
+        for sign, component in ((x_sign, move[0]), (y_sign, move[1])):
+            if sign:
+                assert sign * component > 10, (cls_name, move)
+            else:
+                assert abs(component) < 1e-3, (cls_name, move)
 
 
-@pytest.mark.parametrize("cls_name, sign", [("grow", 1), ("shrink", -1)])
-def test_grow_and_shrink_change_the_box_size_steadily(cls_name, sign):
-    for index in range(5):
-        _, boxes = generate_clip(cls_name, clip_rng(0, cls_name, index), 12, 48, 64)
-        size = boxes[:, 2] - boxes[:, 0]
-        assert np.all(sign * np.diff(size) > 0)
-        assert max(size[0], size[-1]) > 1.3 * min(size[0], size[-1])
+@pytest.mark.parametrize("cls_name", CLASSES)
+def test_the_actor_moves_straight_along_its_heading_at_steady_speed_and_keeps_its_size(cls_name):
+    direction = heading(cls_name)
+    for height, width in ((48, 64), (64, 48), (120, 160)):
+        short = min(height, width)
+        for frames in (12, 5, 2):
+            for index in range(6):
+                _, boxes = generate_clip(cls_name, clip_rng(0, cls_name, index), frames, height, width)
+                steps = np.diff(centres(boxes), axis=0)  # (T-1, 2)
+                np.testing.assert_allclose(steps, np.broadcast_to(steps[0], steps.shape), atol=2e-3)  # steady
+                length = np.linalg.norm(steps, axis=1)
+                cos = steps @ direction / length
+                assert np.all(cos > math.cos(1e-3)), (cls_name, steps[0])  # exactly along the heading
+                travel = np.linalg.norm(centres(boxes)[-1] - centres(boxes)[0])
+                assert 0.55 - 1e-4 <= travel / short <= 0.75 + 1e-4
+                r = radii(boxes)
+                np.testing.assert_allclose(r, r[0, 0], atol=1e-3)  # a round actor of one size all clip long
+                assert 0.16 - 1e-4 <= r[0, 0] / (short / 2) <= 0.22 + 1e-4
 
 
-@pytest.mark.parametrize("cls_name, sign", [("rotate_cw", 1), ("rotate_ccw", -1)])
-def test_rotate_classes_turn_the_actor_the_named_way_on_screen(cls_name, sign):
-    frames, boxes = generate_clip(cls_name, clip_rng(0, cls_name, 0), 12, 96, 128, distractors=False, noise=False)
-    turns = []
-    for image, box in zip(frames, boxes):
-        orange = (image[..., 0] > 150) & (image[..., 1] > 70) & (image[..., 2] < 50)  # the orange half
-        y, x = np.nonzero(orange)
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        turns.append(math.atan2(y.mean() + 0.5 - cy, x.mean() + 0.5 - cx))  # y points down: clockwise is +
-    steps = np.diff(np.unwrap(turns))
-    assert np.all(sign * steps > 0)
-    assert sign * (np.unwrap(turns)[-1] - turns[0]) > math.pi * 0.9
-
-
-def test_position_and_size_alone_do_not_tell_opposite_motions_apart():
-    def mean_path(cls_name: str) -> np.ndarray:
-        paths = [actor_path(MOTIONS[cls_name], clip_rng(0, cls_name, i), 12, 120, 160) for i in range(200)]
-        return np.mean(paths, axis=(0, 1))  # mean cx, cy, radius over clips and frames
-
-    left, right = mean_path("move_left"), mean_path("move_right")
-    grow, shrink = mean_path("grow"), mean_path("shrink")
-    assert abs(left[0] - right[0]) < 0.05 * 160
-    assert abs(grow[2] - shrink[2]) < 0.05 * grow[2]
-
-
-def test_start_position_and_size_vary_between_clips_of_a_class():
-    starts = np.array([generate_clip("move_right", clip_rng(0, "move_right", i), 12, 48, 64)[1][0] for i in range(8)])
-    assert starts[:, 0].std() > 2 and starts[:, 1].std() > 2
-    assert (starts[:, 2] - starts[:, 0]).std() > 0.5
-
-
-def test_the_actor_is_a_quarter_to_a_third_of_the_short_side():
+def test_start_travel_and_radius_vary_between_clips_of_a_class():
+    height, width = 96, 128
     for cls_name in CLASSES:
-        _, boxes = generate_clip(cls_name, clip_rng(0, cls_name, 0), 12, 120, 160)
-        size = boxes[:, 2] - boxes[:, 0]
-        assert 0.19 * 120 < size.mean() < 0.4 * 120
+        paths = [actor_path(MOTIONS[cls_name], clip_rng(0, cls_name, i), 12, height, width) for i in range(16)]
+        boxes = [path_boxes(p) for p in paths]
+        starts = np.array([centres(b)[0] for b in boxes])
+        travels = np.array([np.linalg.norm(centres(b)[-1] - centres(b)[0]) for b in boxes])
+        sizes = np.array([radii(b)[0, 0] for b in boxes])
+        assert starts[:, 0].std() > 2 and starts[:, 1].std() > 2, cls_name
+        assert travels.std() > 0.02 * height, cls_name
+        assert sizes.std() > 0.3, cls_name
+
+
+@pytest.mark.parametrize("height, width", [
+    (48, 64), (64, 48), (120, 160), (40, 200), (200, 40), (18, 18), (16, 16),  # 16: the smallest allowed
+])
+def test_the_actor_stays_inside_the_frame(height, width):
+    for cls_name in CLASSES:
+        for index in range(25):
+            boxes = path_boxes(actor_path(MOTIONS[cls_name], clip_rng(0, cls_name, index), 16, height, width))
+            assert np.all(boxes[:, :2] >= 0) and np.all(boxes[:, 2] <= width) and np.all(boxes[:, 3] <= height)
+
+
+def test_actor_path_gives_the_boxes_generate_clip_draws():
+    _, boxes = generate_clip("move_down_left", clip_rng(0, "move_down_left", 1), 12, 48, 64)
+    path = actor_path(MOTIONS["move_down_left"], clip_rng(0, "move_down_left", 1), 12, 48, 64)
+    np.testing.assert_array_equal(path_boxes(path), boxes)
+
+
+# --- what one frame shows is the same for every class ---------------------------------------------------
+
+def test_over_many_clips_size_travel_and_spin_are_drawn_alike_for_every_class():
+    """What a model without temporal memory could use (how big, how far, how much turning) ignores the class."""
+    height, width, frames, clips = 120, 160, 12, 300
+    short = min(height, width)
+    stats = {}
+    for cls_name in CLASSES:
+        paths = np.stack([actor_path(MOTIONS[cls_name], clip_rng(0, cls_name, i), frames, height, width)
+                          for i in range(clips)])  # (clips, T, 4)
+        boxes = [path_boxes(p) for p in paths]
+        stats[cls_name] = {
+            "radius": np.array([radii(b)[0, 0] for b in boxes]) / (short / 2),
+            "travel": np.array([np.linalg.norm(centres(b)[-1] - centres(b)[0]) for b in boxes]) / short,
+            "spin": paths[:, -1, 3] - paths[:, 0, 3],  # the actor's own turn over the clip
+        }
+    for name in ("radius", "travel"):
+        means = np.array([s[name].mean() for s in stats.values()])
+        assert np.ptp(means) < 0.04 * means.mean(), name
+        quantiles = np.array([np.quantile(s[name], (0.1, 0.5, 0.9)) for s in stats.values()])
+        assert np.ptp(quantiles, axis=0).max() < 0.04 * means.mean(), name
+        spread = np.array([s[name].std() for s in stats.values()])
+        assert spread.min() > 0.5 * spread.max() > 0, name  # random, alike for every class
+
+    amounts = np.array([np.abs(s["spin"]).mean() for s in stats.values()])
+    assert np.ptp(amounts) < 0.08 * amounts.mean() and amounts.min() > 0.3  # it really spins, alike
+    for cls_name, s in stats.items():
+        clockwise = np.mean(s["spin"] > 0)
+        assert 0.4 < clockwise < 0.6, cls_name  # both ways, about as often, in every class
+        assert np.all(np.abs(s["spin"]) > 0.05), cls_name
+    # Spin is unrelated to the heading: no correlation with either component of it.
+    spin = np.concatenate([s["spin"] for s in stats.values()])
+    for axis in (0, 1):
+        component = np.repeat([heading(c)[axis] for c in stats], clips)
+        assert abs(np.corrcoef(spin, component)[0, 1]) < 0.1
+        assert abs(np.corrcoef(np.abs(spin), component)[0, 1]) < 0.1
+
+
+def test_the_drawn_actor_covers_the_same_area_in_every_class():
+    """Per frame, the red-dominant (actor) pixels: alike across classes, and steady within a clip."""
+    height, width = 48, 64
+    counts, fill = {}, {}
+    for cls_name in CLASSES:
+        per_clip, ratios = [], []
+        for index in range(24):
+            frames, boxes = generate_clip(cls_name, clip_rng(0, cls_name, index), 12, height, width)
+            area = red_dominant(frames).sum(axis=(1, 2))  # (T,)
+            assert area.max() <= 1.3 * area.min(), cls_name  # no class grows or shrinks
+            per_clip.append(area)
+            ratios.append(area / (math.pi * radii(boxes)[:, 0] ** 2))
+        counts[cls_name], fill[cls_name] = np.concatenate(per_clip), np.concatenate(ratios)
+    means = np.array([c.mean() for c in counts.values()])
+    assert np.ptp(means) < 0.2 * means.mean()  # loose: the radius is random per clip
+    medians = np.array([np.median(c) for c in counts.values()])
+    assert np.ptp(medians) < 0.25 * medians.mean()
+    fills = np.array([f.mean() for f in fill.values()])  # pixels per unit of disc area: the drawing itself
+    assert 0.75 < fills.min() and fills.max() < 1.05 and np.ptp(fills) < 0.04
+
+
+@pytest.mark.parametrize("cls_name", ["move_up_left", "move_right"])
+def test_the_drawn_actor_turns_as_its_path_says(cls_name):
+    path = actor_path(MOTIONS[cls_name], clip_rng(0, cls_name, 0), 12, 96, 128)
+    frames, boxes = generate_clip(cls_name, clip_rng(0, cls_name, 0), 12, 96, 128, distractors=False, noise=False)
+    assert abs(path[-1, 3] - path[0, 3]) > 0.3  # it does turn over the clip
+    for image, box, angle in zip(frames, boxes, path[:, 3]):
+        orange = (image[..., 0] > 150) & (image[..., 1] > 70) & (image[..., 2] < 50)  # the orange half
+        y, x = np.nonzero(orange & disc_mask(box, 96, 128, 1.0))
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        facing = math.atan2(y.mean() + 0.5 - cy, x.mean() + 0.5 - cx)  # the orange half's side of the disc
+        assert abs(math.remainder(facing - (angle + math.pi / 2), 2 * math.pi)) < 0.2
 
 
 # --- boxes -----------------------------------------------------------------------------------------------
@@ -129,8 +236,8 @@ def test_the_actor_is_at_its_box_and_nowhere_else(cls_name):
 
 
 def test_a_clean_render_is_the_same_clip_without_clutter():
-    noisy_frames, noisy_boxes = generate_clip("grow", clip_rng(0, "grow", 2), 12, 48, 64)
-    clean_frames, clean_boxes = generate_clip("grow", clip_rng(0, "grow", 2), 12, 48, 64,
+    noisy_frames, noisy_boxes = generate_clip("move_down_right", clip_rng(0, "move_down_right", 2), 12, 48, 64)
+    clean_frames, clean_boxes = generate_clip("move_down_right", clip_rng(0, "move_down_right", 2), 12, 48, 64,
                                               distractors=False, noise=False)
     np.testing.assert_array_equal(noisy_boxes, clean_boxes)
     inside = disc_mask(clean_boxes[0], 48, 64, 0.8)
@@ -151,10 +258,15 @@ def test_boxes_file_has_one_box_per_frame_inside_the_frame(dataset):
 def test_stored_boxes_match_the_actor_in_the_decoded_frames(dataset):
     root, _ = dataset
     boxes = read_boxes(root)
-    for key in ("move_left/clip_000.avi", "grow/clip_001.mp4", "rotate_cw/clip_003.mkv"):
-        for image, box in zip(decode(root / key), boxes[key]):  # lossy 64x48: allow some bleeding
-            assert red_dominant(image)[disc_mask(box, TINY.height, TINY.width, 0.6)].mean() > 0.8
-            assert red_dominant(image)[outside_box(box, TINY.height, TINY.width)].mean() < 0.01
+    keys = ("move_left/clip_000.avi", "move_down/clip_001.mp4", "move_up_right/clip_003.mkv")
+    assert keys == (clip_key("move_left", 0), clip_key("move_down", 1), clip_key("move_up_right", 3))
+    for key in keys:
+        covered = []
+        for image, box in zip(decode(root / key), boxes[key]):  # lossy 64x48 (mpeg4 worst): allow some bleeding
+            covered.append(red_dominant(image)[disc_mask(box, TINY.height, TINY.width, 0.6)].mean())
+            assert covered[-1] > 0.5, key
+            assert red_dominant(image)[outside_box(box, TINY.height, TINY.width)].mean() < 0.01, key
+        assert np.mean(covered) > 0.85, key
 
 
 def test_read_boxes_of_a_folder_without_them_is_empty(tmp_path):
@@ -214,7 +326,7 @@ def test_mpeg4_avi_files_really_hold_b_frames(dataset):
 def test_codecs_are_spread_evenly_so_they_never_hint_at_the_class(dataset):
     _, summary = dataset
     assert len({tuple(sorted(c.items())) for c in summary.codecs.values()}) == 1
-    assert len(summary.codecs["grow"]) == len(SYNTH_ENCODINGS)
+    assert len(summary.codecs["move_up"]) == len(SYNTH_ENCODINGS)
 
 
 # --- determinism ---------------------------------------------------------------------------------------
@@ -222,8 +334,8 @@ def test_codecs_are_spread_evenly_so_they_never_hint_at_the_class(dataset):
 def test_the_same_seed_gives_the_same_boxes_and_pixels(tmp_path, dataset):
     root, _ = dataset
     again = tmp_path / "again"
-    generate_dataset(again, TINY, classes=["move_up", "rotate_ccw"])
-    assert read_boxes(again).keys() == {k for k in read_boxes(root) if k.startswith(("move_up/", "rotate_ccw/"))}
+    generate_dataset(again, TINY, classes=["move_right", "move_up_left"])
+    assert read_boxes(again).keys() == {k for k in read_boxes(root) if k.startswith(("move_right/", "move_up_left/"))}
     for key, boxes in read_boxes(again).items():
         np.testing.assert_array_equal(boxes, read_boxes(root)[key])
         np.testing.assert_array_equal(decode(again / key), decode(root / key))
@@ -231,14 +343,18 @@ def test_the_same_seed_gives_the_same_boxes_and_pixels(tmp_path, dataset):
 
 def test_another_seed_gives_other_clips(tmp_path, dataset):
     root, _ = dataset
-    generate_dataset(tmp_path, SynthConfig(seed=4, clips_per_class=1, frames=12, width=64, height=48), classes=["grow"])
-    assert not np.array_equal(read_boxes(tmp_path)["grow/clip_000.avi"], read_boxes(root)["grow/clip_000.avi"])
+    generate_dataset(tmp_path, SynthConfig(seed=4, clips_per_class=1, frames=12, width=64, height=48), classes=["move_down_left"])
+    assert not np.array_equal(read_boxes(tmp_path)["move_down_left/clip_000.avi"],
+                              read_boxes(root)["move_down_left/clip_000.avi"])
 
 
 @pytest.mark.parametrize("cfg, classes, message", [
     (SynthConfig(width=63), None, "even"),
     (SynthConfig(frames=1), None, "frames"),
     (SynthConfig(), ["jump"], "classes"),
+    (SynthConfig(), ["cw_from_top"], "classes"),  # the old (orbit) classes are gone
+    (SynthConfig(), ["right"], "classes"),
+    (SynthConfig(), ["move_up", "move_up"], "distinct"),
 ])
 def test_unusable_settings_are_a_one_line_error(tmp_path, cfg, classes, message):
     with pytest.raises(ValueError, match=message):
@@ -248,14 +364,14 @@ def test_unusable_settings_are_a_one_line_error(tmp_path, cfg, classes, message)
 # --- the stage -----------------------------------------------------------------------------------------
 
 SMALL = SynthConfig(seed=0, clips_per_class=1, frames=4, width=32, height=32)
-TWO = ["move_left", "grow"]
+TWO = ["move_left", "move_up_right"]
 
 
 def test_stage_writes_the_dataset_and_its_settings(tmp_path):
     summary = stage.run(tmp_path / "videos", SMALL, classes=TWO)
     manifest = json.loads((tmp_path / "videos" / stage.MANIFEST).read_text())
     assert manifest["settings"]["config"] == vars(SMALL)
-    assert summary.counts == {"move_left": 1, "grow": 1} and not summary.reused
+    assert summary.counts == {"move_left": 1, "move_up_right": 1} and not summary.reused
     assert sorted(p.name for p in tmp_path.iterdir()) == ["videos"]  # no temporary folder left beside it
 
 
@@ -263,7 +379,7 @@ def test_stage_rerun_with_the_same_settings_is_a_no_op(tmp_path):
     stage.run(tmp_path / "videos", SMALL, classes=TWO)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "videos").rglob("*")}
     summary = stage.run(tmp_path / "videos", SMALL, classes=TWO)
-    assert summary.reused and summary.counts == {"move_left": 1, "grow": 1}
+    assert summary.reused and summary.counts == {"move_left": 1, "move_up_right": 1}
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "videos").rglob("*")} == before
 
 
@@ -285,23 +401,23 @@ def test_stage_refuses_to_write_over_other_files(tmp_path):
 def test_stage_overwrite_replaces_a_different_dataset(tmp_path):
     stage.run(tmp_path / "videos", SMALL, classes=TWO)
     other = SynthConfig(seed=0, clips_per_class=2, frames=4, width=32, height=32)
-    summary = stage.run(tmp_path / "videos", other, overwrite=True, classes=["shrink"])
-    assert summary.counts == {"shrink": 2}
-    assert sorted(p.name for p in (tmp_path / "videos").iterdir() if p.is_dir()) == ["shrink"]
+    summary = stage.run(tmp_path / "videos", other, overwrite=True, classes=["move_down"])
+    assert summary.counts == {"move_down": 2}
+    assert sorted(p.name for p in (tmp_path / "videos").iterdir() if p.is_dir()) == ["move_down"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["videos"]
 
 
 def test_stage_reports_missing_files_instead_of_trusting_the_settings(tmp_path):
     stage.run(tmp_path / "videos", SMALL, classes=TWO)
-    next((tmp_path / "videos" / "grow").iterdir()).unlink()
+    next((tmp_path / "videos" / "move_up_right").iterdir()).unlink()
     with pytest.raises(ValueError, match="incomplete"):
         stage.run(tmp_path / "videos", SMALL, classes=TWO)
 
 
 def test_a_crash_mid_build_leaves_no_dataset_that_looks_complete(tmp_path, monkeypatch):
     def crash(root, *args, **kwargs):
-        (Path(root) / "grow").mkdir(parents=True)
-        (Path(root) / "grow" / "clip_000.avi").write_bytes(b"half")
+        (Path(root) / "move_left").mkdir(parents=True)
+        (Path(root) / "move_left" / "clip_000.avi").write_bytes(b"half")
         raise RuntimeError("killed")
 
     monkeypatch.setattr(stage, "generate_dataset", crash)

@@ -1,0 +1,369 @@
+"""Attention overlays and report figures: heatmaps blended over frames, strips, GIFs, curves, confusion.
+
+Frames are resized *whole* (no crop) before the backbone, so an attention grid of h x w cells covers the
+whole picture: cell (i, j) is the rectangle [j*W/w, (j+1)*W/w) x [i*H/h, (i+1)*H/h) of the frame, and
+upsampling it bilinearly with half-pixel centres puts the heat where the features came from.
+
+Images are drawn with numpy + PIL; matplotlib (Agg backend, imported lazily) only for the two charts.
+Every file is written under a temporary name and renamed into place: readers never see half an image.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import textwrap
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+MIN_DISPLAY_HEIGHT = 160  # frames smaller than this are upscaled (integer factor) to be readable
+PAD = 6  # pixels between tiles
+FONT_SIZE = 13
+LINE = 17  # pixels per text line
+TITLE_LINES = 2
+TITLE_HEIGHT = TITLE_LINES * LINE + 6
+LABEL_HEIGHT = LINE + 2  # the "frame N" line above each row of tiles
+CAPTION_LINES = 2
+CAPTION_HEIGHT = CAPTION_LINES * LINE + 6
+BACKGROUND = (255, 255, 255)
+INK = (20, 20, 20)
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# --- colours and blending ----------------------------------------------------------------------------------
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """The classic "jet" colour map in numpy: [0, 1] floats -> uint8 RGB (..., 3), blue (cold) to red (hot)."""
+    x = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
+    centres = np.array([3.0, 2.0, 1.0], dtype=np.float32)  # r, g, b peak at 3/4, 1/2, 1/4
+    rgb = np.clip(1.5 - np.abs(4.0 * x - centres), 0.0, 1.0)
+    return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def _bilinear_weights(size: int, cells: int) -> np.ndarray:
+    """(size, cells) interpolation matrix, half-pixel centres (align_corners=False), edges clamped."""
+    pos = (np.arange(size, dtype=np.float64) + 0.5) * cells / size - 0.5
+    pos = np.clip(pos, 0.0, cells - 1)
+    return np.clip(1.0 - np.abs(pos[:, None] - np.arange(cells)[None, :]), 0.0, 1.0).astype(np.float32)
+
+
+def upsample(attention: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear upsampling of maps (T, h, w) to (T, height, width): separable, two matrix products."""
+    maps = np.asarray(attention, dtype=np.float32)
+    wy = _bilinear_weights(height, maps.shape[1])  # (H, h)
+    wx = _bilinear_weights(width, maps.shape[2])  # (W, w)
+    return np.einsum("yi,tij,xj->tyx", wy, maps, wx, optimize=True)
+
+
+def normalise(maps: np.ndarray) -> np.ndarray:
+    """Each map min-max scaled to [0, 1] for display; a flat map (uniform attention) becomes all 0."""
+    lo = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - lo
+    return np.where(span > 1e-12, (maps - lo) / np.maximum(span, 1e-12), 0.0).astype(np.float32)
+
+
+def blend(frames: np.ndarray, attention: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Attention heatmaps alpha-blended over their frames: (T, H, W, 3) uint8.
+
+    `frames` (T, H, W, 3) uint8; `attention` (T, h, w), each map summing to 1. Each map is upsampled
+    bilinearly over the whole frame, then normalised *per map* (min -> 0, max -> 1) so that its own
+    hottest cell shows red whatever the absolute values: colours compare places within one frame, not
+    frames with each other (the page gives absolute numbers). A perfectly flat map shows all blue.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (T, H, W, 3), got {frames.shape}")
+    attention = np.asarray(attention)
+    if attention.ndim != 3 or attention.shape[0] != frames.shape[0]:
+        raise ValueError(f"attention must be (T, h, w) with T={frames.shape[0]}, got {attention.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    heat = jet(normalise(upsample(attention, frames.shape[1], frames.shape[2]))).astype(np.float32)
+    out = frames.astype(np.float32) * (1.0 - alpha) + heat * alpha
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+# --- atomic writes -----------------------------------------------------------------------------------------
+
+
+def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` for a temporary name beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def safe_name(name: str) -> str:
+    """A file-name stem for any clip key: "move_left/clip_003.avi" -> "move_left__clip_003.avi".
+
+    Characters other than letters, digits, '.', '_' and '-' become '_', and then a short hash of the
+    original is appended so that two keys never share a file.
+    """
+    flat = name.replace("/", "__").replace("\\", "__")
+    safe = _SAFE.sub("_", flat).lstrip("._-") or "clip"
+    if safe != flat or len(safe) > 120:
+        safe = f"{safe[:120]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return safe
+
+
+# --- text --------------------------------------------------------------------------------------------------
+
+
+def _font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=FONT_SIZE)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit_lines(text: str, width: int, lines: int, font) -> list[str]:
+    """`text` wrapped to `width` pixels in at most `lines` lines; the last one cut with "..."."""
+    def fits(s: str) -> bool:
+        return font.getlength(s) <= width if hasattr(font, "getlength") else len(s) * 6 <= width
+
+    chars = max(8, int(width / max(font.getlength("n") if hasattr(font, "getlength") else 6, 1)))
+    wrapped = textwrap.wrap(text, chars) or [""]
+    while any(not fits(s) for s in wrapped) and chars > 8:
+        chars -= 2
+        wrapped = textwrap.wrap(text, chars) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        last = wrapped[-1]
+        while last and not fits(last + "..."):
+            last = last[:-1]
+        wrapped[-1] = last + "..."
+    return wrapped
+
+
+def _draw_lines(draw, xy: tuple[int, int], lines: Sequence[str], font, fill=INK) -> None:
+    x, y = xy
+    for i, line in enumerate(lines):
+        draw.text((x, y + i * LINE), line, fill=fill, font=font)
+
+
+# --- the strip (the source study's figures 1-2) ------------------------------------------------------------
+
+
+def display_scale(height: int) -> int:
+    """Integer upscaling factor that makes a frame at least MIN_DISPLAY_HEIGHT pixels high."""
+    return max(1, math.ceil(MIN_DISPLAY_HEIGHT / max(int(height), 1)))
+
+
+def pick_frames(total: int, count: int) -> list[int]:
+    """`count` evenly spaced positions in 0..total-1, first and last included (fewer when total is short)."""
+    if total < 1 or count < 1:
+        return []
+    return sorted({int(round(x)) for x in np.linspace(0, total - 1, min(count, total))})
+
+
+def strip_geometry(count: int, height: int, width: int) -> tuple[tuple[int, int], list[tuple[int, int, int, int]],
+                                                                 list[tuple[int, int, int, int]]]:
+    """(image size (W, H), top-row tile boxes, bottom-row tile boxes) of a strip of `count` frames.
+
+    Boxes are (left, top, right, bottom) in the PNG. Layout: title, label line, frames, label line, overlays.
+    """
+    s = display_scale(height)
+    tw, th = width * s, height * s
+    size = (PAD + count * (tw + PAD), TITLE_HEIGHT + 2 * (LABEL_HEIGHT + th) + PAD)
+    top_y = TITLE_HEIGHT + LABEL_HEIGHT
+    bottom_y = top_y + th + LABEL_HEIGHT
+    xs = [PAD + k * (tw + PAD) for k in range(count)]
+    return size, [(x, top_y, x + tw, top_y + th) for x in xs], [(x, bottom_y, x + tw, bottom_y + th) for x in xs]
+
+
+def _scaled(image: np.ndarray, scale: int):
+    """PIL image of `image` (H, W, 3) enlarged by an integer factor with nearest neighbour (exact pixels)."""
+    from PIL import Image
+
+    picture = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
+    if scale == 1:
+        return picture
+    return picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+
+
+def write_strip(path: str | Path, frames: np.ndarray, overlays: np.ndarray, picks: list[int], title: str,
+                labels: Sequence[str] | None = None) -> Path:
+    """PNG: top row the picked frames, bottom row the same frames with attention; a title line above.
+
+    `labels[k]` is written above tile k (default "t=<pick+1>"); small frames are upscaled to be readable.
+    """
+    from PIL import Image, ImageDraw
+
+    frames, overlays = np.asarray(frames), np.asarray(overlays)
+    if frames.shape != overlays.shape:
+        raise ValueError(f"frames {frames.shape} and overlays {overlays.shape} differ")
+    if not picks or any(not 0 <= p < len(frames) for p in picks):
+        raise ValueError(f"picks must be positions in 0..{len(frames) - 1}, got {picks}")
+    labels = list(labels) if labels is not None else [f"t={p + 1}" for p in picks]
+    height, width = frames.shape[1:3]
+    s = display_scale(height)
+    size, top, bottom = strip_geometry(len(picks), height, width)
+    canvas = Image.new("RGB", size, BACKGROUND)
+    draw, font = ImageDraw.Draw(canvas), _font()
+    _draw_lines(draw, (PAD, 3), _fit_lines(title, size[0] - 2 * PAD, TITLE_LINES, font), font)
+    for k, p in enumerate(picks):
+        canvas.paste(_scaled(frames[p], s), top[k][:2])
+        canvas.paste(_scaled(overlays[p], s), bottom[k][:2])
+        label = _fit_lines(labels[k], top[k][2] - top[k][0], 1, font)
+        draw.text((top[k][0], top[k][1] - LABEL_HEIGHT + 1), label[0], fill=INK, font=font)
+        draw.text((bottom[k][0], bottom[k][1] - LABEL_HEIGHT + 1), label[0] + " attention", fill=INK, font=font)
+    return _atomic(path, lambda tmp: canvas.save(tmp, format="PNG", optimize=True))
+
+
+# --- the animation -----------------------------------------------------------------------------------------
+
+
+def write_animation(path: str | Path, overlays: np.ndarray, captions: list[str], fps: float) -> Path:
+    """Animated GIF of every overlay frame with its caption below it; loops forever."""
+    from PIL import Image, ImageDraw
+
+    overlays = np.asarray(overlays)
+    if len(captions) != len(overlays) or len(overlays) == 0:
+        raise ValueError(f"need one caption per frame: {len(captions)} captions, {len(overlays)} frames")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    s = display_scale(overlays.shape[1])
+    width, height = overlays.shape[2] * s, overlays.shape[1] * s
+    font = _font()
+    images = []
+    for frame, caption in zip(overlays, captions):
+        canvas = Image.new("RGB", (width, height + CAPTION_HEIGHT), BACKGROUND)
+        canvas.paste(_scaled(frame, s), (0, 0))
+        _draw_lines(ImageDraw.Draw(canvas), (4, height + 3), _fit_lines(caption, width - 8, CAPTION_LINES, font), font)
+        images.append(canvas)
+    duration = max(20, int(round(1000.0 / fps)))
+
+    def save(tmp: Path) -> None:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0,
+                       disposal=1, optimize=False)
+
+    return _atomic(path, save)
+
+
+def render_clip(out_dir: Path, name: str, frames: np.ndarray, attention: np.ndarray, title: str,
+                caption: str | Sequence[str], strip_frames: int, fps: float = 4.0, *,
+                frame_index: Sequence[int] | None = None, alpha: float = 0.5) -> dict[str, Path]:
+    """Write `<name>.png` (strip of `strip_frames` evenly spaced frames) and `<name>.gif` (all frames).
+
+    `name` is made file-safe (`safe_name`). `caption` is one text for every GIF frame (each gets
+    "t=k/T" appended) or a list with one per frame. `frame_index` (the decoded frame numbers) labels the
+    strip's tiles. Returns {"strip": png path, "animation": gif path}.
+    """
+    out_dir = Path(out_dir)
+    total = len(frames)
+    overlays = blend(frames, attention, alpha)
+    if isinstance(caption, str):
+        captions = [f"{caption}  t={k + 1}/{total}" for k in range(total)]
+    else:
+        captions = list(caption)
+    picks = pick_frames(total, strip_frames)
+    labels = None if frame_index is None else [f"frame {int(frame_index[p])}" for p in picks]
+    stem = safe_name(name)
+    strip = write_strip(out_dir / f"{stem}.png", frames, overlays, picks, title, labels)
+    animation = write_animation(out_dir / f"{stem}.gif", overlays, captions, fps)
+    return {"strip": strip, "animation": animation}
+
+
+# --- charts (matplotlib) -----------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_tsv(path: str | Path) -> dict[str, np.ndarray]:
+    """Columns of a tab-separated table with a header line, as float arrays (blank or bad cells: nan)."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
+        return {}
+    header = lines[0].split("\t")
+    columns: dict[str, list[float]] = {name: [] for name in header}
+    for line in lines[1:]:
+        cells = line.split("\t")
+        for i, name in enumerate(header):
+            try:
+                columns[name].append(float(cells[i]))
+            except (IndexError, ValueError):
+                columns[name].append(math.nan)
+    return {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
+
+
+def _plot_panel(ax, path: Path | None, ylabel: str) -> None:
+    table = read_tsv(path) if path is not None and Path(path).is_file() else {}
+    epochs = table.get("epoch")
+    if epochs is None or len(epochs) == 0:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    else:
+        for column, style in (("train", "o-"), ("val", "s--")):
+            if column in table:
+                ax.plot(epochs, table[column], style, label=column, markersize=3)
+        ax.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def write_curves(path: str | Path, loss_tsv: str | Path | None, accuracy_tsv: str | Path | None) -> Path:
+    """PNG of loss and accuracy per epoch, train and val side by side (the source study's figure 3)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    try:
+        _plot_panel(left, Path(loss_tsv) if loss_tsv else None, "loss")
+        _plot_panel(right, Path(accuracy_tsv) if accuracy_tsv else None, "video accuracy")
+        left.set_title("loss")
+        right.set_title("accuracy")
+        right.set_ylim(-0.02, 1.02)
+        fig.tight_layout()
+        return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def write_confusion(path: str | Path, classes: Sequence[str], matrix: np.ndarray | Sequence[Sequence[int]]) -> Path:
+    """Annotated heatmap PNG: rows true class, columns predicted; colour = share of the row, text = count."""
+    plt = _pyplot()
+    counts = np.asarray(matrix, dtype=np.int64)
+    k = len(classes)
+    if counts.shape != (k, k):
+        raise ValueError(f"confusion matrix must be {k}x{k} for {k} classes, got {counts.shape}")
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros(counts.shape, np.float64), where=rows > 0)
+    side = max(4.0, 0.55 * k + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    try:
+        image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+        ax.set_xticks(range(k), labels=list(classes), rotation=45, ha="right")
+        ax.set_yticks(range(k), labels=list(classes))
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if k <= 40:
+            for i in range(k):
+                for j in range(k):
+                    if counts[i, j]:
+                        ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                                color="white" if share[i, j] > 0.5 else "black")
+        fig.tight_layout()
+        return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
