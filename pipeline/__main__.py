@@ -192,6 +192,8 @@ def train(
     channels: Optional[int] = typer.Option(None, help="Hidden channels d of the head."),
     kernel: Optional[int] = typer.Option(None, help="ConvLSTM kernel size k (odd)."),
     dropout: Optional[float] = typer.Option(None, help="Dropout before the classifier."),
+    feature_dropout: Optional[float] = typer.Option(None, help="Training-time dropout of whole input channels "
+                                                    "(one mask per clip, shared over frames and positions)."),
     seed: Optional[int] = typer.Option(None, help="Seed: the same seed gives the same model."),
     epochs: Optional[int] = typer.Option(None, help="Most epochs to train."),
     batch_size: Optional[int] = typer.Option(None, help="Clips per batch."),
@@ -215,7 +217,7 @@ def train(
         from stages import train as stage
 
         head = load_section("head", params, cell=cell, attention=attention, channels=channels, kernel=kernel,
-                            dropout=dropout)
+                            dropout=dropout, feature_dropout=feature_dropout)
         cfg = load_section("train", params, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, schedule=schedule, attention_reg=attention_reg,
                            patience=patience, device=device, max_memory_gb=max_memory_gb)

@@ -49,7 +49,8 @@ class HeadConfig:
     attention: str = "soft"  # soft | none
     channels: int = 64
     kernel: int = 3
-    dropout: float = 0.5
+    dropout: float = 0.5  # before the classifier
+    feature_dropout: float = 0.5  # whole input channels, one mask per clip (training only)
 
 
 @dataclass
