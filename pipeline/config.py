@@ -47,7 +47,7 @@ class SplitConfig:
 class HeadConfig:
     cell: str = "convlstm"  # convlstm | lstm | mean (no temporal memory: per-frame linear classifier)
     attention: str = "soft"  # soft | none
-    channels: int = 64
+    channels: int = 48  # d: 48 keeps an epoch of 730 clips x 30 frames under 15 s on 2 CPU cores
     kernel: int = 3
     dropout: float = 0.5  # before the classifier
     feature_dropout: float = 0.5  # whole input channels, one mask per clip (training only)

@@ -54,7 +54,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
                                      cache.frame_index[rows], cache.height[rows], cache.width[rows])
     report = accuracy_report(outputs, ckpt.classes)
     report = {"split": cfg.split, "clips": len(clips), **report,
-              "attention": dict(attention, boxes=str(truth_path) if truth else None),
+              "attention": dict(attention, boxes=_shown(truth_path) if truth else None),
               "model": {"path": str(model_path), "head": f"{ckpt.head.cell}/{ckpt.head.attention}",
                         "epoch": ckpt.train.get("epoch"), "weights": ckpt.extraction.get("weights")}}
     write_json_atomic(Path(out_dir) / "eval.json", report)
@@ -78,6 +78,14 @@ def _progress(enabled: bool, total: int):
             yield lambda n: p.advance(task, n)
 
     return bar()
+
+
+def _shown(path: Path) -> str:
+    """A path as metrics show it: relative to the working directory when inside it, so checkouts compare."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _boxes_path(boxes: Path | None, cache: FeatureCache) -> Path | None:
