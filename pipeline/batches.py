@@ -40,18 +40,20 @@ class ClipSet:
         t, c, h, w = cache.feature_shape
         self.nbytes = len(self.keys) * t * c * h * w * 2
         self.in_memory = self.nbytes <= max_memory_gb * 2**30
-        self._features = torch.from_numpy(cache.load(self.index)) if self.in_memory else None
+        self._features = cache.load(self.index) if self.in_memory else None  # (N, T, C, h, w) float16 numpy
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def batches(self, batch_size: int, order: Sequence[int] | np.ndarray | None = None) -> Iterator[Batch]:
         """Batches of `batch_size` clips in `order` (positions into this set; default: as listed)."""
+        import torch
+
         order = np.arange(len(self)) if order is None else np.asarray(order, dtype=np.int64)
         chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         if self.in_memory:
             for rows in chunks:
-                yield self._batch(rows, self._features[rows])
+                yield self._batch(rows, torch.from_numpy(self._features[rows]))  # a fresh array, as streamed
         else:
             yield from self._streamed(chunks)
 
