@@ -166,7 +166,8 @@ def test_bf16_autocast_runs_and_keeps_the_cell_state_in_float32():
 
 
 def test_default_head_parameter_count_follows_the_equations():
-    c, d, k, classes = 512, 64, 3, 8
+    c, k, classes = 512, 3, 8
+    d = HeadConfig().channels
 
     head = build_head(HeadConfig(), c, classes)
 
