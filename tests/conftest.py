@@ -52,3 +52,22 @@ def mini_dataset(tmp_path) -> Path:
             frames = rng.integers(0, 255, size=(12, 48, 64, 3), dtype=np.uint8)
             write_video(root / name / f"clip{i}{encodings[(c + i) % 3].suffix}", frames, enc=encodings[(c + i) % 3])
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> dict[str, Path]:
+    """Stage two's inputs, tiny: 3 synthetic classes x 4 clips (with boxes.json), extracted with random weights
+    (T=6 frames, conv5_3 at 64x64: a 4x4 grid of 512 channels), split 2/1/1 per class. Read-only for tests."""
+    from pipeline.config import ExtractConfig, SplitConfig, SynthConfig
+    from pipeline.synthetic import generate_dataset
+    from stages import extract, split
+
+    root = tmp_path_factory.mktemp("stage2")
+    videos = root / "videos"
+    generate_dataset(videos, SynthConfig(seed=0, clips_per_class=4, frames=12, width=64, height=48),
+                     classes=["move_left", "move_right", "move_up"])
+    cache = root / "features.h5"
+    extract.run(videos, cache, ExtractConfig(weights="random:0", frames=6, image_size=64, layer="conv5_3",
+                                             batch_size=24, workers=2, timeout=30.0, device="cpu"), progress=False)
+    split.run(cache, root / "splits", SplitConfig(seed=0, val=0.25, test=0.25))
+    return {"root": root, "videos": videos, "cache": cache, "splits": root / "splits"}
