@@ -143,7 +143,7 @@ def test_bad_inputs_are_recorded_with_reasons_and_cost_no_other_clip(tmp_path, n
 
 def test_a_hanging_clip_is_recorded_as_timed_out(mini_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(extract, "decode_task", _hang_on_jump)
-    summary = extract.run(mini_dataset, tmp_path / "f.h5", cfg(timeout=1.5), progress=False)
+    summary = extract.run(mini_dataset, tmp_path / "f.h5", cfg(timeout=5.0), progress=False)
     assert summary.extracted == 4
     assert {v for v, _ in summary.failed} == {"jump/clip0.avi", "jump/clip1.mp4"}
     assert all("timed out" in reason for _, reason in summary.failed)
