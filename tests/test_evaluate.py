@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,35 +17,10 @@ from pipeline.batches import open_split
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, TrainConfig
 from pipeline.features import FeatureCache
 from stages import evaluate, extract, train
+from tests.cli_helpers import assert_one_line_error, run_cli, run_in_process
 
 EXTRACT = dict(frames=6, image_size=64, layer="conv5_3", batch_size=24, workers=2, timeout=30.0, device="cpu")
 GRID = 4  # conv5_3 at 64x64: a 4x4 attention grid
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, with built-in defaults (no params.yaml of the repo in the way)."""
-    env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args, "--params", "/nonexistent/params.yaml"],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def run_in_process(*args: str):
-    """The CLI in this process (no second torch start-up)."""
-    from typer.testing import CliRunner
-
-    from pipeline.__main__ import app
-
-    return CliRunner().invoke(app, [*args, "--params", "/nonexistent/params.yaml"], env={"COLUMNS": "250"})
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    """Exit status 2, one red line on stderr naming `fragments`, no traceback."""
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exception, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def train_model(project: dict[str, Path], out: Path, head: HeadConfig, epochs: int) -> Path:

@@ -8,8 +8,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from pipeline.batches import open_split
 from pipeline.config import HeadConfig, TrainConfig
 from pipeline.features import FeatureCache
 from stages import train
+from tests.cli_helpers import assert_one_line_error, run_cli, run_in_process
 
 HEAD = HeadConfig(channels=8)
 BASE = dict(epochs=3, batch_size=4, device="cpu")  # 6 train clips: batches of 4 and 2
@@ -47,32 +46,6 @@ def cli_args(project: dict[str, Path], out: Path, *extra: str) -> list[str]:
     paths = outputs_in(out)
     return ["train", str(project["cache"]), str(project["splits"]), str(paths["model"]), "--metrics",
             str(paths["metrics"]), "--plots", str(paths["plots"]), *CLI_BASE, *extra]
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, with built-in defaults (no params.yaml of the repo in the way)."""
-    env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args, "--params", "/nonexistent/params.yaml"],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def run_in_process(*args: str):
-    """The CLI in this process (no second torch start-up)."""
-    from typer.testing import CliRunner
-
-    from pipeline.__main__ import app
-
-    return CliRunner().invoke(app, [*args, "--params", "/nonexistent/params.yaml"], env={"COLUMNS": "250"})
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    """Exit status 2, one red line on stderr naming `fragments`, no traceback."""
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exception, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[list[float]]]:
