@@ -202,66 +202,98 @@ class StateInit(nn.Module):
 # --- heads -----------------------------------------------------------------------------------------------
 
 
-class ConvLSTMHead(nn.Module):
+class RecurrentHead(nn.Module):
+    """The recurrence both attention heads share; subclasses say only where the state lives.
+
+    ConvLSTMHead keeps a (B, H, W, d) state and reads out avgpool(H_t); LSTMHead keeps a (B, d) vector, feeds
+    it avgpool(X~_t) and shows h_{t-1} to the attention broadcast over the positions.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int, attention: str, dropout: float,
+                 feature_dropout: float, init_state: StateInit, cell: nn.Module):
+        super().__init__()
+        self.feature_dropout = FeatureDropout(feature_dropout)
+        self.w_p = nn.Linear(in_channels, channels, bias=False)  # 1x1 conv
+        self.attention = make_attention(attention, channels)
+        self.init_state = init_state
+        self.cell = cell
+        self.dropout = nn.Dropout(dropout)
+        self.w_c = nn.Linear(channels, num_classes)
+
+    # the three places the two heads differ
+    def state_input(self, p: torch.Tensor) -> torch.Tensor:
+        """What H_0, C_0 are computed from, given P: (B, T, H, W, d)."""
+        raise NotImplementedError
+
+    def attention_state(self, h: torch.Tensor) -> torch.Tensor:
+        """H_{t-1} as the attention sees it: (B, H, W, d) or broadcastable to it."""
+        raise NotImplementedError
+
+    def cell_input(self, x_att: torch.Tensor) -> torch.Tensor:
+        """X~_t as the cell takes it."""
+        raise NotImplementedError
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """The (B, d) vector the classifier sees at step t."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> HeadOutput:
+        b, t, _, h, w = x.shape  # (B, T, C, H, W)
+        x = features_hwc(self.feature_dropout(x), self.w_p.weight.dtype)  # (B, T, H, W, C)
+        p = self.w_p(x)  # (B, T, H, W, d)
+        p_term = self.attention.input_term(p)  # (B, T, H, W, d)
+        state = self.init_state(self.state_input(p), x.dtype)  # H_0, C_0
+        outputs, maps = [], []
+        for p_t, p_term_t in zip(p.unbind(1), p_term.unbind(1)):  # unbind, not p[:, t]: one gradient copy, not T
+            z = self.attention(p_term_t, self.attention_state(state[0]))  # (B, H*W)
+            x_att, a = attend(p_t, z)  # (B, H, W, d), (B, H*W)
+            state = self.cell(self.cell_input(x_att), state)
+            outputs.append(self.readout(state[0]))  # (B, d)
+            maps.append(a)
+        logits = self.w_c(self.dropout(torch.stack(outputs, dim=1)))  # (B, T, K)
+        return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, h, w))
+
+
+class ConvLSTMHead(RecurrentHead):
     """Soft-attention ConvLSTM (after VideoLSTM): the equations at the top of this module."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: int, kernel: int, attention: str, dropout: float,
                  feature_dropout: float = 0.0):
-        super().__init__()
-        self.feature_dropout = FeatureDropout(feature_dropout)
-        self.w_p = nn.Linear(in_channels, channels, bias=False)  # 1x1 conv
-        self.attention = make_attention(attention, channels)
-        self.init_state = StateInit(conv2d_hwc(channels, 2 * channels, kernel))
-        self.cell = ConvLSTMCell(channels, channels, kernel)
-        self.dropout = nn.Dropout(dropout)
-        self.w_c = nn.Linear(channels, num_classes)
+        super().__init__(in_channels, num_classes, channels, attention, dropout, feature_dropout,
+                         StateInit(conv2d_hwc(channels, 2 * channels, kernel)), ConvLSTMCell(channels, channels, kernel))
 
-    def forward(self, x: torch.Tensor) -> HeadOutput:
-        b, t, _, h, w = x.shape  # (B, T, C, H, W)
-        x = features_hwc(self.feature_dropout(x), self.w_p.weight.dtype)  # (B, T, H, W, C)
-        p = self.w_p(x)  # (B, T, H, W, d)
-        p_term = self.attention.input_term(p)  # (B, T, H, W, d)
-        state = self.init_state(p.mean(dim=1), x.dtype)  # H_0, C_0: (B, H, W, d)
-        pooled, maps = [], []
-        for p_t, p_term_t in zip(p.unbind(1), p_term.unbind(1)):  # unbind, not p[:, t]: one gradient copy, not T
-            z = self.attention(p_term_t, state[0])  # (B, H*W)
-            x_att, a = attend(p_t, z)  # (B, H, W, d), (B, H*W)
-            state = self.cell(x_att, state)
-            pooled.append(state[0].mean(dim=(1, 2)))  # avgpool(H_t): (B, d)
-            maps.append(a)
-        logits = self.w_c(self.dropout(torch.stack(pooled, dim=1)))  # (B, T, K)
-        return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, h, w))
+    def state_input(self, p: torch.Tensor) -> torch.Tensor:
+        return p.mean(dim=1)  # mean_t P_t: (B, H, W, d)
+
+    def attention_state(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def cell_input(self, x_att: torch.Tensor) -> torch.Tensor:
+        return x_att
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        return h.mean(dim=(1, 2))  # avgpool(H_t)
 
 
-class LSTMHead(nn.Module):
+class LSTMHead(RecurrentHead):
     """Sharma et al.: attention-weighted sum over positions -> vector LSTM of d units."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: int, attention: str, dropout: float,
                  feature_dropout: float = 0.0):
-        super().__init__()
-        self.feature_dropout = FeatureDropout(feature_dropout)
-        self.w_p = nn.Linear(in_channels, channels, bias=False)  # 1x1 conv
-        self.attention = make_attention(attention, channels)
-        self.init_state = StateInit(nn.Linear(channels, 2 * channels))
-        self.cell = LSTMCell(channels, channels)
-        self.dropout = nn.Dropout(dropout)
-        self.w_c = nn.Linear(channels, num_classes)
+        super().__init__(in_channels, num_classes, channels, attention, dropout, feature_dropout,
+                         StateInit(nn.Linear(channels, 2 * channels)), LSTMCell(channels, channels))
 
-    def forward(self, x: torch.Tensor) -> HeadOutput:
-        b, t, _, h, w = x.shape  # (B, T, C, H, W)
-        x = features_hwc(self.feature_dropout(x), self.w_p.weight.dtype)  # (B, T, H, W, C)
-        p = self.w_p(x)  # (B, T, H, W, d)
-        p_term = self.attention.input_term(p)  # (B, T, H, W, d)
-        state = self.init_state(p.mean(dim=(1, 2, 3)), x.dtype)  # h_0, c_0: (B, d)
-        outputs, maps = [], []
-        for p_t, p_term_t in zip(p.unbind(1), p_term.unbind(1)):
-            z = self.attention(p_term_t, state[0][:, None, None, :])  # h_{t-1} broadcast: (B, H*W)
-            x_att, a = attend(p_t, z)  # (B, H, W, d), (B, H*W)
-            state = self.cell(x_att.mean(dim=(1, 2)), state)  # avgpool(X~_t) = sum_i A_{t,i} P_{t,i}
-            outputs.append(state[0])  # (B, d)
-            maps.append(a)
-        logits = self.w_c(self.dropout(torch.stack(outputs, dim=1)))  # (B, T, K)
-        return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, h, w))
+    def state_input(self, p: torch.Tensor) -> torch.Tensor:
+        return p.mean(dim=(1, 2, 3))  # mean over frames and positions: (B, d)
+
+    def attention_state(self, h: torch.Tensor) -> torch.Tensor:
+        return h[:, None, None, :]  # h_{t-1} broadcast over the positions
+
+    def cell_input(self, x_att: torch.Tensor) -> torch.Tensor:
+        return x_att.mean(dim=(1, 2))  # avgpool(X~_t) = sum_i A_{t,i} P_{t,i}
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        return h
 
 
 class MeanHead(nn.Module):
