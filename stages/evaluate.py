@@ -22,6 +22,7 @@ from pipeline.batches import open_split
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.features import FeatureCache
 from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.progress import counting_bar
 from pipeline.synthetic import BOXES_FILE, read_boxes_file
 
 SPLITS = ("train", "val", "test")
@@ -45,7 +46,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
         clips = open_split(cache, splits_dir, cfg.split)
         dev = tr.pick_device(device)
         model = ckpt.build().to(dev)
-        with _progress(progress, len(clips)) as advance:
+        with counting_bar("evaluate", len(clips), "clips", progress) as advance:
             outputs = tr.infer(model, clips, cfg.batch_size, dev, on_batch=advance)
         truth_path = _boxes_path(boxes, cache)
         truth = _read_truth(truth_path)
@@ -61,23 +62,6 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
     write_text_atomic(Path(out_dir) / "predictions.csv", predictions_csv(clips.keys, outputs, ckpt.classes))
     write_text_atomic(Path(plots_dir) / "confusion.csv", confusion_csv(clips.keys, outputs, ckpt.classes))
     return report
-
-
-def _progress(enabled: bool, total: int):
-    """A context giving `advance(n)` for a rich progress bar over `total` clips."""
-    import contextlib
-
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    @contextlib.contextmanager
-    def bar():
-        with Progress(TextColumn("[bold]evaluate"), BarColumn(), TextColumn("{task.completed}/{task.total} clips"),
-                      TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled) as p:
-            task = p.add_task("evaluate", total=total)
-            yield lambda n: p.advance(task, n)
-
-    return bar()
 
 
 def _shown(path: Path) -> str:
@@ -191,12 +175,13 @@ def confusion_csv(keys: list[str], outputs, classes: list[str]) -> str:
 
 def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.1%}"
 
-    table = Table(title=f"evaluate: {report['model']['head']} on {report['split']} ({report['clips']} clips)")
+    table = Table(title=f"evaluate: {escape(report['model']['head'])} on {report['split']} ({report['clips']} clips)")
     table.add_column("metric")
     table.add_column("model", justify="right")
     table.add_column("baseline", justify="right")
@@ -218,4 +203,4 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(table)
     worst = sorted(((v["accuracy"], k) for k, v in report["per_class"].items() if v["accuracy"] is not None))[:3]
     if worst and worst[0][0] < 1.0:
-        console.print("lowest classes: " + ", ".join(f"{k} {pct(a)}" for a, k in worst), highlight=False)
+        console.print("lowest classes: " + escape(", ".join(f"{k} {pct(a)}" for a, k in worst)), highlight=False)

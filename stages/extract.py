@@ -118,22 +118,18 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _check_compatible(cache: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to mix features made with other settings, or start over when asked to."""
-    parts = parts_dir_for(cache)
-    if overwrite:
-        cache.unlink(missing_ok=True)
-        shutil.rmtree(parts, ignore_errors=True)
-        return
-    for source in ([cache] if cache.exists() else []) + shard_paths(parts):
-        try:
-            with FeatureCache(source) as existing:
-                diffs = settings_mismatch(existing.settings, settings)
-        except CacheError as exc:
-            raise ExtractError(f"{exc}; pass --overwrite to start a new cache") from None
-        if diffs:
-            raise ExtractError(f"{cache} was made with other settings ({'; '.join(diffs)}); "
-                               "pass --overwrite to start over, or write to another path")
+def _start_over(cache: Path) -> None:
+    """--overwrite: the cache and its unjoined shards go, whatever settings they were made with."""
+    cache.unlink(missing_ok=True)
+    shutil.rmtree(parts_dir_for(cache), ignore_errors=True)
+
+
+def _require_compatible(existing: FeatureCache, cache: Path, settings: dict) -> None:
+    """Refuse to mix features made with other settings into `cache`."""
+    diffs = settings_mismatch(existing.settings, settings)
+    if diffs:
+        raise ExtractError(f"{cache} was made with other settings ({'; '.join(diffs)}); "
+                           "pass --overwrite to start over, or write to another path")
 
 
 @dataclass
@@ -146,8 +142,11 @@ class _Plan:
     changed: set[str] = field(default_factory=set)  # keys whose file changed since it was extracted
 
 
-def _plan(cache: Path, found: Discovery, retry_failed: bool) -> _Plan:
+def _plan(cache: Path, found: Discovery, settings: dict, retry_failed: bool) -> _Plan:
     """Check every row and failure of the cache and its shards against the dataset as it is now.
+
+    Each file is opened once: its settings must match `settings` (else ExtractError), then its entries
+    are read.
 
     A key no longer discovered is gone; a fingerprint that no longer matches its file is changed; both are
     dropped (changed ones are then extracted again). An entry without a fingerprint (a cache from before
@@ -160,9 +159,7 @@ def _plan(cache: Path, found: Discovery, retry_failed: bool) -> _Plan:
     verdicts: dict[tuple[str, str], str] = {}  # the same entry in the cache and a shard is checked once
     plan = _Plan()
     for source in ([cache] if cache.exists() else []) + shard_paths(parts_dir_for(cache)):
-        with FeatureCache(source) as existing:
-            entries = [(v, s, False) for v, s in zip(existing.videos, existing.source)]
-            entries += [(v, s, True) for (v, _), s in zip(existing.failed, existing.failed_source)]
+        entries = _entries(source, cache, settings)
         for video, fingerprint, is_failure in entries:
             entry = (video, fingerprint)
             if entry not in verdicts:
@@ -174,6 +171,17 @@ def _plan(cache: Path, found: Discovery, retry_failed: bool) -> _Plan:
             plan.drop.add(entry)
             (plan.removed if verdicts[entry] == "gone" else plan.changed).add(video)
     return plan
+
+
+def _entries(source: Path, cache: Path, settings: dict) -> list[tuple[str, str, bool]]:
+    """(key, fingerprint, is_failure) of every row and failure of `source`, a part of `cache`."""
+    try:
+        with FeatureCache(source) as existing:
+            _require_compatible(existing, cache, settings)
+            entries = [(v, s, False) for v, s in zip(existing.videos, existing.source)]
+            return entries + [(v, s, True) for (v, _), s in zip(existing.failed, existing.failed_source)]
+    except CacheError as exc:
+        raise ExtractError(f"{exc}; pass --overwrite to start a new cache") from None
 
 
 def _verdict(video: str, fingerprint: str, paths: dict[str, Path | None]) -> str:
@@ -254,8 +262,9 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
         parts = parts_dir_for(cache)
         remove_unfinished(parts)
         cache.with_name(cache.name + ".tmp").unlink(missing_ok=True)
-        _check_compatible(cache, settings, overwrite)
-        plan = _plan(cache, found, retry_failed)
+        if overwrite:
+            _start_over(cache)
+        plan = _plan(cache, found, settings, retry_failed)
         done = plan.done
         todo = [c for c in found.clips if c.video not in done]
         summary.skipped = len(found.clips) - len(todo)

@@ -10,6 +10,7 @@ from pipeline.features import FeatureCache
 def run(cache_path: Path, show_failed: int = 20) -> dict:
     """Print the cache's description; return it as a dict (for scripts and tests)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -23,11 +24,11 @@ def run(cache_path: Path, show_failed: int = 20) -> dict:
         }
         failed = list(cache.failed)
 
-    prov = Table(title=f"{cache_path}", show_header=False)
+    prov = Table(title=escape(str(cache_path)), show_header=False)
     for key in ("format_version", "backbone", "layer", "weights", "image_size", "frames", "sampling", "dtype",
                 "precision", "dataset_root", "created", "versions"):
         if key in described["attrs"]:
-            prov.add_row(key, str(described["attrs"][key]))
+            prov.add_row(key, escape(str(described["attrs"][key])))
     prov.add_row("clips", str(described["clips"]))
     prov.add_row("feature shape", " x ".join(map(str, described["feature_shape"])))
     prov.add_row("size", f"{described['bytes'] / 2**20:.1f} MiB")
@@ -37,7 +38,7 @@ def run(cache_path: Path, show_failed: int = 20) -> dict:
     per_class.add_column("class")
     per_class.add_column("clips", justify="right")
     for name, n in described["per_class"].items():
-        per_class.add_row(name, str(n))
+        per_class.add_row(escape(name), str(n))
     console.print(per_class)
 
     if failed:
@@ -45,7 +46,7 @@ def run(cache_path: Path, show_failed: int = 20) -> dict:
         fails.add_column("video")
         fails.add_column("reason")
         for video, reason in failed[:show_failed]:
-            fails.add_row(video, reason)
+            fails.add_row(escape(video), escape(reason))
         if len(failed) > show_failed:
             fails.add_row(f"... {len(failed) - show_failed} more", "")
         console.print(fails)

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.progress import counting_bar
 from pipeline.video import DecodedClip, decode_sampled, is_video_file, silence_native_stderr
 
 FRAME_BATCH = 16  # frames per backbone call: bounds memory at 224x224 whatever T is
@@ -193,7 +194,7 @@ def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Pat
     model = ckpt.build().to(dev)
     names = unique_names(files)
     results: dict[Path, Prediction] = {}
-    with _progress(progress, len(files)) as advance:
+    with counting_bar("predict", len(files), "files", progress) as advance:
         for path, decoded in _decoded(files, frames, workers, timeout):
             results[path] = _predict_one(path, decoded, backbone, model, ckpt, dev, k)
             if render_dir is not None and results[path].ok:
@@ -254,23 +255,6 @@ def _render(pred: Prediction, decoded: DecodedClip, out_dir: Path, name: str, st
                                    frame_index=pred.frame_index).items()}
 
 
-def _progress(enabled: bool, total: int):
-    """A context giving `advance()` for a rich progress bar over `total` files."""
-    import contextlib
-
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    @contextlib.contextmanager
-    def bar():
-        with Progress(TextColumn("[bold]predict"), BarColumn(), TextColumn("{task.completed}/{task.total} files"),
-                      TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled) as p:
-            task = p.add_task("predict", total=total)
-            yield lambda: p.advance(task)
-
-    return bar()
-
-
 # --- output -----------------------------------------------------------------------------------------------
 
 
@@ -315,5 +299,5 @@ def print_table(predictions: list[Prediction], model_path: Path, console=None) -
     console.print(table)
     for pred in predictions:
         if pred.rendered:
-            console.print(f"  rendered {pred.file}: " + ", ".join(str(v) for v in pred.rendered.values()),
-                          highlight=False)
+            outputs = ", ".join(str(v) for v in pred.rendered.values())
+            console.print(f"  rendered {escape(str(pred.file))}: {escape(outputs)}", highlight=False)

@@ -40,6 +40,7 @@ from pipeline import checkpoint as ck
 from pipeline import overlay
 from pipeline.config import ConfigError, RenderConfig
 from pipeline.features import FeatureCache, source_changed
+from pipeline.progress import counting_bar
 
 SPLITS = ("train", "val", "test")
 OUTPUTS = ("clips", "curves.png", "confusion.png", "index.html")  # what a render owns inside out_dir
@@ -213,7 +214,7 @@ def _render_clips(cache: FeatureCache, chosen: _Predicted, classes: list[str], r
     if not chosen.keys:
         return
     probs = chosen.outputs.probabilities
-    with _progress(progress, len(chosen.keys)) as advance:
+    with counting_bar("render", len(chosen.keys), "clips", progress, show_item=True) as advance:
         for i, key in enumerate(chosen.keys):
             row = int(chosen.rows[i])
             true, best = int(chosen.outputs.labels[i]), int(probs[i].argmax())
@@ -225,7 +226,7 @@ def _render_clips(cache: FeatureCache, chosen: _Predicted, classes: list[str], r
             except _Skip as exc:
                 clip.skipped = str(exc)
             summary.clips.append(clip)
-            advance(key)
+            advance(item=key)
 
 
 class _Skip(Exception):
@@ -266,24 +267,6 @@ def _draw(clips_dir: Path, clip: RenderedClip, frames: np.ndarray, outputs, i: i
     paths = overlay.render_clip(clips_dir, clip.key, frames, outputs.attention[i], title, captions,
                                 cfg.strip_frames, cfg.fps, frame_index=frame_index, alpha=cfg.alpha)
     return paths["strip"], paths["animation"]
-
-
-def _progress(enabled: bool, total: int):
-    """A context giving `advance(key)` for a rich progress bar over `total` clips."""
-    import contextlib
-
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    @contextlib.contextmanager
-    def bar():
-        columns = (TextColumn("[bold]render"), BarColumn(), TextColumn("{task.completed}/{task.total} clips"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[key]}"))
-        with Progress(*columns, console=Console(stderr=True), disable=not enabled) as p:
-            task = p.add_task("render", total=total, key="")
-            yield lambda key: p.update(task, advance=1, key=key)
-
-    return bar()
 
 
 # --- metrics and figures ----------------------------------------------------------------------------------
@@ -540,19 +523,20 @@ def render_page(summary: RenderSummary, metrics: dict[str, Any] | None, train: d
 def print_summary(summary: RenderSummary) -> None:
     """A short table of the rendered clips, then skips and notes, then where the page is."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"render -> {summary.out_dir} (split {summary.split}, {summary.device})")
+    table = Table(title=f"render -> {escape(str(summary.out_dir))} (split {summary.split}, {summary.device})")
     for col, justify in (("clip", "left"), ("true", "left"), ("predicted", "left"), ("prob", "right"), ("", "left")):
         table.add_column(col, justify=justify)
     for c in summary.clips:
         status = "[red]skipped[/]" if c.skipped else ("[green]right[/]" if c.correct else "[red]wrong[/]")
-        table.add_row(c.key, c.true, c.predicted, f"{c.probability:.0%}", status)
+        table.add_row(escape(c.key), escape(c.true), escape(c.predicted), f"{c.probability:.0%}", status)
     console.print(table)
     for key, reason in summary.skipped:
-        console.print(f"  [red]skipped[/] {key}: {reason}", highlight=False)
+        console.print(f"  [red]skipped[/] {escape(key)}: {escape(reason)}", highlight=False)
     for note in summary.notes:
-        console.print(f"  [yellow]note[/] {note}", highlight=False)
-    console.print(f"  {len(summary.rendered)} clips rendered in {summary.seconds:.1f}s; open {summary.index}",
-                  highlight=False)
+        console.print(f"  [yellow]note[/] {escape(note)}", highlight=False)
+    console.print(f"  {len(summary.rendered)} clips rendered in {summary.seconds:.1f}s; "
+                  f"open {escape(str(summary.index))}", highlight=False)

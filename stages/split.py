@@ -58,18 +58,19 @@ def summarize(result: sp.SplitResult, classes: list[str], mode: str, cfg: SplitC
 
 def print_summary(summary: dict, out_dir: Path) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     fold = f", fold {summary['fold']}" if summary["fold"] is not None else ""
-    table = Table(title=f"split ({summary['mode']}{fold}) -> {out_dir}")
+    table = Table(title=f"split ({summary['mode']}{fold}) -> {escape(str(out_dir))}")
     table.add_column("class")
     for name in sp.SPLIT_NAMES:
         table.add_column(name, justify="right")
     for cls, counts in summary["per_class"].items():
-        table.add_row(cls, *(str(counts[name]) for name in sp.SPLIT_NAMES))
+        table.add_row(escape(cls), *(str(counts[name]) for name in sp.SPLIT_NAMES))
     table.add_section()
     table.add_row("[bold]total", *(f"[bold]{summary['clips'][name]}" for name in sp.SPLIT_NAMES))
     console = Console()
     console.print(table)
     left = ", ".join(f"{n} {reason}" for reason, n in summary["left_out"].items())
-    console.print(f"left out: {left}", highlight=False)
+    console.print(f"left out: {escape(left)}", highlight=False)

@@ -131,18 +131,19 @@ def _build(out_dir: Path, cfg: SynthConfig, classes: Sequence[str], wanted: dict
 
 def print_summary(summary: SynthSummary, console) -> None:
     """One row per class: its clips, and how many were written with each codec/container pair."""
+    from rich.markup import escape
     from rich.table import Table
 
     verb = "already there" if summary.reused else f"written in {summary.seconds:.1f} s"
     labels = [enc.label for enc in SYNTH_ENCODINGS]
-    table = Table(title=f"synthetic dataset {summary.root}: {summary.files} clips, {verb}")
+    table = Table(title=f"synthetic dataset {escape(str(summary.root))}: {summary.files} clips, {verb}")
     table.add_column("class")
     table.add_column("clips", justify="right")
     for label in labels:
         table.add_column(label.replace("-", " "), justify="right")  # spaces let narrow terminals wrap it
     for name, count in summary.counts.items():
         per_codec = summary.codecs.get(name, {})
-        table.add_row(name, str(count), *(str(per_codec.get(label, 0)) for label in labels))
+        table.add_row(escape(name), str(count), *(str(per_codec.get(label, 0)) for label in labels))
     console.print(table)
 
 

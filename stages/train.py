@@ -4,7 +4,8 @@ Writes the best checkpoint (lowest validation loss) to `model`, metrics/train.js
 plots/train/{loss,accuracy}.tsv (DVC's linear plots). After every epoch it also writes `<model>.resume`
 (model, optimiser, schedule and random state), so `--resume` continues an interrupted or finished run
 exactly where it stopped; the curves and metrics are rewritten every epoch too, so a crash loses at most
-the epoch in flight.
+the epoch in flight. An epoch whose loss is not finite stops the run and is not recorded: the best epoch so
+far stays the model, and a run with no good epoch at all is an error that writes nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ from pipeline.files import write_json_atomic, write_tsv_atomic
 
 RESUME_SUFFIX = ".resume"
 RESUME_FORMAT = "videoattn-train-state"
+
+
+class TrainError(Exception):
+    """Training cannot write its outputs or produced no model; the message says what to do."""
 
 
 @dataclass
@@ -50,6 +55,7 @@ class TrainSummary:
     best_epoch: int = 0
     stopped_early: bool = False
     resumed_from: int = 0
+    diverged: Epoch | None = None  # the epoch whose loss was NaN or infinite: the run stopped, unrecorded
     seconds: float = 0.0
 
     @property
@@ -74,6 +80,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
     tr.check_train_config(cfg)
     device = tr.pick_device(cfg.device)
     model_path, started = Path(model_path), time.monotonic()
+    check_outputs(model_path, Path(metrics_path), Path(plots_dir))
     with FeatureCache(cache_path) as cache:
         train_set = open_split(cache, splits_dir, "train", cfg.max_memory_gb)
         val_set = open_split(cache, splits_dir, "val", cfg.max_memory_gb)
@@ -115,6 +122,9 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
                 val_loss = tr.loss_of(val, cfg.attention_reg)
                 val_acc, val_frame_acc = tr.accuracies(val)
                 epoch = Epoch(index + 1, fit.loss, fit.accuracy, val_loss, val_acc, val_frame_acc, lr, fit.seconds)
+                if not (math.isfinite(fit.loss) and math.isfinite(val_loss)):
+                    summary.diverged = epoch  # more epochs would only train on NaNs
+                    break
                 summary.history.append(epoch)
                 if val_loss < state["best_loss"]:
                     state["best_loss"], state["bad_epochs"] = val_loss, 0
@@ -127,8 +137,52 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
                 write_outputs(summary, metrics_path, plots_dir)
                 bar.update(task, last=f"loss {fit.loss:.3f}/{val_loss:.3f}  acc {fit.accuracy:.1%}/{val_acc:.1%}")
     summary.seconds = time.monotonic() - started
+    if summary.diverged is not None:
+        _report_divergence(summary, console)
     write_outputs(summary, metrics_path, plots_dir)
     return summary
+
+
+def _report_divergence(summary: TrainSummary, console) -> None:
+    """No good epoch: a TrainError, with every output left as it was (an existing model is an earlier
+    run's, and metrics of this run beside it would pass it off as this one's). Else a note: the best
+    epoch so far is the model."""
+    from rich.markup import escape
+
+    bad = summary.diverged
+    loss = bad.train_loss if not math.isfinite(bad.train_loss) else bad.val_loss
+    what = f"the loss is {'NaN' if math.isnan(loss) else 'infinite'} at epoch {bad.epoch}"
+    if not summary.best_epoch:
+        earlier = f" ({summary.model} is an earlier run's model)" if summary.model.exists() else ""
+        raise TrainError(f"training diverged: {what}; lower --lr (train.lr). Nothing was written{earlier}")
+    console.print(f"[yellow]note[/] training diverged: {what}; stopped and kept epoch {summary.best_epoch} in "
+                  f"{escape(str(summary.model))}; a lower --lr (train.lr) may do better", highlight=False)
+
+
+# --- output locations -------------------------------------------------------------------------------------
+
+
+def check_outputs(model_path: Path, metrics_path: Path, plots_dir: Path) -> None:
+    """Make the output folders now, so an unwritable path fails before the first epoch rather than after it."""
+    for output, folder in ((model_path, model_path.parent), (metrics_path, metrics_path.parent),
+                           (plots_dir, plots_dir)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            blocker = _file_in_the_way(folder)
+            why = f"{blocker} is a file, not a folder" if blocker else (exc.strerror or str(exc))
+            raise TrainError(f"cannot write {output}: {why}") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise TrainError(f"cannot write {output}: {folder} is not writable")
+    for output in (model_path, metrics_path):
+        if output.is_dir():
+            raise TrainError(f"cannot write {output}: it is a folder; name a file")
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing one of `folder` and its parents, when that is not a folder."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
 
 
 def _progress(enabled: bool, console):

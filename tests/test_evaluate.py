@@ -401,11 +401,9 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused(tiny_project, model, tmp_pat
     assert not (tmp_path / "out" / "eval.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/checkpoint.py: load() checks only that the fields exist and build() "
-                   "catches only RuntimeError, so a checkpoint with the right format tag but ill-typed fields ends "
-                   "in a TypeError/IndexError traceback (exit 1)")
 @pytest.mark.parametrize("field, value", [("state_dict", [1, 2]), ("feature_shape", [6]),
-                                          ("head", {"channels": "8"})])
+                                          ("head", {"channels": "8"}), ("classes", [1, 2, 3]),
+                                          ("head", {"kernel": 2})])  # well typed, but build_head refuses it
 def test_a_checkpoint_with_ill_typed_fields_is_refused(tiny_project, model, tmp_path, field, value):
     import torch
 
@@ -418,9 +416,7 @@ def test_a_checkpoint_with_ill_typed_fields_is_refused(tiny_project, model, tmp_
 @pytest.mark.parametrize("case, fragment", [
     ("missing", "no such boxes file"), ("not json", "not a valid boxes file"),
     ("wrong format", "not a valid boxes file"), ("not a list of boxes", "are not a list of"),
-    pytest.param("not a list of boxes", "are not a list of [x0, y0, x1, y1]", marks=pytest.mark.xfail(
-        strict=True, reason="pipeline/__main__.py _err() prints the message as rich markup: '[x0, y0, x1, y1]' "
-        "is taken for a tag and vanishes from the error line")),
+    ("not a list of boxes", "are not a list of [x0, y0, x1, y1]"),
     ("binary", "not a valid boxes file"),
 ])
 def test_a_bad_boxes_file_is_refused(tiny_project, model, tmp_path, case, fragment):

@@ -390,8 +390,6 @@ def test_bad_input_in_a_real_process_has_no_traceback(tiny_project, tmp_path):
         f"error: {splits / 'val.txt'}: no such split file; run `python -m pipeline split` first"]
 
 
-@pytest.mark.xfail(strict=True, reason="stages/train.py writes its outputs only after the first epoch and an "
-                   "OSError (FileExistsError/NotADirectoryError) is not a user error: a traceback, exit 1")
 @pytest.mark.parametrize("where", ["model", "metrics"])
 def test_an_unwritable_output_path_is_one_line_and_exit_2(tiny_project, tmp_path, where):
     blocker = tmp_path / "a_file"
@@ -406,22 +404,40 @@ def test_an_unwritable_output_path_is_one_line_and_exit_2(tiny_project, tmp_path
     assert last.startswith("error: ") and "a_file" in last and "Traceback" not in result.output
 
 
-@pytest.mark.xfail(strict=True, reason="stages/train.py: a run whose loss is NaN from the first epoch never saves a "
-                   "checkpoint (nan < inf is False) yet exits 0, leaving an older head.pt in place for evaluate")
 def test_a_diverging_run_fails_instead_of_leaving_a_stale_model(tiny_project, reference, tmp_path):
     _, ref = reference
     shutil.copytree(ref["model"].parent, tmp_path / "run")  # a model from an earlier run is already there
     paths = outputs_in(tmp_path / "run")
     train.resume_path(paths["model"]).unlink()
+    before = {p: p.read_bytes() for p in (paths["model"], paths["metrics"], paths["plots"] / "loss.tsv")}
     result = run_in_process(*cli_args(tiny_project, tmp_path / "run", "--epochs", "2", "--lr", "1e20"))
-    # today: exit 0, metrics say best_epoch 0, and head.pt is still the earlier run's model
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.exception, result.output)
     assert "error: " in result.stderr and "Traceback" not in result.output
+    assert "training diverged: the loss is NaN at epoch 1" in result.stderr and "lower --lr" in result.stderr
+    # the failed run wrote nothing: the earlier run's model and the metrics that describe it stay a pair
+    assert {p: p.read_bytes() for p in before} == before
+    assert not train.resume_path(paths["model"]).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/__main__.py prints user paths as rich markup: _err() and the "
-                   "summary table's title; a path holding '[/x]' raises MarkupError (traceback, exit 1), after a "
-                   "finished training in the model case")
+def test_a_run_that_diverges_later_keeps_its_best_epoch_and_stops(tiny_project, tmp_path, monkeypatch):
+    real_epoch = training.train_epoch
+
+    def diverging(model, clips, optimiser, cfg, device, epoch, on_batch=None):
+        result = real_epoch(model, clips, optimiser, cfg, device, epoch, on_batch)
+        return dataclasses.replace(result, loss=math.nan) if epoch == 1 else result  # the second epoch
+
+    monkeypatch.setattr(training, "train_epoch", diverging)
+    result = run_in_process(*cli_args(tiny_project, tmp_path, "--epochs", "3"))
+    assert result.exit_code == 0, result.output
+    assert "training diverged: the loss is NaN at epoch 2" in result.stderr and "kept epoch 1" in result.stderr
+    paths = outputs_in(tmp_path)
+    metrics = json.loads(paths["metrics"].read_text())
+    assert (metrics["best_epoch"], metrics["epochs_run"]) == (1, 1)  # the NaN epoch is not recorded
+    assert ck.load(paths["model"]).train["epoch"] == 1
+    assert len(read_tsv(paths["plots"] / "loss.tsv")[1]) == 1
+    assert resume_state_of(paths["model"])["next_epoch"] == 1
+
+
 @pytest.mark.parametrize("where", ["cache", "model"])
 def test_paths_with_square_brackets_are_printed_verbatim(tiny_project, tmp_path, where):
     odd = tmp_path / "runs[/x]"
