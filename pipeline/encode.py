@@ -69,7 +69,9 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 25.0, enc: En
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w") as out:
+    # bitexact: no random segment UID or encoder stamp, so the same frames give the same bytes on every run
+    # (the DVC lock of the embedded dataset then matches on a fresh clone)
+    with av.open(str(path), mode="w", options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream(enc.codec, rate=rate, options=_options(enc))
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv444p" if odd else "yuv420p"

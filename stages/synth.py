@@ -121,7 +121,7 @@ def _build(out_dir: Path, cfg: SynthConfig, classes: Sequence[str], wanted: dict
             summary = generate_dataset(built, cfg, classes, progress=advance)
         manifest = {"format": MANIFEST_FORMAT, "settings": wanted, "counts": summary.counts, "codecs": summary.codecs,
                     "boxes": BOXES_FILE}
-        (built / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (built / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")  # same bytes every run
         _move_into_place(built, out_dir)
     finally:
         shutil.rmtree(built, ignore_errors=True)
