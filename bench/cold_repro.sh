@@ -14,10 +14,10 @@ python3 -m venv .venv
 . .venv/bin/activate
 export TORCH_HOME="$work/torch-home"  # empty: extract fetches the weights
 
-seconds() { local start=$SECONDS; "$@" > "$work/$1-$2.log" 2>&1; echo $((SECONDS - start)); }
-install=$(seconds pip install -e .)
-repro=$(seconds dvc repro)
-rerun=$(seconds dvc repro)
+seconds() { local log="$work/$1.log" start=$SECONDS; shift; "$@" > "$log" 2>&1; echo $((SECONDS - start)); }
+install=$(seconds install pip install -e .)
+repro=$(seconds repro dvc repro)
+rerun=$(seconds rerun dvc repro)
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "commit: $(git rev-parse --short HEAD)"
