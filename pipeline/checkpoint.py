@@ -25,6 +25,7 @@ from typing import Any
 
 from pipeline.config import HeadConfig
 from pipeline.features import SETTINGS_KEYS, FeatureCache, settings_mismatch
+from pipeline.messages import first_line
 
 FORMAT = "videoattn-head"
 FORMAT_VERSION = 1
@@ -58,11 +59,11 @@ class Checkpoint:
         try:
             model = build_head(self.head, self.feature_shape[1], len(self.classes))
         except Exception as exc:  # noqa: BLE001 - ConfigError, TypeError, IndexError: one meaning here
-            raise CheckpointError(f"{where}checkpoint head config cannot be built ({_first_line(exc)})") from None
+            raise CheckpointError(f"{where}checkpoint head config cannot be built ({first_line(exc)})") from None
         try:
             model.load_state_dict(self.state_dict)
         except Exception as exc:  # noqa: BLE001 - RuntimeError on shapes, TypeError/AttributeError on types
-            first = _first_line(exc)
+            first = first_line(exc)
             raise CheckpointError(f"{where}checkpoint weights do not fit its head config ({first})") from None
         return model.eval()
 
@@ -107,7 +108,7 @@ def load(path: str | Path) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds (KeyError on text files) for one meaning
-        raise CheckpointError(f"{path}: not a readable head checkpoint ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable head checkpoint ({first_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a head checkpoint of this pipeline "
                               "(expected one written by `python -m pipeline train`)")
@@ -178,10 +179,6 @@ def _is_int(value: Any) -> bool:
 def _short(value: Any) -> str:
     text = repr(value) if not isinstance(value, dict) else f"a dict of {len(value)}"
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
 
 
 def require_same_extraction(ckpt: Checkpoint, extraction: dict[str, Any], where: str) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.messages import first_line
+
 VIDEO_EXTENSIONS = frozenset(
     {".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ogv"}
 )
@@ -77,12 +79,7 @@ def _open(path: Path):
     try:
         return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     except Exception as exc:  # decord raises its own DECORDError and plain RuntimeErrors
-        raise VideoError(f"not a readable video ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else exc.__class__.__name__)[:160]
+        raise VideoError(f"not a readable video ({first_line(exc)})") from None
 
 
 def _frames_to_keep(header_frames: int, frame_bytes: int, count: int) -> set[int] | None:
@@ -107,7 +104,7 @@ def _read_in_order(reader, keep, limit: int) -> tuple[dict[int, np.ndarray], int
         except StopIteration:
             return kept, decoded, None
         except Exception as exc:
-            return kept, decoded, _first_line(exc)
+            return kept, decoded, first_line(exc)
         if callable(keep):
             keep = keep(frame.nbytes)
         if keep is None or decoded in keep:
@@ -128,7 +125,7 @@ def decode_sampled(path: str | Path, count: int = 30) -> DecodedClip:
         header_frames = len(reader)
         fps = float(reader.get_avg_fps() or 0.0)
     except Exception as exc:
-        raise VideoError(f"unreadable header ({_first_line(exc)})") from None
+        raise VideoError(f"unreadable header ({first_line(exc)})") from None
     if header_frames < 1:
         raise VideoError("no frames in stream")
     keep = lambda frame_bytes: _frames_to_keep(header_frames, frame_bytes, count)  # noqa: E731

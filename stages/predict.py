@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.messages import first_line
 from pipeline.progress import counting_bar
 from pipeline.video import DecodedClip, decode_sampled, is_video_file, silence_native_stderr
 
@@ -88,9 +89,9 @@ def rebuild_backbone(extraction: dict[str, Any], device: str, weights: str | Non
         backbone = Backbone(spec, str(extraction.get("layer")), int(extraction.get("image_size") or 0), device,
                             _precision(extraction.get("precision"), device))
     except WeightsError as exc:
-        raise PredictError(f"cannot rebuild the model's backbone: {_one_line(exc)}") from None
+        raise PredictError(f"cannot rebuild the model's backbone: {first_line(exc, 200)}") from None
     except (ValueError, TypeError) as exc:
-        raise PredictError(f"cannot rebuild the model's backbone ({_one_line(exc)})") from None
+        raise PredictError(f"cannot rebuild the model's backbone ({first_line(exc, 200)})") from None
     frames = int(extraction.get("frames") or 0)
     diffs = settings_mismatch(extraction, extraction_settings(backbone.provenance(), frames, label))
     if diffs:
@@ -133,11 +134,6 @@ def _decoded(files: list[Path], frames: int, workers: int, timeout: float) -> It
     with TimedPool(decode_task, min(workers, len(files)), timeout) as pool:
         for (path, _), result in pool.imap_unordered((str(f), frames) for f in files):
             yield Path(path), result
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else exc.__class__.__name__)[:200]
 
 
 # --- the model --------------------------------------------------------------------------------------------
@@ -214,13 +210,13 @@ def load_checkpoint(path: Path):
         raise
     except Exception as exc:  # noqa: BLE001 - whatever torch.load raises on a foreign file
         raise PredictError(f"{path}: not a readable head checkpoint ({exc.__class__.__name__}: "
-                           f"{_one_line(exc)})") from None
+                           f"{first_line(exc, 200)})") from None
 
 
 def _predict_one(path: Path, decoded: Any, backbone, model, ckpt, dev, k: int) -> Prediction:
     """One file's prediction, or its failure when decoding did not give frames."""
     if isinstance(decoded, BaseException):
-        return Prediction(path, error=_one_line(decoded))
+        return Prediction(path, error=first_line(decoded, 200))
     features = embed(backbone, decoded.frames)  # (T, C, h, w): T and the shape were checked up front
     probs, attention = apply_head(model, features, dev)
     return Prediction(path, top_classes(probs, ckpt.classes, k), probs, attention,
