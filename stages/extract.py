@@ -118,8 +118,12 @@ def _versions() -> dict[str, str]:
     return found
 
 
+class _Incompatible(ExtractError):
+    """The cache or a shard was made with other settings, or cannot be read: --overwrite starts over."""
+
+
 def _start_over(cache: Path) -> None:
-    """--overwrite: the cache and its unjoined shards go, whatever settings they were made with."""
+    """--overwrite on an incompatible cache: the cache and its unjoined shards go."""
     cache.unlink(missing_ok=True)
     shutil.rmtree(parts_dir_for(cache), ignore_errors=True)
 
@@ -128,8 +132,8 @@ def _require_compatible(existing: FeatureCache, cache: Path, settings: dict) -> 
     """Refuse to mix features made with other settings into `cache`."""
     diffs = settings_mismatch(existing.settings, settings)
     if diffs:
-        raise ExtractError(f"{cache} was made with other settings ({'; '.join(diffs)}); "
-                           "pass --overwrite to start over, or write to another path")
+        raise _Incompatible(f"{cache} was made with other settings ({'; '.join(diffs)}); "
+                            "pass --overwrite to start over, or write to another path")
 
 
 @dataclass
@@ -151,7 +155,7 @@ def _plan(cache: Path, found: Discovery, settings: dict, retry_failed: bool) -> 
     A key no longer discovered is gone; a fingerprint that no longer matches its file is changed; both are
     dropped (changed ones are then extracted again). An entry without a fingerprint (a cache from before
     they were recorded) cannot be checked for changes: it is kept while its file exists and is not
-    rewritten just to add one (`--overwrite` re-extracts everything). A class-folder failure ("name/")
+    rewritten just to add one (delete the cache to extract everything again). A class-folder failure ("name/")
     is gone once the folder holds videos or no longer exists.
     """
     paths: dict[str, Path | None] = {c.video: c.path for c in found.clips}
@@ -181,7 +185,7 @@ def _entries(source: Path, cache: Path, settings: dict) -> list[tuple[str, str, 
             entries = [(v, s, False) for v, s in zip(existing.videos, existing.source)]
             return entries + [(v, s, True) for (v, _), s in zip(existing.failed, existing.failed_source)]
     except CacheError as exc:
-        raise ExtractError(f"{exc}; pass --overwrite to start a new cache") from None
+        raise _Incompatible(f"{exc}; pass --overwrite to start a new cache") from None
 
 
 def _verdict(video: str, fingerprint: str, paths: dict[str, Path | None]) -> str:
@@ -262,9 +266,13 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
         parts = parts_dir_for(cache)
         remove_unfinished(parts)
         cache.with_name(cache.name + ".tmp").unlink(missing_ok=True)
-        if overwrite:
-            _start_over(cache)
-        plan = _plan(cache, found, settings, retry_failed)
+        try:
+            plan = _plan(cache, found, settings, retry_failed)
+        except _Incompatible:
+            if not overwrite:
+                raise
+            _start_over(cache)  # only then: same settings resume, so a DVC rerun keeps finished clips
+            plan = _plan(cache, found, settings, retry_failed)
         done = plan.done
         todo = [c for c in found.clips if c.video not in done]
         summary.skipped = len(found.clips) - len(todo)

@@ -98,6 +98,20 @@ def test_rerun_with_other_settings_refuses_unless_overwrite(mini_dataset, tmp_pa
     assert summary.extracted == 6
 
 
+def test_overwrite_with_the_same_settings_keeps_the_finished_clips(mini_dataset, tmp_path):
+    """The DVC stage always passes --overwrite: a rerun after a code change or a crash must resume."""
+    cache = tmp_path / "f.h5"
+    extract.run(mini_dataset, cache, cfg(), progress=False)
+    with FeatureCache(cache) as c:
+        before = {v: c.load([i])[0] for i, v in enumerate(c.videos)}
+    summary = extract.run(mini_dataset, cache, cfg(), overwrite=True, progress=False)
+    assert (summary.extracted, summary.skipped) == (0, 6)
+    with FeatureCache(cache) as c:
+        assert sorted(c.videos) == sorted(before)
+        for i, video in enumerate(c.videos):
+            np.testing.assert_array_equal(c.load([i])[0], before[video])
+
+
 def test_second_writer_on_the_same_cache_refuses(mini_dataset, tmp_path):
     cache = tmp_path / "f.h5"
     with exclusive_lock(cache):
