@@ -30,14 +30,13 @@ import numpy as np
 
 def box_covers(cache, rows: np.ndarray, truth: dict[str, np.ndarray]) -> np.ndarray:
     """(N, T, h, w) share of each grid cell inside the actor's box, at the very frames that were cached."""
-    from pipeline.attention_quality import box_cover
+    from pipeline.attention_quality import box_cover, boxes_at
 
     _, _, h, w = cache.feature_shape
     covers = []
     for row in rows:
-        boxes = truth[cache.videos[row]]
-        at = np.clip(cache.frame_index[row], 0, len(boxes) - 1)
-        covers.append(box_cover(boxes[at], float(cache.height[row]), float(cache.width[row]), (h, w)))
+        boxes = boxes_at(truth[cache.videos[row]], cache.frame_index[row])
+        covers.append(box_cover(boxes, float(cache.height[row]), float(cache.width[row]), (h, w)))
     return np.stack(covers).astype(np.float32)
 
 
@@ -80,9 +79,9 @@ def box_attention_head(head_cfg, in_channels: int, num_classes: int, beta: float
             return p
 
         def forward(self, p_term, h_prev):
-            z = beta * self.maps[:, self.step].flatten(1)
+            z = beta * self.maps[:, self.step].flatten(1)  # attend() takes the softmax in float32
             self.step += 1
-            return z.float()
+            return z
 
     class BoxAttentionHead(nn.Module):
         def __init__(self):
@@ -138,7 +137,7 @@ def main() -> None:
     from pipeline.features import FeatureCache
     from pipeline.head import build_head
     from pipeline.synthetic import BOXES_FILE, read_boxes_file
-    from stages.evaluate import accuracy_report, attention_report
+    from stages.evaluate import attention_report
 
     head_cfg = load_section("head", args.params)
     cfg = load_section("train", args.params, device=args.device)
@@ -164,11 +163,10 @@ def main() -> None:
             rows = sets["test"].index
             att = attention_report(test.attention, [cache.videos[i] for i in rows], truth,
                                    cache.frame_index[rows], cache.height[rows], cache.width[rows])
-            acc = accuracy_report(test, classes)
             results.append({"attention": "learned" if kind == "learned" else f"fixed, beta {beta:g}",
                             "best_epoch": best_epoch, "val_loss": round(val_loss, 4),
                             "test_loss": round(tr.loss_of(test, cfg.attention_reg), 4),
-                            "test_video_accuracy": acc["video_accuracy"], "mass_ratio": att["mass_ratio"],
+                            "test_video_accuracy": tr.accuracies(test)[0], "mass_ratio": att["mass_ratio"],
                             "pointing": att["pointing"], "seconds": round(time.perf_counter() - start, 1)})
             print(json.dumps(results[-1]), flush=True)
     print("\n| attention | best epoch | val loss | test loss | test video acc | mass in box / uniform | pointing |")

@@ -41,6 +41,14 @@ def centres_in_box(boxes: np.ndarray, height: float, width: float, grid: tuple[i
     return in_y[:, :, None] & in_x[:, None, :]
 
 
+def boxes_at(boxes: np.ndarray, frame_index: np.ndarray) -> np.ndarray:
+    """The boxes (T, 4) of the very frames whose features were cached, from a clip's per-frame boxes (N, 4).
+
+    An index past the last box (a decoder that saw more frames than were written) takes the last box.
+    """
+    return boxes[np.clip(frame_index, 0, len(boxes) - 1)]
+
+
 def entropy(attention: np.ndarray) -> np.ndarray:
     """Entropy in nats of each map: (..., h, w) -> (...)."""
     a = attention.reshape(*attention.shape[:-2], -1).astype(np.float64)

@@ -129,8 +129,8 @@ def attention_report(attention: np.ndarray, videos: list[str], truth: dict[str, 
         boxes = truth.get(video)
         if boxes is None or len(boxes) == 0:
             continue
-        at = np.clip(frame_index[i], 0, len(boxes) - 1)  # the very frames whose features were used
-        scored.append(aq.score_clip(attention[i], boxes[at], float(heights[i]), float(widths[i])))
+        scored.append(aq.score_clip(attention[i], aq.boxes_at(boxes, frame_index[i]), float(heights[i]),
+                                    float(widths[i])))
     if not scored:
         return {"clips_with_boxes": 0, "mass_in_box": None, "mass_in_box_uniform": None, "mass_ratio": None,
                 "pointing": None, "pointing_uniform": None}
