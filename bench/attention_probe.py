@@ -133,21 +133,35 @@ def main() -> None:
 
     from pipeline import training as tr
     from pipeline.batches import open_split
+    from pipeline.splits import SplitError
     from pipeline.config import load_section
-    from pipeline.features import FeatureCache
+    from pipeline.features import CacheError, FeatureCache
+    from pipeline.messages import first_line
     from pipeline.head import build_head
     from pipeline.synthetic import BOXES_FILE, read_boxes_file
     from stages.evaluate import attention_report
 
-    head_cfg = load_section("head", args.params)
-    cfg = load_section("train", args.params, device=args.device)
-    device = tr.pick_device(args.device)
-    runs = [("fixed", float(b)) for b in args.betas.split(",") if b.strip()]
-    runs += [] if args.no_learned else [("learned", None)]
-    results = []
-    with FeatureCache(args.cache) as cache:
-        truth = read_boxes_file(args.boxes or Path(cache.attrs["dataset_root"]) / BOXES_FILE)
+    try:  # bad input: one line, before any training
+        head_cfg = load_section("head", args.params)
+        cfg = load_section("train", args.params, device=args.device)
+        runs = [("fixed", float(b)) for b in args.betas.split(",") if b.strip()]
+        runs += [] if args.no_learned else [("learned", None)]
+        if not runs:
+            raise ValueError("nothing to compare: give --betas, or leave out --no-learned")
+        cache = FeatureCache(args.cache)
+        boxes_path = Path(args.boxes or Path(cache.attrs.get("dataset_root", ".")) / BOXES_FILE)
+        if not boxes_path.is_file():
+            raise ValueError(f"{boxes_path}: no boxes file; the probe needs ground-truth boxes (--boxes)")
+        truth = read_boxes_file(boxes_path)
         sets = {name: open_split(cache, args.splits, name) for name in ("train", "val", "test")}
+        missing = [cache.videos[i] for s in sets.values() for i in s.index if cache.videos[i] not in truth]
+        if missing:
+            raise ValueError(f"{boxes_path}: no boxes for {len(missing)} clips of the splits, e.g. '{missing[0]}'")
+    except (CacheError, SplitError, ValueError) as exc:  # ConfigError is a ValueError
+        parser.error(first_line(exc))
+    device = tr.pick_device(args.device)
+    results = []
+    with cache:
         covers = {name: box_covers(cache, s.index, truth) for name, s in sets.items()}
         shape, classes = cache.feature_shape, list(cache.classes)
         for kind, beta in runs:
