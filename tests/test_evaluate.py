@@ -200,6 +200,12 @@ def test_centres_in_box_includes_the_edge_and_excludes_the_rest():
         [[[False, False], [False, False]]]  # a box between the centres holds none
 
 
+
+def test_boxes_at_takes_the_cached_frames_and_the_last_box_past_the_end():
+    boxes = np.arange(12, dtype=np.float32).reshape(3, 4)  # boxes of frames 0, 1, 2
+    assert aq.boxes_at(boxes, np.array([2, 0, 5])).tolist() == [boxes[2].tolist(), boxes[0].tolist(),
+                                                                 boxes[2].tolist()]
+
 @pytest.mark.parametrize("cell, mass, pointing", [((0, 0), 0.5, 1.0), ((0, 1), 0.25, 1.0), ((1, 1), 0.0, 0.0),
                                                   ((1, 0), 0.0, 0.0)])
 def test_score_clip_of_one_hot_attention(cell, mass, pointing):
