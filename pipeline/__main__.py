@@ -5,12 +5,13 @@ torch and the heavy modules are imported inside the commands so `--help` is inst
 """
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
+
+from pipeline.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -32,24 +33,6 @@ def _err(message: str) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
 
 
-# Exception classes that mean "the user gave us something we cannot use", by module. They are looked up
-# when an error happens, from the modules the command actually imported, so nothing heavy loads up front.
-USER_ERRORS = (
-    ("pipeline.config", "ConfigError"), ("pipeline.features", "CacheError"), ("pipeline.data", "DatasetError"),
-    ("pipeline.weights", "WeightsError"), ("pipeline.video", "VideoError"), ("stages.extract", "ExtractError"),
-    ("stages.synth", "SynthError"), ("pipeline.splits", "SplitError"), ("pipeline.checkpoint", "CheckpointError"),
-    ("stages.predict", "PredictError"), ("stages.train", "TrainError"),
-)
-
-
-def _is_user_error(exc: BaseException) -> bool:
-    for module, name in USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and isinstance(exc, cls):
-            return True
-    return False
-
-
 @contextmanager
 def _user_errors() -> Iterator[None]:
     """Errors a user can cause become one red line and exit status 2; programming errors still raise."""
@@ -58,11 +41,9 @@ def _user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         _err("interrupted; finished work is kept and a rerun resumes")
         raise typer.Exit(130)
-    except Exception as exc:
-        if _is_user_error(exc):
-            _err(str(exc))
-            raise typer.Exit(2)
-        raise
+    except UserError as exc:
+        _err(str(exc))
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -157,6 +138,11 @@ def _print_extract_summary(summary) -> None:
         console.print(f"  [yellow]note[/] {summary.unverified} cached clips predate source fingerprints; a file "
                       "replaced under the same name is not detected for them (--overwrite redoes all)",
                       highlight=False)
+    if summary.redecoded:
+        why = summary.redecoded[0][1]
+        console.print(f"  [yellow]note[/] {len(summary.redecoded)} clips decoded with PyAV because decord's frames "
+                      f"failed their check (first: {escape(summary.redecoded[0][0])}: {escape(why)}); the cache "
+                      "records the decoder per clip", highlight=False)
     for video, reason in summary.failed[:20]:
         console.print(f"  [red]failed[/] {escape(str(video))}: {escape(str(reason))}", highlight=False)
     if len(summary.failed) > 20:
@@ -258,8 +244,9 @@ def evaluate(
     out: Path = typer.Argument(Path("metrics"), help="Folder for eval.json and predictions.csv."),
     split: Optional[str] = typer.Option(None, help="Which split to evaluate: test | val | train."),
     batch_size: Optional[int] = typer.Option(None, help="Clips per batch."),
-    boxes: Optional[Path] = typer.Option(None, help="Ground-truth boxes JSON (default: boxes.json in the cache's "
-                                         "dataset root, when there is one)."),
+    boxes: Optional[Path] = typer.Option(None, help="Ground-truth boxes JSON (default: boxes.json in the dataset root "
+                                         "the cache recorded, else in params.yaml's data.videos; none found is "
+                                         "a note saying where it looked)."),
     plots: Path = typer.Option(Path("plots/eval"), help="Folder for confusion.csv (DVC's confusion plot)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -271,8 +258,9 @@ def evaluate(
         from stages import evaluate as stage
 
         cfg = load_section("evaluate", params, split=split, batch_size=batch_size)
+        data = load_section("data", params)
         report = stage.run(cache, splits, model, out, cfg, boxes=boxes, plots_dir=plots, device=device,
-                           progress=progress)
+                           progress=progress, videos=Path(data.videos))
         stage.print_report(report)
 
 
@@ -322,7 +310,8 @@ def render(
     train_plots: Path = typer.Option(Path("plots/train"), help="Folder with loss.tsv and accuracy.tsv (the curves)."),
     clip: Optional[list[str]] = typer.Option(None, "--clip", help="Render this clip key (repeatable); "
                                              "overrides the per-class choice."),
-    videos: Optional[Path] = typer.Option(None, help="Dataset root to re-decode frames from (default: the cache's)."),
+    videos: Optional[Path] = typer.Option(None, help="Dataset root to re-decode frames from (default: the root the cache "
+                                          "recorded, else params.yaml's data.videos)."),
     per_class: Optional[int] = typer.Option(None, help="Clips per class of the split (half right, half wrong)."),
     strip_frames: Optional[int] = typer.Option(None, help="Frames in each PNG strip."),
     fps: Optional[float] = typer.Option(None, help="Frame rate of the GIFs."),
@@ -330,16 +319,24 @@ def render(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Attention strips and GIFs of chosen clips, curves, confusion matrix and an offline index.html."""
+    """Attention strips and GIFs of chosen clips, curves, confusion matrix and an offline index.html.
+
+    Exit status: 0 when clips were drawn (skipped ones are listed with their reason), 1 when none could be.
+    """
     with _user_errors():
         from pipeline.config import load_section
         from stages import render as stage
 
         cfg = load_section("render", params, per_class=per_class, strip_frames=strip_frames, fps=fps)
+        data = load_section("data", params)
         summary = stage.run(cache, model, out, cfg, splits_dir=splits, split=split, metrics_dir=metrics,
                             train_plots=train_plots, clips=clip or None, videos=videos, device=device,
-                            progress=progress)
+                            progress=progress, data_videos=Path(data.videos))
         stage.print_summary(summary)
+        if summary.clips and not summary.rendered:
+            _err(f"none of the {len(summary.clips)} chosen clips could be drawn (reasons above); --videos DIR "
+                 "points to the dataset")
+            raise typer.Exit(1)
 
 
 @app.command()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchvision.models.vgg as tv_vgg
 from torch import Tensor, nn
 
+from pipeline.config import PRECISIONS
 from pipeline.weights import WeightsError, conv_shapes, imagenet_state_dict, load_state_dict_file, \
     state_dict_sha256
 
@@ -24,7 +25,6 @@ LAYERS = {
     "pool5": 31,  # the whole trunk: 512 x 7 x 7 at 224
     "conv5_3": 30,  # after conv5_3's ReLU, before the last pool: 512 x 14 x 14 at 224
 }
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def build_trunk(layer: str = "pool5", device: str | torch.device = "cpu") -> nn.Sequential:

@@ -26,13 +26,14 @@ from typing import Any
 from pipeline.config import HeadConfig
 from pipeline.features import SETTINGS_KEYS, FeatureCache, settings_mismatch
 from pipeline.messages import first_line
+from pipeline.errors import UserError
 
 FORMAT = "videoattn-head"
 FORMAT_VERSION = 1
 REQUIRED = ("state_dict", "head", "classes", "feature_shape", "extraction")  # cache and train are optional
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used as asked; the message says why and what to do."""
 
 
@@ -70,7 +71,7 @@ class Checkpoint:
 
 def cache_provenance(cache: FeatureCache) -> tuple[dict[str, Any], dict[str, Any]]:
     """(extraction settings, where-from) of a cache, as a checkpoint records them."""
-    extraction = dict(cache.settings, precision=cache.attrs.get("precision"))
+    extraction = dict(cache.settings, precision=cache.precision_summary)
     origin = {"path": str(cache.path), "dataset_root": cache.attrs.get("dataset_root"),
               "created": cache.attrs.get("created"), "versions": cache.attrs.get("versions")}
     return extraction, origin

@@ -1,90 +1,124 @@
-"""params.yaml sections as typed dataclasses.
+"""params.yaml sections as typed, validated dataclasses; flags override single fields.
 
-Every stage reads its own section; command-line flags override single fields. Keeping the defaults here
-(and only here) means `params.yaml`, `--help` and the code can never disagree about them.
+Two sets of defaults, on purpose, and only these two:
+* **the code's defaults** (the dataclasses below) are the settings for real datasets (HMDB-51, UCF-101):
+  DESIGN's 30 frames at 224 through pool5, the source study's split fractions, 30 epochs;
+* **params.yaml** (shipped beside dvc.yaml) holds the embedded synthetic set's settings, small enough that
+  `dvc repro` runs in minutes on 2 CPU cores. A key params.yaml leaves out takes the code's default.
+Both go through the same validation (`check`): a value of the wrong type or out of range, or a key that no
+section knows, is one line naming the section, the key, the value and what is allowed (exit status 2).
+
+Values are read the way people write them and tools write them: YAML 1.1 reads `3e-4` as a string (it
+wants `3.0e-4`), and `dvc exp run -S train.epochs=2.0` writes a float, so numeric strings are accepted
+where a number is expected and whole floats where an integer is.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
+
 PARAMS_FILE = "params.yaml"
 
-
-@dataclass
-class SynthConfig:
-    seed: int = 0
-    clips_per_class: int = 12
-    frames: int = 48
-    width: int = 160
-    height: int = 120
-    fps: float = 25.0
-
-
-@dataclass
-class ExtractConfig:
-    weights: str = "imagenet"  # imagenet | random:<seed> | path to a state_dict
-    frames: int = 30
-    image_size: int = 224
-    layer: str = "pool5"  # pool5 (7x7 at 224) | conv5_3 (14x14 at 224)
-    batch_size: int = 32
-    workers: int = 2
-    timeout: float = 60.0  # seconds per clip before it is recorded as failed
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16
+# The allowed values of the choice settings; head.py, backbone.py and training.py use these same tuples.
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+LAYERS = ("pool5", "conv5_3")
+CELLS = ("convlstm", "lstm", "mean")
+ATTENTIONS = ("soft", "none")
+SCHEDULES = ("cosine", "step")
+SPLITS = ("train", "val", "test")
 
 
-@dataclass
-class SplitConfig:
-    seed: int = 0
-    val: float = 0.21  # the source study's 730/220/78 ~ 0.71/0.21/0.08
-    test: float = 0.08
+class ConfigError(UserError, ValueError):
+    """A params file or override a user wrote that cannot be used."""
 
 
-@dataclass
-class HeadConfig:
-    cell: str = "convlstm"  # convlstm | lstm | mean (no temporal memory: per-frame linear classifier)
-    attention: str = "soft"  # soft | none
-    channels: int = 48  # d: 48 keeps an epoch of 730 clips x 30 frames under 15 s on 2 CPU cores
-    kernel: int = 3
-    dropout: float = 0.5  # before the classifier
-    feature_dropout: float = 0.5  # whole input channels, one mask per clip (training only)
-
-
-@dataclass
-class TrainConfig:
-    seed: int = 0
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    schedule: str = "cosine"  # cosine | step
-    attention_reg: float = 1e-3
-    patience: int = 8
-    device: str = "auto"
-    max_memory_gb: float = 8.0  # load the split into memory when it fits under this
-
-
-@dataclass
-class EvaluateConfig:
-    split: str = "test"
-    batch_size: int = 32
-
-
-@dataclass
-class RenderConfig:
-    per_class: int = 2  # clips per class of the split (about half right, half wrong)
-    strip_frames: int = 6  # frames shown in each PNG strip (evenly spaced over T)
-    fps: float = 4.0  # frame rate of the attention GIFs
-    alpha: float = 0.5  # opacity of the heatmap over the frame
-    batch_size: int = 32  # clips per batch when the head runs
+def _setting(default: Any, *, choices: tuple[str, ...] | None = None, at_least: float | None = None,
+             above: float | None = None, below: float | None = None, at_most: float | None = None,
+             odd: bool = False, even: bool = False) -> Any:
+    """A dataclass field with the rule its values must follow (checked by `check`)."""
+    rule = {"choices": choices, "at_least": at_least, "above": above, "below": below, "at_most": at_most,
+            "odd": odd, "even": even}
+    return field(default=default, metadata={"rule": rule})
 
 
 @dataclass
 class DataConfig:
     videos: str = "data/videos"
+
+
+@dataclass
+class SynthConfig:
+    seed: int = _setting(0, at_least=0)
+    clips_per_class: int = _setting(12, at_least=1)
+    frames: int = _setting(48, at_least=2)
+    width: int = _setting(160, at_least=16, even=True)  # yuv420p needs even sizes
+    height: int = _setting(120, at_least=16, even=True)
+    fps: float = _setting(25.0, above=0)
+
+
+@dataclass
+class ExtractConfig:
+    weights: str = "imagenet"  # imagenet | random:<seed> | path to a state_dict
+    frames: int = _setting(30, at_least=1)
+    image_size: int = _setting(224, at_least=32)
+    layer: str = _setting("pool5", choices=LAYERS)  # pool5 (7x7 at 224) | conv5_3 (14x14 at 224)
+    batch_size: int = _setting(32, at_least=1)
+    workers: int = _setting(2, at_least=1)
+    timeout: float = _setting(60.0, above=0)  # seconds per clip before it is recorded as failed
+    device: str = _setting("auto", choices=DEVICES)
+    precision: str = _setting("auto", choices=PRECISIONS)
+
+
+@dataclass
+class SplitConfig:
+    seed: int = 0
+    val: float = _setting(0.21, at_least=0, below=1)  # the source study's 730/220/78 ~ 0.71/0.21/0.08
+    test: float = _setting(0.08, at_least=0, below=1)
+
+
+@dataclass
+class HeadConfig:
+    cell: str = _setting("convlstm", choices=CELLS)  # mean: no temporal memory (per-frame linear classifier)
+    attention: str = _setting("soft", choices=ATTENTIONS)
+    channels: int = _setting(48, at_least=1)  # d: 48 keeps an epoch of 730 clips x 30 frames under 15 s on 2 cores
+    kernel: int = _setting(3, at_least=1, odd=True)  # same padding needs an odd kernel
+    dropout: float = _setting(0.5, at_least=0, below=1)  # before the classifier
+    feature_dropout: float = _setting(0.5, at_least=0, below=1)  # whole input channels, one mask per clip
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = _setting(30, at_least=1)
+    batch_size: int = _setting(16, at_least=1)
+    lr: float = _setting(1e-3, above=0)
+    weight_decay: float = _setting(1e-2, at_least=0)
+    schedule: str = _setting("cosine", choices=SCHEDULES)
+    attention_reg: float = _setting(1e-3, at_least=0)
+    patience: int = _setting(8, at_least=1)
+    device: str = _setting("auto", choices=DEVICES)
+    max_memory_gb: float = _setting(8.0, at_least=0)  # load the split into memory when it fits under this
+
+
+@dataclass
+class EvaluateConfig:
+    split: str = _setting("test", choices=SPLITS)
+    batch_size: int = _setting(32, at_least=1)
+
+
+@dataclass
+class RenderConfig:
+    per_class: int = _setting(2, at_least=0)  # clips per class of the split (about half right, half wrong)
+    strip_frames: int = _setting(6, at_least=1)  # frames shown in each PNG strip (evenly spaced over T)
+    fps: float = _setting(4.0, above=0)  # frame rate of the attention GIFs
+    alpha: float = _setting(0.5, at_least=0, at_most=1)  # opacity of the heatmap over the frame
+    batch_size: int = _setting(32, at_least=1)  # clips per batch when the head runs
 
 
 SECTIONS: dict[str, type] = {
@@ -98,14 +132,11 @@ SECTIONS: dict[str, type] = {
     "render": RenderConfig,
 }
 
-
-
-class ConfigError(ValueError):
-    """A params file or override a user wrote that cannot be used."""
+_TYPES = {"int": int, "float": float, "str": str}
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """The whole params.yaml as a dict; an absent file is an empty one."""
+    """The whole params.yaml as a dict, every section checked; an absent file is an empty one."""
     path = Path(path)
     if not path.exists():
         return {}
@@ -115,26 +146,98 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections")
+    unknown = sorted(str(name) for name in data if name not in SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    for name, raw in data.items():  # a mistake in any section fails now, not after an hour of extraction
+        make(name, _mapping(raw, name, path), where=str(path))
     return data
 
 
-def load_section(name: str, params: str | Path | None = PARAMS_FILE, **overrides: Any) -> Any:
-    """Section `name` of params.yaml with non-None `overrides` applied on top of it."""
-    cls = SECTIONS[name]
-    raw = read_params(params).get(name, {}) if params is not None else {}
+def _mapping(raw: Any, name: str, path: Path | str) -> dict[str, Any]:
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"params section '{name}' must be a mapping")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+        raise ConfigError(f"{path}: section '{name}' must be a mapping of key: value, got {raw!r}")
+    return raw
+
+
+def load_section(name: str, params: str | Path | None = PARAMS_FILE, **overrides: Any) -> Any:
+    """Section `name` of params.yaml (defaults for what it leaves out), with non-None `overrides` on top."""
+    raw = _mapping(read_params(params).get(name), name, params) if params is not None else {}
+    cfg = make(name, raw, where=str(params))
+    flags = {key: value for key, value in overrides.items() if value is not None}
+    return make(name, {**as_dict(cfg), **flags}, where="the command line") if flags else cfg
+
+
+def make(name: str, values: dict[str, Any], where: str = "params") -> Any:
+    """The dataclass of section `name` from `values`, every key known, every value converted and checked."""
+    cls = SECTIONS[name]
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(str(k) for k in values if k not in known)
     if unknown:
-        raise ConfigError(f"params section '{name}': unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = dict(raw)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**values)
+        raise ConfigError(f"{where}: {name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return check(cls(**values), where)
+
+
+def check(cfg: Any, where: str = "params") -> Any:
+    """`cfg` with every field converted to its declared type and checked against its rule.
+
+    Stages call this on the config they are given too, so the Python API gets the same checks as the CLI.
+    """
+    name = next((n for n, c in SECTIONS.items() if isinstance(cfg, c)), type(cfg).__name__)
+    converted = {}
+    for f in dataclasses.fields(cfg):
+        value = _convert(getattr(cfg, f.name), _TYPES[str(f.type)], f"{where}: {name}.{f.name}")
+        _apply_rule(value, f.metadata.get("rule"), f"{where}: {name}.{f.name}")
+        converted[f.name] = value
+    return dataclasses.replace(cfg, **converted)
+
+
+def _convert(value: Any, kind: type, label: str) -> Any:
+    """`value` as `kind`: whole floats and integer strings as int, numeric strings as float."""
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{label} = {value!r}: expected text")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{label} = {value!r}: expected {'a whole number' if kind is int else 'a number'}")
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip().replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{label} = {value!r}: expected {'a whole number' if kind is int else 'a number'}"
+                              ) from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{label} = {value!r}: expected a finite number")
+    if kind is int:
+        if float(number) != int(number):
+            raise ConfigError(f"{label} = {value!r}: expected a whole number")
+        return int(number)
+    return float(number)
+
+
+def _apply_rule(value: Any, rule: dict[str, Any] | None, label: str) -> None:
+    if not rule:
+        return
+    if rule["choices"] is not None and value not in rule["choices"]:
+        raise ConfigError(f"{label} = {value!r}: must be one of {', '.join(rule['choices'])}")
+    bounds = (("at_least", lambda v, b: v >= b, ">="), ("above", lambda v, b: v > b, ">"),
+              ("below", lambda v, b: v < b, "<"), ("at_most", lambda v, b: v <= b, "<="))
+    broken = [f"{sign} {rule[key]:g}" for key, holds, sign in bounds
+              if rule[key] is not None and not holds(value, rule[key])]
+    if broken:
+        allowed = " and ".join(f"{sign} {rule[key]:g}" for key, _, sign in bounds if rule[key] is not None)
+        raise ConfigError(f"{label} = {value!r}: must be {allowed}")
+    if rule["odd"] and value % 2 == 0:
+        raise ConfigError(f"{label} = {value!r}: must be odd")
+    if rule["even"] and value % 2:
+        raise ConfigError(f"{label} = {value!r}: must be even")
 
 
 def as_dict(cfg: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.video import is_video_file
+from pipeline.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class Discovery:
     classes: list[str] = field(default_factory=list)
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A dataset root that cannot be read as class folders; the message says why."""
 
 
@@ -41,3 +42,20 @@ def discover(root: str | Path) -> Discovery:
     if not found.clips and not found.empty_classes:
         raise DatasetError(f"{root}: no class folders with videos in it")
     return found
+
+
+def dataset_roots(flag: str | Path | None, recorded: str | Path | None, configured: str | Path | None) -> list[Path]:
+    """Where to look for a cache's videos (and boxes.json), in order: the flag alone when given; else the
+    root the cache recorded at extraction, then params.yaml's `data.videos` (the graph's relative path,
+    which still holds when the project folder was moved or cloned elsewhere)."""
+    if flag is not None:
+        return [Path(flag)]
+    found: list[Path] = []
+    for root in (recorded, configured):
+        if root and Path(root) not in found:
+            found.append(Path(root))
+    return found
+
+
+def first_existing(paths: list[Path]) -> Path | None:
+    return next((p for p in paths if p.exists()), None)

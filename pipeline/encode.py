@@ -39,11 +39,22 @@ ENCODINGS: tuple[Encoding, ...] = tuple(
 )
 
 
+# What makes the bytes a function of the frames alone, not of the machine or of what the process did before:
+# * On AVX-512 CPUs, x264's SIMD macroblock-tree propagation (mbtree, on by default) reads heap memory it never
+#   wrote, so the same frames gave other bytes from one call to the next. `cpu-independent` swaps just those
+#   two routines for x264's C ones, which x264 keeps for output that does not depend on the CPU; the rest
+#   stays SIMD (here the bytes then equal those of asm=0; the time, within the noise of a timing).
+# * PyAV asks for slice threads and as many threads as there are cores; both encoders cut each picture into
+#   that many slices, so the bytes followed the machine's core count. One thread per file: a dataset gets its
+#   parallelism from encoding several files at once (`generate_dataset`'s workers), and is faster for it.
+X264_DETERMINISTIC = "cpu-independent=1"
+ENCODER_THREADS = 1
+
+
 def _options(enc: Encoding) -> dict[str, str]:
     if enc.codec == "libx264":
         opts = {"crf": str(4 * enc.quality), "preset": "veryfast", "bf": str(enc.bframes)}
-        if not enc.bframes:
-            opts["x264-params"] = "bframes=0"
+        opts["x264-params"] = X264_DETERMINISTIC if enc.bframes else f"bframes=0:{X264_DETERMINISTIC}"
         return opts
     # A fixed quantiser, as ffmpeg's `-qscale:v q` sets it (a bare "qscale" option is silently ignored and
     # leaves the encoder at its low default bitrate, smearing small moving objects).
@@ -70,11 +81,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 25.0, enc: En
     path.parent.mkdir(parents=True, exist_ok=True)
     rate = Fraction(fps).limit_denominator(1001)
     # bitexact: no random segment UID or encoder stamp, so the same frames give the same bytes on every run
-    # (the DVC lock of the embedded dataset then matches on a fresh clone)
+    # (the DVC lock of the embedded dataset then matches on a fresh clone); the encoders' part: _options
     with av.open(str(path), mode="w", options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream(enc.codec, rate=rate, options=_options(enc))
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv444p" if odd else "yuv420p"
+        stream.codec_context.thread_count = ENCODER_THREADS  # see X264_DETERMINISTIC
         if enc.bframes:
             stream.codec_context.max_b_frames = enc.bframes
         if rotation is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Collection, Iterable, Sequence
 
 import numpy as np
+from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
 # Attributes that define what a feature *is*; two runs that differ in any of them must never be mixed.
@@ -28,7 +29,7 @@ _HASH_BLOCK = 1 << 20
 _STR = None  # h5py string dtype, created lazily so importing this module stays cheap
 
 
-class CacheError(Exception):
+class CacheError(UserError):
     """A cache that cannot be used as asked; the message says what to do."""
 
 
@@ -126,6 +127,16 @@ def source_changed(fingerprint: str, path: str | Path) -> bool | None:
         return True
 
 
+def precision_summary(per_row: Sequence[str]) -> str:
+    """One precision when every row has it; else each with its count ("mixed: bf16 12, fp32 3")."""
+    counts: dict[str, int] = {}
+    for value in per_row:
+        counts[value or "unknown"] = counts.get(value or "unknown", 0) + 1
+    if len(counts) <= 1:
+        return next(iter(counts), "")
+    return "mixed: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
 def extraction_settings(provenance: dict[str, Any], frames: int, weights_label: str | None = None) -> dict[str, Any]:
     """The settings (SETTINGS_KEYS) a cache records for features made by a backbone with `provenance`.
 
@@ -154,6 +165,8 @@ class ClipFeatures:
     height: int
     width: int
     source: str = ""  # source_fingerprint of the file the features were made from; "" = not recorded
+    decoder: str = "decord"  # which decoder made the frames (pipeline.video.DECODERS); render decodes the same way
+    precision: str = ""  # the backbone's precision for this clip (fp32 | bf16): one cache may mix them
 
 
 # --- shards -------------------------------------------------------------------------------------------
@@ -194,6 +207,8 @@ def _write_table(h5, clips: Sequence[ClipFeatures], labels: np.ndarray, frames: 
     h5.create_dataset("height", data=np.array([c.height for c in clips], dtype=np.int16))
     h5.create_dataset("width", data=np.array([c.width for c in clips], dtype=np.int16))
     h5.create_dataset("source", data=[c.source for c in clips], dtype=_str_dtype())
+    h5.create_dataset("decoder", data=[c.decoder for c in clips], dtype=_str_dtype())
+    h5.create_dataset("precision", data=[c.precision for c in clips], dtype=_str_dtype())
 
 
 def _write_failed(h5, failed: Sequence[tuple[str, str]], sources: Sequence[str] | None = None) -> None:
@@ -312,6 +327,9 @@ class FeatureCache:
             self.failed = [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in raw_failed]
             self.source = self._fingerprints("source", len(self.videos))
             self.failed_source = self._fingerprints("failed_source", len(self.failed))
+            # caches from before these were recorded: decord made every frame, at the one recorded precision
+            self.decoder = self._per_row("decoder", len(self.videos), "decord")
+            self.precision = self._per_row("precision", len(self.videos), str(self.attrs.get("precision") or ""))
         except CacheError:
             self._h5.close()
             raise
@@ -322,8 +340,12 @@ class FeatureCache:
 
     def _fingerprints(self, name: str, count: int) -> list[str]:
         """Source fingerprints per row; "" for each row of a cache written before they were recorded."""
+        return self._per_row(name, count, "")
+
+    def _per_row(self, name: str, count: int, default: str) -> list[str]:
+        """A per-row text dataset; `default` for each row of a cache written before it existed."""
         if name not in self._h5:
-            return [""] * count
+            return [default] * count
         values = [v.decode() if isinstance(v, bytes) else v for v in self._h5[name][()]]
         if len(values) != count:
             raise ValueError(f"{name} has {len(values)} entries for {count} rows")
@@ -337,6 +359,11 @@ class FeatureCache:
     @property
     def settings(self) -> dict[str, Any]:
         return {k: self.attrs.get(k) for k in SETTINGS_KEYS}
+
+    @property
+    def precision_summary(self) -> str:
+        """The backbone precision of the rows: "bf16", or "mixed: bf16 12, fp32 3" when runs differed."""
+        return precision_summary(self.precision)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -438,7 +465,8 @@ def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any],
             shape = handles[rows[videos[0]][0]].feature_shape if videos else (0, 0, 0, 0)
             n = len(videos)
             feats = h5.create_dataset("features", shape=(n, *shape), dtype="float16", chunks=(1, *shape) if n else None)
-            meta = {k: [] for k in ("frame_index", "num_frames", "fps", "height", "width", "source")}
+            meta = {k: [] for k in ("frame_index", "num_frames", "fps", "height", "width", "source", "decoder",
+                                    "precision")}
             for i, video in enumerate(videos):
                 s, r = rows[video]
                 src = handles[s]
@@ -451,7 +479,9 @@ def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any],
             h5.create_dataset("frame_index", data=np.array(meta["frame_index"], dtype=np.int32).reshape(n, frames))
             for key, dtype in (("num_frames", np.int32), ("fps", np.float32), ("height", np.int16), ("width", np.int16)):
                 h5.create_dataset(key, data=np.array(meta[key], dtype=dtype))
-            h5.create_dataset("source", data=meta["source"], dtype=_str_dtype())
+            for key in ("source", "decoder", "precision"):
+                h5.create_dataset(key, data=meta[key], dtype=_str_dtype())
+            h5.attrs["precision"] = precision_summary(meta["precision"])  # of the rows, whatever run made them
             failed_keys = sorted(failed)
             _write_failed(h5, [(v, failed[v][0]) for v in failed_keys], [failed[v][1] for v in failed_keys])
     finally:

@@ -40,10 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ConfigError, HeadConfig
+from pipeline.config import HeadConfig, check
 
-CELLS = ("convlstm", "lstm", "mean")
-ATTENTIONS = ("soft", "none")
 
 
 class HeadOutput(NamedTuple):
@@ -316,18 +314,7 @@ class MeanHead(nn.Module):
 
 def build_head(cfg: HeadConfig, in_channels: int, num_classes: int) -> nn.Module:
     """The head that `cfg` names, for C = in_channels input channels and K = num_classes classes."""
-    if cfg.cell not in CELLS:
-        raise ConfigError(f"head.cell '{cfg.cell}' is not one of {', '.join(CELLS)}")
-    if cfg.attention not in ATTENTIONS:
-        raise ConfigError(f"head.attention '{cfg.attention}' is not one of {', '.join(ATTENTIONS)}")
-    if cfg.channels < 1:
-        raise ConfigError(f"head.channels must be at least 1, got {cfg.channels}")
-    if cfg.kernel < 1 or cfg.kernel % 2 == 0:
-        raise ConfigError(f"head.kernel must be odd (same padding), got {cfg.kernel}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"head.dropout must be in [0, 1), got {cfg.dropout}")
-    if not 0.0 <= cfg.feature_dropout < 1.0:
-        raise ConfigError(f"head.feature_dropout must be in [0, 1), got {cfg.feature_dropout}")
+    cfg = check(cfg)
     if cfg.cell == "convlstm":
         return ConvLSTMHead(in_channels, num_classes, cfg.channels, cfg.kernel, cfg.attention, cfg.dropout,
                             cfg.feature_dropout)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Hashable, Iterable, Sequence
 
 from pipeline.files import write_text_atomic
+from pipeline.errors import UserError
 
 SPLIT_NAMES = ("train", "val", "test")
 FOLDS = (1, 2, 3)  # both HMDB-51 and UCF-101 publish three
@@ -28,7 +29,7 @@ UNUSED = "marked unused (0)"  # HMDB-51 lists mark some clips 0 for a fold: by d
 UNLISTED = "in cache, not in the lists"
 
 
-class SplitError(Exception):
+class SplitError(UserError):
     """A split that cannot be made or read as asked; the message says what to do."""
 
 

@@ -29,7 +29,7 @@ from pipeline.encode import Encoding, write_video
 
 BOXES_FILE = "boxes.json"
 BOXES_FORMAT = 1
-GENERATOR_VERSION = 2  # bump when a change here changes the pixels or boxes of a given seed
+GENERATOR_VERSION = 3  # bump when a change here or in the encoding changes the files or boxes of a given seed
 
 
 @dataclass(frozen=True)

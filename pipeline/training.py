@@ -14,18 +14,15 @@ from typing import Callable
 import numpy as np
 
 from pipeline.batches import ClipSet
-from pipeline.config import ConfigError, TrainConfig
-
-SCHEDULES = ("cosine", "step")
-
+from pipeline.config import DEVICES, ConfigError, TrainConfig
 
 def pick_device(name: str) -> "torch.device":  # noqa: F821
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda, got '{name}'")
+    if name not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{name}'")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda asked for, but torch sees no CUDA device")
     return torch.device(name)
@@ -46,15 +43,6 @@ def autocast(device: "torch.device"):  # noqa: F821
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def check_train_config(cfg: TrainConfig) -> None:
-    if cfg.schedule not in SCHEDULES:
-        raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.schedule}'")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.patience < 1:
-        raise ConfigError("train.epochs, train.batch_size and train.patience must be at least 1")
-    if not (cfg.lr > 0 and cfg.weight_decay >= 0 and cfg.attention_reg >= 0 and cfg.max_memory_gb >= 0):
-        raise ConfigError("train.lr must be > 0; weight_decay, attention_reg, max_memory_gb >= 0")
 
 
 def make_optimiser(model, cfg: TrainConfig):

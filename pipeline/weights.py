@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch import Tensor
+from pipeline.errors import UserError
 
 # VGG-16 ("D") as torchvision builds it: conv widths, "M" = 2x2 max-pool. Each conv is followed by a ReLU,
 # so conv k sits at Sequential index 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28.
@@ -63,7 +64,7 @@ TIMEOUT_S = 10.0  # per connect and per read: an unreachable server fails in sec
 CHUNK = 1 << 20
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """A problem the user can fix (network, disk, wrong file); the message is one line saying how."""
 
 
@@ -267,18 +268,14 @@ def _download(url: str, dest: Path, progress: bool, description: str) -> str:
 
 @contextmanager
 def _progress_bar(show: bool, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich download bar on stderr when asked for; otherwise a no-op advance()."""
+    """The shared download bar on stderr when asked for; otherwise a no-op advance()."""
     if not show:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, \
-        TransferSpeedColumn
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+    from pipeline.progress import progress_bar
+
+    with progress_bar(description, total, "bytes", transient=True) as bar:
+        yield bar.advance
 
 
 def download_torchvision(progress: bool = True) -> Path:

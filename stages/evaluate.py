@@ -19,25 +19,20 @@ import numpy as np
 from pipeline import attention_quality as aq
 from pipeline import checkpoint as ck
 from pipeline.batches import open_split
-from pipeline.config import ConfigError, EvaluateConfig
+from pipeline.config import ConfigError, EvaluateConfig, check
+from pipeline.data import dataset_roots, first_existing
 from pipeline.features import FeatureCache
 from pipeline.files import write_json_atomic, write_text_atomic
-from pipeline.progress import counting_bar
+from pipeline.progress import progress_bar
 from pipeline.synthetic import BOXES_FILE, read_boxes_file
-
-SPLITS = ("train", "val", "test")
-
 
 def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg: EvaluateConfig, *,
         boxes: Path | None = None, plots_dir: Path = Path("plots/eval"), device: str = "auto",
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, videos: Path | None = None) -> dict[str, Any]:
     """Evaluate `model_path` on split `cfg.split`; write the three outputs; return the eval.json dict."""
     from pipeline import training as tr
 
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"evaluate.split must be one of {', '.join(SPLITS)}, got '{cfg.split}'")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"evaluate.batch_size must be at least 1, got {cfg.batch_size}")
+    cfg = check(cfg)
     ckpt = ck.load(model_path)
     with FeatureCache(cache_path) as cache:
         extraction, _ = ck.cache_provenance(cache)
@@ -46,16 +41,18 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
         clips = open_split(cache, splits_dir, cfg.split)
         dev = tr.pick_device(device)
         model = ckpt.build().to(dev)
-        with counting_bar("evaluate", len(clips), "clips", progress) as advance:
-            outputs = tr.infer(model, clips, cfg.batch_size, dev, on_batch=advance)
-        truth_path = _boxes_path(boxes, cache)
+        with progress_bar("evaluate", len(clips), "clips", enabled=progress) as bar:
+            outputs = tr.infer(model, clips, cfg.batch_size, dev, on_batch=bar.advance)
+        looked = _boxes_candidates(boxes, cache, videos)
+        truth_path = first_existing(looked)
         truth = _read_truth(truth_path)
         rows = clips.index
         attention = attention_report(outputs.attention, [cache.videos[i] for i in rows], truth,
                                      cache.frame_index[rows], cache.height[rows], cache.width[rows])
     report = accuracy_report(outputs, ckpt.classes)
     report = {"split": cfg.split, "clips": len(clips), **report,
-              "attention": dict(attention, boxes=_shown(truth_path) if truth else None),
+              "attention": dict(attention, boxes=_shown(truth_path) if truth_path else None,
+                                looked_for_boxes=[_shown(p) for p in looked] if not truth else []),
               "model": {"path": str(model_path), "head": f"{ckpt.head.cell}/{ckpt.head.attention}",
                         "epoch": ckpt.train.get("epoch"), "weights": ckpt.extraction.get("weights")}}
     write_json_atomic(Path(out_dir) / "eval.json", report)
@@ -72,14 +69,14 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _boxes_path(boxes: Path | None, cache: FeatureCache) -> Path | None:
+def _boxes_candidates(boxes: Path | None, cache: FeatureCache, videos: Path | None) -> list[Path]:
+    """--boxes alone when given (it must exist); else boxes.json in the cache's recorded dataset root, then
+    in params.yaml's data.videos (a moved or cloned project still finds it there)."""
     if boxes is not None:
         if not Path(boxes).is_file():
             raise ConfigError(f"{boxes}: no such boxes file")
-        return Path(boxes)
-    root = cache.attrs.get("dataset_root")
-    candidate = Path(root) / BOXES_FILE if root else None
-    return candidate if candidate is not None and candidate.is_file() else None
+        return [Path(boxes)]
+    return [root / BOXES_FILE for root in dataset_roots(None, cache.attrs.get("dataset_root"), videos)]
 
 
 def _read_truth(path: Path | None) -> dict[str, np.ndarray]:
@@ -173,6 +170,11 @@ def confusion_csv(keys: list[str], outputs, classes: list[str]) -> str:
 # --- the table ----------------------------------------------------------------------------------------------
 
 
+def _times(ratio: float | None) -> str:
+    """" (x0.61)", or nothing when there is no ratio (boxes of zero area: the uniform share is 0)."""
+    return "" if ratio is None else f" (x{ratio:.2f})"
+
+
 def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -195,12 +197,24 @@ def print_report(report: dict[str, Any]) -> None:
     att = report["attention"]
     if att["clips_with_boxes"]:
         table.add_row("attention mass in box", pct(att["mass_in_box"]),
-                      f"{pct(att['mass_in_box_uniform'])} uniform (x{att['mass_ratio']:.2f})")
+                      f"{pct(att['mass_in_box_uniform'])} uniform" + _times(att["mass_ratio"]))
         table.add_row("pointing accuracy", pct(att["pointing"]), f"{pct(att['pointing_uniform'])} uniform")
     else:
         table.add_row("attention vs boxes", "no ground-truth boxes", "")
     console = Console()
     console.print(table)
+    if att["boxes"] and not att["clips_with_boxes"]:
+        console.print(f"  [yellow]note[/] {escape(att['boxes'])} holds no boxes for the {report['clips']} evaluated "
+                      "clips", highlight=False)
+    elif not att["clips_with_boxes"]:
+        looked = ", ".join(att.get("looked_for_boxes") or []) or "nowhere (the cache records no dataset root)"
+        console.print(f"  [yellow]note[/] no ground-truth boxes: looked for {escape(looked)}; --boxes FILE points "
+                      "elsewhere", highlight=False)
+    elif att["clips_with_boxes"] < report["clips"]:
+        console.print(f"  [yellow]note[/] boxes for {att['clips_with_boxes']} of {report['clips']} clips only; the "
+                      "attention figures are over those", highlight=False)
+    if att["clips_with_boxes"] and att["mass_ratio"] is None:
+        console.print("  [yellow]note[/] the boxes are degenerate (zero area): no mass ratio", highlight=False)
     worst = sorted(((v["accuracy"], k) for k, v in report["per_class"].items() if v["accuracy"] is not None))[:3]
     if worst and worst[0][0] < 1.0:
         console.print("lowest classes: " + escape(", ".join(f"{k} {pct(a)}" for a, k in worst)), highlight=False)

@@ -24,16 +24,18 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.config import ExtractConfig
+from pipeline.config import ExtractConfig, check
 from pipeline.data import Clip, Discovery, discover
 from pipeline.features import (CacheError, ClipFeatures, FeatureCache, ShardWriter, extraction_settings, join,
                                remove_unfinished, settings_mismatch, shard_paths, source_changed, source_fingerprint)
 from pipeline.video import DecodedClip, decode_sampled, silence_native_stderr
+from pipeline.progress import progress_bar
 from pipeline.workers import TimedPool, stop_producer
+from pipeline.errors import UserError
 
 
 
-class ExtractError(Exception):
+class ExtractError(UserError):
     """Extraction cannot start or must stop; the message says what to do."""
 
 
@@ -51,6 +53,7 @@ class ExtractSummary:
     removed: int = 0  # clips and failures dropped because their file is gone (or a class folder now has videos)
     changed: int = 0  # clips and failures dropped because their file changed; extracted again
     unverified: int = 0  # clips in the cache with no source fingerprint (made before fingerprints existed)
+    redecoded: list[tuple[str, str]] = field(default_factory=list)  # (key, why): decoded by PyAV, not decord
 
     @property
     def frames_per_second(self) -> float:
@@ -105,16 +108,17 @@ def _fingerprint_or_blank(path: Path) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    """Versions of what made the features, each asked of the module itself (decord may be decord2 or 0.6)."""
+    import importlib
 
     import pipeline
 
     found = {"pipeline": pipeline.__version__}
-    for name, dist in (("torch", "torch"), ("torchvision", "torchvision"), ("decord", "decord2"), ("h5py", "h5py")):
+    for name in ("torch", "torchvision", "decord", "av", "h5py"):
         try:
-            found[name] = version(dist)
-        except PackageNotFoundError:
-            found[name] = "decord 0.6" if name == "decord" else "unknown"
+            found[name] = str(getattr(importlib.import_module(name), "__version__", "unknown"))
+        except Exception:  # noqa: BLE001 - a broken optional install must not stop the record
+            found[name] = "not importable"
     return found
 
 
@@ -245,14 +249,10 @@ class _Batcher:
 def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = False, strict: bool = False,
         retry_failed: bool = False, progress: bool = True) -> ExtractSummary:
     """Extract every clip of `videos` that `cache` does not hold yet; return what happened."""
-    from rich.console import Console
-
     from pipeline.backbone import Backbone
 
-    console = Console(stderr=True)
     videos, cache = Path(videos), Path(cache)
-    if cfg.frames < 1:
-        raise ExtractError(f"--frames must be >= 1, got {cfg.frames}")
+    cfg = check(cfg)
     found = discover(videos)
     try:
         backbone = Backbone(cfg.weights, cfg.layer, cfg.image_size, cfg.device, cfg.precision)
@@ -285,9 +285,11 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
                 summary.failed.append((key, "class folder holds no video files"))
         try:
             if todo:
-                _extract(todo, backbone, cfg, writer, summary, strict, progress, console)
-        finally:
-            writer.flush()  # finished clips survive an interruption or a --strict stop
+                _extract(todo, backbone, cfg, writer, summary, strict, progress)
+        except BaseException:
+            _flush_kept(writer)  # finished clips survive an interruption, a --strict stop or a dead thread
+            raise
+        _flush_kept(writer, strict=True)
         if shard_paths(parts) or plan.drop or not cache.exists():
             attrs = dict(settings, precision=provenance.get("precision"), dataset_root=str(videos.resolve()),
                          created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -300,15 +302,84 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
     return summary
 
 
-def _extract(todo: list[Clip], backbone, cfg: ExtractConfig, writer: ShardWriter, summary: ExtractSummary,
-             strict: bool, progress: bool, console) -> None:
-    """Decode (workers) -> backbone (this thread) -> shards (writer thread), with progress."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+class _Stage:
+    """A helper thread of the extraction pipeline whose death is seen, never waited on forever.
 
+    The thread's body runs under a guard: an exception (a decoder pool that cannot spawn: EAGAIN, ENOMEM,
+    too many open files; a writer that cannot write: disk full, an h5py error) is kept in `error` and
+    `done` is set, so the main loop that feeds or drains it stops with that error instead of blocking.
+    """
+
+    def __init__(self, name: str, body) -> None:
+        self.name, self.error = name, None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._guarded, args=(body,), name=name, daemon=True)
+
+    def _guarded(self, body) -> None:
+        try:
+            body()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread, with the stage's name
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def put(self, items: queue.Queue, item) -> None:
+        """Put `item` for this stage to consume; raises if the stage has died (its queue would never drain)."""
+        while True:
+            self.raise_if_failed()
+            try:
+                items.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def get(self, items: queue.Queue):
+        """The next item this stage produced; raises if it died before producing its end marker."""
+        while True:
+            try:
+                return items.get(timeout=0.2)
+            except queue.Empty:
+                if self.done.is_set() and items.empty():
+                    self.raise_if_failed()
+                    raise ExtractError(f"the {self.name} stopped without finishing; finished clips are kept, "
+                                       "rerun to resume")
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise ExtractError(f"the {self.name} failed: {_describe(self.error)}; finished clips are kept, "
+                               "rerun to resume") from None
+
+
+def _describe(exc: BaseException) -> str:
+    from pipeline.messages import first_line
+
+    text = first_line(exc)
+    return text if text == exc.__class__.__name__ else f"{exc.__class__.__name__}: {text}"
+
+
+def _flush_kept(writer: ShardWriter, strict: bool = False) -> None:
+    """Write the writer's last shard. Under another error (`strict` False) a failure here stays silent: the
+    first error is the one to report; on the normal path it is an ExtractError, not a traceback."""
+    try:
+        writer.flush()
+    except Exception as exc:  # noqa: BLE001 - disk full, an h5py error
+        if strict:
+            raise ExtractError(f"cannot write a shard in {writer.parts_dir}: {_describe(exc)}; finished "
+                               "clips are kept, rerun to resume") from None
+
+
+def _extract(todo: list[Clip], backbone, cfg: ExtractConfig, writer: ShardWriter, summary: ExtractSummary,
+             strict: bool, progress: bool) -> None:
+    """Decode (workers) -> backbone (this thread) -> shards (writer thread), with progress.
+
+    Either helper thread dying ends the run with an ExtractError (exit 2) rather than a hang; whatever the
+    backbone finished is handed to the writer first, and flushed shards stay for the rerun.
+    """
     writes: queue.Queue = queue.Queue(maxsize=64)
     decoded_q: queue.Queue = queue.Queue(maxsize=2 * cfg.workers + 2)
     stop = threading.Event()
     by_path = {str(c.path): c for c in todo}
+    precision = str(backbone.provenance().get("precision") or "")
 
     def write_loop() -> None:
         while (item := writes.get()) is not None:
@@ -318,59 +389,61 @@ def _extract(todo: list[Clip], backbone, cfg: ExtractConfig, writer: ShardWriter
             else:
                 writer.add(item)
 
-    def decode_loop() -> None:
+    def decode_loop() -> None:  # ends with None on success only: a failure is seen through _Stage.get
         with TimedPool(decode_task, cfg.workers, cfg.timeout) as pool:
             for task, result in pool.imap_unordered((str(c.path), cfg.frames) for c in todo):
                 if stop.is_set():
-                    break
+                    return
                 decoded_q.put((by_path[task[0]], result))
         decoded_q.put(None)
 
-    columns = (TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.completed}/{task.total} clips"),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    writer_thread = threading.Thread(target=write_loop, name="cache-writer", daemon=True)
-    decoder_thread = threading.Thread(target=decode_loop, name="decoders", daemon=True)
-    writer_thread.start()
-    decoder_thread.start()
+    writing, decoding = _Stage("cache writer", write_loop), _Stage("decoding workers", decode_loop)
+    writing.thread.start()
+    decoding.thread.start()
     t0 = time.monotonic()
 
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-        task_id = bar.add_task("extract", total=len(todo), rate="")
+    with progress_bar("extract", len(todo), "clips", enabled=progress) as bar:
 
         def advance() -> None:
             elapsed = max(time.monotonic() - t0, 1e-9)
-            bar.advance(task_id)
-            bar.update(task_id,
-                       rate=f"{summary.extracted / elapsed:.2f} clips/s {summary.frames / elapsed:.1f} frames/s")
+            bar.advance(note=f"{summary.extracted / elapsed:.2f} clips/s {summary.frames / elapsed:.1f} frames/s")
 
         sources: dict[str, str] = {}  # key -> fingerprint, from decode until the clip's features are done
 
         def emit(clip: Clip, decoded: DecodedClip, feats: np.ndarray) -> None:
-            writes.put(ClipFeatures(clip.video, clip.label, feats, decoded.frame_index, decoded.num_frames,
-                                    decoded.fps, decoded.height, decoded.width, sources.pop(clip.video)))
+            writing.put(writes, ClipFeatures(clip.video, clip.label, feats, decoded.frame_index, decoded.num_frames,
+                                             decoded.fps, decoded.height, decoded.width, sources.pop(clip.video),
+                                             decoded.decoder, precision))
             summary.extracted += 1
             summary.frames += len(feats)
+            if decoded.decoder != "decord":
+                summary.redecoded.append((clip.video, decoded.note))
             advance()
 
         batcher = _Batcher(backbone, cfg.batch_size, emit)
         try:
-            while (item := decoded_q.get()) is not None:
-                clip, result = item
-                if isinstance(result, BaseException):
-                    reason = str(result) or result.__class__.__name__
-                    writes.put((clip.video, reason, clip.path))
-                    summary.failed.append((clip.video, reason))
-                    advance()
-                    if strict:
-                        raise ExtractError(f"{clip.video}: {reason} (--strict stops at the first failure)")
-                    continue
-                if not isinstance(result, tuple):  # a decode_task that returns frames only (test doubles)
-                    result = (result, _fingerprint_or_blank(clip.path))
-                decoded, sources[clip.video] = result
-                batcher.add(clip, decoded)
-            batcher.finish()
+            try:
+                while (item := decoding.get(decoded_q)) is not None:
+                    clip, result = item
+                    if isinstance(result, BaseException):
+                        reason = str(result) or result.__class__.__name__
+                        writing.put(writes, (clip.video, reason, clip.path))
+                        summary.failed.append((clip.video, reason))
+                        advance()
+                        if strict:
+                            raise ExtractError(f"{clip.video}: {reason} (--strict stops at the first failure)")
+                        continue
+                    if not isinstance(result, tuple):  # a decode_task that returns frames only (test doubles)
+                        result = (result, _fingerprint_or_blank(clip.path))
+                    decoded, sources[clip.video] = result
+                    batcher.add(clip, decoded)
+            finally:
+                if writing.error is None:
+                    batcher.finish()  # clips already decoded are not thrown away, whatever stopped the loop
             summary.extract_seconds = time.monotonic() - t0
         finally:
-            stop_producer(stop, decoder_thread, decoded_q)
-            writes.put(None)
-            writer_thread.join()
+            stop_producer(stop, decoding.thread, decoded_q)
+            if writing.error is None:
+                writing.put(writes, None)
+            writing.thread.join()
+    writing.raise_if_failed()

@@ -16,13 +16,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.messages import first_line
-from pipeline.progress import counting_bar
+from pipeline.progress import progress_bar
 from pipeline.video import DecodedClip, decode_sampled, is_video_file, silence_native_stderr
+from pipeline.errors import UserError
 
 FRAME_BATCH = 16  # frames per backbone call: bounds memory at 224x224 whatever T is
 
 
-class PredictError(Exception):
+class PredictError(UserError):
     """Prediction cannot start: the model, its backbone or an option; the message says what to do."""
 
 
@@ -190,12 +191,12 @@ def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Pat
     model = ckpt.build().to(dev)
     names = unique_names(files)
     results: dict[Path, Prediction] = {}
-    with counting_bar("predict", len(files), "files", progress) as advance:
+    with progress_bar("predict", len(files), "files", enabled=progress) as bar:
         for path, decoded in _decoded(files, frames, workers, timeout):
             results[path] = _predict_one(path, decoded, backbone, model, ckpt, dev, k)
             if render_dir is not None and results[path].ok:
                 _render(results[path], decoded, Path(render_dir), names[path], strip_frames)
-            advance()
+            bar.advance(note=names[path])
     return [results[f] for f in files]
 
 

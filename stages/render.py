@@ -38,11 +38,11 @@ import numpy as np
 
 from pipeline import checkpoint as ck
 from pipeline import overlay
-from pipeline.config import ConfigError, RenderConfig
+from pipeline.config import SPLITS, ConfigError, RenderConfig, check
+from pipeline.data import dataset_roots, first_existing
 from pipeline.features import FeatureCache, source_changed
-from pipeline.progress import counting_bar
+from pipeline.progress import progress_bar
 
-SPLITS = ("train", "val", "test")
 OUTPUTS = ("clips", "curves.png", "confusion.png", "index.html")  # what a render owns inside out_dir
 
 
@@ -78,23 +78,20 @@ class RenderSummary:
         return [(c.key, c.skipped) for c in self.clips if c.skipped is not None]
 
 
-def check_config(cfg: RenderConfig, split: str) -> None:
+def check_config(cfg: RenderConfig, split: str) -> RenderConfig:
     if split not in SPLITS:
         raise ConfigError(f"render split must be one of {', '.join(SPLITS)}, got '{split}'")
-    if cfg.per_class < 0 or cfg.strip_frames < 1 or cfg.batch_size < 1:
-        raise ConfigError("render.per_class must be >= 0, strip_frames and batch_size >= 1")
-    if not (cfg.fps > 0 and 0.0 <= cfg.alpha <= 1.0):
-        raise ConfigError(f"render.fps must be > 0 and alpha in [0, 1], got {cfg.fps}, {cfg.alpha}")
+    return check(cfg)
 
 
 def run(cache_path: Path, model_path: Path, out_dir: Path, cfg: RenderConfig, *, splits_dir: Path = Path("splits"),
         split: str = "test", metrics_dir: Path = Path("metrics"), train_plots: Path = Path("plots/train"),
         clips: list[str] | None = None, videos: Path | None = None, device: str = "auto",
-        progress: bool = True) -> RenderSummary:
+        progress: bool = True, data_videos: Path | None = None) -> RenderSummary:
     """Render attention strips/GIFs for chosen clips, the curves, the confusion matrix and index.html."""
     from pipeline import training as tr
 
-    check_config(cfg, split)
+    cfg = check_config(cfg, split)
     started = time.monotonic()
     out_dir = Path(out_dir)
     ckpt = ck.load(model_path)
@@ -107,7 +104,7 @@ def run(cache_path: Path, model_path: Path, out_dir: Path, cfg: RenderConfig, *,
         summary = RenderSummary(out_dir, out_dir / "index.html", split, str(dev))
         split_out = _predict_split(cache, model, splits_dir, split, cfg, dev, required=clips is None, notes=summary.notes)
         chosen = _explicit(cache, model, clips, cfg, dev) if clips else _choose(split_out, cfg.per_class)
-        root = Path(videos) if videos is not None else Path(str(cache.attrs.get("dataset_root") or "."))
+        root = _dataset_root(videos, cache, data_videos, summary.notes)
         work = _fresh_work_dir(out_dir)
         try:
             _render_clips(cache, chosen, ckpt.classes, root, work / "clips", cfg, summary, progress)
@@ -121,6 +118,17 @@ def run(cache_path: Path, model_path: Path, out_dir: Path, cfg: RenderConfig, *,
             shutil.rmtree(work, ignore_errors=True)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _dataset_root(videos: Path | None, cache: FeatureCache, data_videos: Path | None, notes: list[str]) -> Path:
+    """--videos, else the cache's recorded root, else params.yaml's data.videos: the first that exists."""
+    looked = dataset_roots(videos, cache.attrs.get("dataset_root"), data_videos) or [Path(".")]
+    root = first_existing(looked)
+    if root is None:
+        notes.append(f"no dataset folder found (looked in {', '.join(map(str, looked))}); --videos DIR points "
+                     "to the videos")
+        return looked[0]
+    return root
 
 
 # --- which clips ------------------------------------------------------------------------------------------
@@ -214,7 +222,7 @@ def _render_clips(cache: FeatureCache, chosen: _Predicted, classes: list[str], r
     if not chosen.keys:
         return
     probs = chosen.outputs.probabilities
-    with counting_bar("render", len(chosen.keys), "clips", progress, show_item=True) as advance:
+    with progress_bar("render", len(chosen.keys), "clips", enabled=progress) as bar:
         for i, key in enumerate(chosen.keys):
             row = int(chosen.rows[i])
             true, best = int(chosen.outputs.labels[i]), int(probs[i].argmax())
@@ -226,7 +234,7 @@ def _render_clips(cache: FeatureCache, chosen: _Predicted, classes: list[str], r
             except _Skip as exc:
                 clip.skipped = str(exc)
             summary.clips.append(clip)
-            advance(item=key)
+            bar.advance(note=key)
 
 
 class _Skip(Exception):
@@ -242,7 +250,7 @@ def _frames(cache: FeatureCache, row: int, path: Path) -> np.ndarray:
     if source_changed(cache.source[row], path):
         raise _Skip(f"{path} changed since it was extracted (rerun extract)")
     try:
-        frames = decode_frames_at(path, cache.frame_index[row])
+        frames = decode_frames_at(path, cache.frame_index[row], cache.decoder[row])
     except VideoError as exc:
         raise _Skip(f"{path}: {exc}") from None
     expected = (int(cache.height[row]), int(cache.width[row]))

@@ -19,15 +19,17 @@ from typing import Any
 
 from pipeline import checkpoint as ck
 from pipeline.batches import open_split
-from pipeline.config import HeadConfig, TrainConfig
+from pipeline.config import HeadConfig, TrainConfig, check
 from pipeline.features import FeatureCache
 from pipeline.files import write_json_atomic, write_tsv_atomic
+from pipeline.progress import progress_bar
+from pipeline.errors import UserError
 
 RESUME_SUFFIX = ".resume"
 RESUME_FORMAT = "videoattn-train-state"
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """Training cannot write its outputs or produced no model; the message says what to do."""
 
 
@@ -77,7 +79,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
     from pipeline.head import build_head, count_parameters
 
     console = Console(stderr=True)
-    tr.check_train_config(cfg)
+    head, cfg = check(head), check(cfg)
     device = tr.pick_device(cfg.device)
     model_path, started = Path(model_path), time.monotonic()
     check_outputs(model_path, Path(metrics_path), Path(plots_dir))
@@ -107,16 +109,15 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
                         val_accuracy=epoch.val_accuracy, train_clips=len(train_set), val_clips=len(val_set))
             return ck.Checkpoint(model.state_dict(), head, classes, shape, extraction, origin, info)
 
-        with _progress(progress, console) as bar:
-            task = bar.add_task("epoch", total=len(train_set), epoch="", last="")
+        with progress_bar("train", len(train_set), "clips", enabled=progress, label="") as bar:
             for index in range(summary.resumed_from, cfg.epochs):
                 if state["bad_epochs"] >= cfg.patience:
                     summary.stopped_early = True
                     break
-                bar.reset(task, total=len(train_set), epoch=f"{index + 1}/{cfg.epochs}")
+                bar.restart(len(train_set), label=f"epoch {index + 1}/{cfg.epochs}")
                 lr = optimiser.param_groups[0]["lr"]
                 fit = tr.train_epoch(model, train_set, optimiser, cfg, device, index,
-                                     on_batch=lambda n: bar.advance(task, n))
+                                     on_batch=bar.advance)
                 schedule.step()
                 val = tr.infer(model, val_set, cfg.batch_size, device)
                 val_loss = tr.loss_of(val, cfg.attention_reg)
@@ -135,7 +136,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
                 _save_resume(resume_path(model_path), model, optimiser, schedule, summary, state, head, cfg,
                              extraction)
                 write_outputs(summary, metrics_path, plots_dir)
-                bar.update(task, last=f"loss {fit.loss:.3f}/{val_loss:.3f}  acc {fit.accuracy:.1%}/{val_acc:.1%}")
+                bar.note(f"loss {fit.loss:.3f}/{val_loss:.3f}  acc {fit.accuracy:.1%}/{val_acc:.1%} (train/val)")
     summary.seconds = time.monotonic() - started
     if summary.diverged is not None:
         _report_divergence(summary, console)
@@ -183,15 +184,6 @@ def _file_in_the_way(folder: Path) -> Path | None:
     """The nearest existing one of `folder` and its parents, when that is not a folder."""
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     return existing if existing is not None and not existing.is_dir() else None
-
-
-def _progress(enabled: bool, console):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("[bold]train[/] epoch {task.fields[epoch]}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total} clips"), TimeElapsedColumn(),
-               TextColumn("{task.fields[last]}"))
-    return Progress(*columns, console=console, disable=not enabled, transient=False)
 
 
 # --- outputs ----------------------------------------------------------------------------------------------

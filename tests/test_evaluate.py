@@ -332,6 +332,9 @@ def test_a_dataset_without_boxes_reports_null_attention_figures_and_says_so(tiny
                             "--plots", str(tmp_path / "plots"), "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
+    looked = report["attention"].pop("looked_for_boxes")
+    assert looked and all(p.endswith("boxes.json") for p in looked)
+    assert "looked for" in result.stdout and "--boxes" in result.stdout
     assert report["attention"] == {"clips_with_boxes": 0, "mass_in_box": None, "mass_in_box_uniform": None,
                                    "mass_ratio": None, "pointing": None, "pointing_uniform": None, "boxes": None}
     assert report["video_accuracy"] is not None and report["entropy"]["mean"] is not None
@@ -440,7 +443,7 @@ def test_a_bad_boxes_file_is_refused(tiny_project, model, tmp_path, case, fragme
     assert not (tmp_path / "out" / "eval.json").exists()
 
 
-@pytest.mark.parametrize("extra, fragment", [(["--split", "dev"], "evaluate.split must be one of"),
+@pytest.mark.parametrize("extra, fragment", [(["--split", "dev"], "evaluate.split = 'dev': must be one of"),
                                              (["--batch-size", "0"], "evaluate.batch_size")])
 def test_bad_options_are_refused(tiny_project, model, tmp_path, extra, fragment):
     assert_one_line_error(evaluate_cli(tiny_project, model, tmp_path, *extra), fragment)

@@ -13,6 +13,7 @@ import pytest
 from pipeline.config import ExtractConfig
 from pipeline.encode import Encoding, numbered_frames, read_frame_number, write_video
 from pipeline.features import FeatureCache
+from pipeline.video import sample_indices
 from stages import extract
 from stages.extract import ExtractError, exclusive_lock
 from tests.conftest import overstate_avi_frame_count
@@ -59,10 +60,10 @@ def test_stored_features_are_the_features_of_the_stored_frame_index(tmp_path):
     backbone = Backbone("random:0", "pool5", 64, "cpu", "fp32")
     frames = numbered_frames(45, 64, 96)
     with FeatureCache(cache) as c:
-        stored, index = c.load()[0].astype(np.float32), c.frame_index[0]
+        stored, index, decoder = c.load()[0].astype(np.float32), c.frame_index[0], c.decoder[0]
     from pipeline.video import decode_frames_at
 
-    decoded = decode_frames_at(path, index)
+    decoded = decode_frames_at(path, index, decoder)  # 96 wide: decord gives garbage on some CPUs, PyAV then
     assert [read_frame_number(f) for f in decoded] == index.tolist()
     expected = backbone.embed(torch.from_numpy(decoded)).numpy()
     np.testing.assert_allclose(stored, expected, rtol=2e-2, atol=2e-2)
@@ -135,7 +136,9 @@ def test_bad_inputs_are_recorded_with_reasons_and_cost_no_other_clip(tmp_path, n
     (bad / "zero.mp4").write_bytes(b"")
     (bad / "text.avi").write_text("not a video at all\n" * 100)
     full = numbered_video(Encoding("libx264", "mp4", 2), count=60).read_bytes()
-    (bad / "truncated.mp4").write_bytes(full[: len(full) // 3])
+    (bad / "truncated.mp4").write_bytes(full[: len(full) // 3])  # MP4's index (moov) is at the end: unreadable
+    streamed = numbered_video(Encoding("libx264", "mkv", 0), count=60).read_bytes()
+    (good / "truncated.mkv").write_bytes(streamed[: len(streamed) // 2])  # MKV streams: the first frames decode
     (root / "nothing_here").mkdir()
     cache = tmp_path / "f.h5"
     result = run_cli("extract", str(root), str(cache), "--weights", "random:0", "--frames", "4", "--image-size", "32",
@@ -146,11 +149,15 @@ def test_bad_inputs_are_recorded_with_reasons_and_cost_no_other_clip(tmp_path, n
         failed = dict(c.failed)
         videos = set(c.videos)
     assert {f"good/{n}" for n in ("ok.mp4", "one_frame.avi", "odd_size.mkv", "portrait.mp4", "naïve café ñ.mp4",
-                                  "overstated.avi")} <= videos
+                                  "overstated.avi", "truncated.mkv")} <= videos
     assert "empty file" in failed["bad/zero.mp4"]
     assert "not a readable video" in failed["bad/text.avi"]
     assert "no video" in failed["nothing_here/"]
-    assert ("bad/truncated.mp4" in videos) or failed["bad/truncated.mp4"]
+    assert "not a readable video" in failed["bad/truncated.mp4"] and "bad/truncated.mp4" not in videos
+    with FeatureCache(cache) as c:  # the truncated MKV is kept, cut at the last frame that decodes
+        row = c.videos.index("good/truncated.mkv")
+        assert 10 < c.num_frames[row] < 60
+        assert c.frame_index[row].tolist() == sample_indices(int(c.num_frames[row]), 4).tolist()
     assert all(reason and "\n" not in reason for reason in failed.values())
 
 

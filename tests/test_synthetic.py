@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
+import pipeline
 from pipeline.config import SynthConfig
 from pipeline.encode import Encoding
 from pipeline.synthetic import (BOXES_FILE, CLASSES, MOTIONS, SYNTH_ENCODINGS, actor_path, clip_key, clip_rng,
@@ -339,6 +343,44 @@ def test_the_same_seed_gives_the_same_boxes_and_pixels(tmp_path, dataset):
     for key, boxes in read_boxes(again).items():
         np.testing.assert_array_equal(boxes, read_boxes(root)[key])
         np.testing.assert_array_equal(decode(again / key), decode(root / key))
+
+
+# Writes one clip in every synthetic encoding into folder argv[2] and prints each file's SHA-256; when
+# argv[1] is not 0, on that many cores only.
+_ENCODE_IN_A_FRESH_PROCESS = """
+import hashlib, os, sys
+cores = int(sys.argv[1])
+if cores and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+from pathlib import Path
+from pipeline.encode import write_video
+from pipeline.synthetic import SYNTH_ENCODINGS, clip_rng, generate_clip
+out = Path(sys.argv[2])
+frames, _ = generate_clip("move_up", clip_rng(0, "move_up", 0), 8, 120, 160)  # 160x120: x264 slices it
+for index, enc in enumerate(SYNTH_ENCODINGS):
+    print(hashlib.sha256(write_video(out / f"{index}{enc.suffix}", frames, enc=enc).read_bytes()).hexdigest())
+"""
+
+
+def test_encoded_bytes_depend_on_the_frames_alone_not_on_the_heap_or_the_cores(tmp_path):
+    """The same frames must give the same bytes whatever the process did before and however many cores it has.
+
+    Both used to leak in: on AVX-512 CPUs x264's SIMD mbtree code reads heap memory it never wrote (so a
+    dataset generated after other tests differed from one generated alone), and the slice-threaded encoders
+    cut pictures into as many slices as there were cores. Two fresh processes whose heaps start out filled
+    with different bytes, one on a single core, must write the same files.
+    """
+    checkout = Path(pipeline.__file__).parents[1]  # the children import the same code as this process
+    runs = []
+    for name, perturb, cores in (("a", 85, 1), ("b", 170, 0)):  # MALLOC_PERTURB_: glibc's fill for fresh memory
+        (tmp_path / name).mkdir()
+        runs.append(subprocess.Popen([sys.executable, "-c", _ENCODE_IN_A_FRESH_PROCESS, str(cores), str(tmp_path / name)],
+                                     cwd=checkout, env={**os.environ, "MALLOC_PERTURB_": str(perturb)},
+                                     stdout=subprocess.PIPE, text=True))
+    outputs = [run.communicate(timeout=120)[0].split() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    assert len(outputs[0]) == len(SYNTH_ENCODINGS)
+    assert [enc.label for enc, a, b in zip(SYNTH_ENCODINGS, *outputs) if a != b] == []  # other bytes, same frames
 
 
 def test_another_seed_gives_other_clips(tmp_path, dataset):
