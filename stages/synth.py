@@ -12,7 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.config import SynthConfig, as_dict
+from pipeline.config import SynthConfig, as_dict, check
+from pipeline.errors import UserError
+from pipeline.progress import progress_bar
 from pipeline.synthetic import (BOXES_FILE, GENERATOR_VERSION, SYNTH_ENCODINGS, SynthSummary, check_config,
                                 generate_dataset, read_boxes)
 
@@ -20,7 +22,7 @@ MANIFEST = "synth.json"
 MANIFEST_FORMAT = 1
 
 
-class SynthError(ValueError):
+class SynthError(UserError, ValueError):
     """The output folder or the settings cannot be used as asked."""
 
 
@@ -100,23 +102,17 @@ def _move_into_place(built: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _build(out_dir: Path, cfg: SynthConfig, classes: Sequence[str], wanted: dict[str, Any], console) -> SynthSummary:
+def _build(out_dir: Path, cfg: SynthConfig, classes: Sequence[str], wanted: dict[str, Any],
+           progress: bool) -> SynthSummary:
     """Generate into `<out>.tmp-<pid>` with a progress bar, write the manifest last, rename into place."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
     built = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(built, ignore_errors=True)
-    columns = (TextColumn("[bold]synth"), BarColumn(), MofNCompleteColumn(), TextColumn("clips"),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     try:
-        with Progress(*columns, console=console) as bar:
-            task = bar.add_task("synth", total=len(classes) * cfg.clips_per_class, rate="")
+        with progress_bar("synth", len(classes) * cfg.clips_per_class, "clips", enabled=progress) as bar:
 
             def advance(_key: str) -> None:
-                bar.advance(task)
-                speed = bar.tasks[task].speed
-                bar.update(task, rate=f"{speed:.1f} clips/s" if speed else "")
+                bar.advance()
+                bar.note(f"{bar.speed:.1f} clips/s" if bar.speed else "")
 
             summary = generate_dataset(built, cfg, classes, progress=advance)
         manifest = {"format": MANIFEST_FORMAT, "settings": wanted, "counts": summary.counts, "codecs": summary.codecs,
@@ -148,12 +144,13 @@ def print_summary(summary: SynthSummary, console) -> None:
 
 
 def run(out_dir: Path, cfg: SynthConfig, overwrite: bool = False, classes: Sequence[str] | None = None,
-        console=None) -> SynthSummary:
+        console=None, progress: bool = True) -> SynthSummary:
     """Write the dataset `cfg` describes to `out_dir`; a no-op when exactly that dataset is already there."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
     out_dir = Path(os.path.abspath(out_dir))  # "." and "a/.." have no name to build a sibling from
+    cfg = check(cfg)
     try:
         chosen = check_config(cfg, classes)
     except ValueError as exc:
@@ -163,6 +160,6 @@ def run(out_dir: Path, cfg: SynthConfig, overwrite: bool = False, classes: Seque
     if summary is None:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(out_dir)
-        summary = _build(out_dir, cfg, chosen, wanted, console)
+        summary = _build(out_dir, cfg, chosen, wanted, progress)
     print_summary(summary, console)
     return summary
