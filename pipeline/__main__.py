@@ -180,6 +180,9 @@ def train(
     model: Path = typer.Argument(Path("models/head.pt"), help="Where to write the best checkpoint."),
     cell: Optional[str] = typer.Option(None, help="convlstm | lstm | mean (no temporal memory: the baseline)."),
     attention: Optional[str] = typer.Option(None, help="soft | none (uniform attention)."),
+    readout: Optional[str] = typer.Option(None, help="attention: the classifier reads sum_i A_ti H_ti, so evidence "
+                                          "reaches it only through the attention | mean: avgpool(H_t), the first "
+                                          "design. ConvLSTM only: does not apply to --cell lstm or mean."),
     channels: Optional[int] = typer.Option(None, help="Hidden channels d of the head."),
     kernel: Optional[int] = typer.Option(None, help="ConvLSTM kernel size k (odd)."),
     dropout: Optional[float] = typer.Option(None, help="Dropout before the classifier."),
@@ -191,7 +194,8 @@ def train(
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (not on biases)."),
     schedule: Optional[str] = typer.Option(None, help="cosine | step (x0.1 at 1/2 and 3/4 of the epochs)."),
-    attention_reg: Optional[float] = typer.Option(None, help="Weight of the attention regulariser."),
+    attention_reg: Optional[float] = typer.Option(None, help="Weight of Sharma et al.'s attention regulariser "
+                                                  "(0: off; it spreads attention over every cell)."),
     patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better val loss."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (bf16 autocast on CUDA)."),
     max_memory_gb: Optional[float] = typer.Option(None, help="Load a split into memory when it fits under this; "
@@ -207,7 +211,8 @@ def train(
         from pipeline.config import load_section
         from stages import train as stage
 
-        head = load_section("head", params, cell=cell, attention=attention, channels=channels, kernel=kernel,
+        head = load_section("head", params, cell=cell, attention=attention, readout=readout, channels=channels,
+                            kernel=kernel,
                             dropout=dropout, feature_dropout=feature_dropout)
         cfg = load_section("train", params, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, schedule=schedule, attention_reg=attention_reg,

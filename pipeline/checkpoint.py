@@ -99,6 +99,9 @@ def save(path: str | Path, ckpt: Checkpoint) -> Path:
     return path
 
 
+PRE_READOUT = {"readout": "mean"}  # what a head config without the key was
+
+
 def load(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by `save`; anything else (corrupt, foreign, newer) is a CheckpointError."""
     import torch
@@ -123,8 +126,10 @@ def load(path: str | Path) -> Checkpoint:
     if problem:
         raise CheckpointError(f"{path}: malformed head checkpoint: {problem}")
     head_fields = {f.name for f in dataclasses.fields(HeadConfig)}
-    return Checkpoint(state_dict=dict(payload["state_dict"]),
-                      head=HeadConfig(**{k: v for k, v in payload["head"].items() if k in head_fields}),
+    # a checkpoint from before head.readout existed was trained with avgpool(H_t): load it as that head,
+    # never as today's default
+    head = {**PRE_READOUT, **{k: v for k, v in payload["head"].items() if k in head_fields}}
+    return Checkpoint(state_dict=dict(payload["state_dict"]), head=HeadConfig(**head),
                       classes=list(payload["classes"]), feature_shape=list(payload["feature_shape"]),
                       extraction=dict(payload["extraction"]), cache=dict(payload.get("cache") or {}),
                       train=dict(payload.get("train") or {}), source=str(path))

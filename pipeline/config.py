@@ -31,6 +31,7 @@ LAYERS = ("pool5", "conv5_3")
 CELLS = ("convlstm", "lstm", "mean")
 ATTENTIONS = ("soft", "none")
 SCHEDULES = ("cosine", "step")
+READOUTS = ("attention", "mean")
 SPLITS = ("train", "val", "test")
 
 
@@ -86,10 +87,16 @@ class SplitConfig:
 class HeadConfig:
     cell: str = _setting("convlstm", choices=CELLS)  # mean: no temporal memory (per-frame linear classifier)
     attention: str = _setting("soft", choices=ATTENTIONS)
+    readout: str = _setting("attention", choices=READOUTS)  # convlstm only: r_t = sum_i A_ti H_ti, or avgpool(H_t)
     channels: int = _setting(48, at_least=1)  # d: 48 keeps an epoch of 730 clips x 30 frames under 15 s on 2 cores
     kernel: int = _setting(3, at_least=1, odd=True)  # same padding needs an odd kernel
     dropout: float = _setting(0.5, at_least=0, below=1)  # before the classifier
     feature_dropout: float = _setting(0.5, at_least=0, below=1)  # whole input channels, one mask per clip
+
+    @property
+    def label(self) -> str:
+        """"convlstm/soft/attention": the cell, the attention and, where it applies, the readout."""
+        return f"{self.cell}/{self.attention}" + (f"/{self.readout}" if self.cell == "convlstm" else "")
 
 
 @dataclass
@@ -100,7 +107,7 @@ class TrainConfig:
     lr: float = _setting(1e-3, above=0)
     weight_decay: float = _setting(1e-2, at_least=0)
     schedule: str = _setting("cosine", choices=SCHEDULES)
-    attention_reg: float = _setting(1e-3, at_least=0)
+    attention_reg: float = _setting(0.0, at_least=0)  # Sharma's term spreads attention: against localising
     patience: int = _setting(8, at_least=1)
     device: str = _setting("auto", choices=DEVICES)
     max_memory_gb: float = _setting(8.0, at_least=0)  # load the split into memory when it fits under this

@@ -9,7 +9,13 @@ Input X_t in R^{C x H x W}, t = 1..T; d = head.channels, k = head.kernel.
     i, f, o, g = sigm, sigm, sigm, tanh(W_x * X~_t + W_h * H_{t-1} + b)   kxk, same    ConvLSTMCell
     C_t  = f (.) C_{t-1} + i (.) g,   H_t = o (.) tanh(C_t)                            lstm_update()
     H_0, C_0 = tanh(conv(mean_t P_t))                                                  StateInit
-    y_t  = W_c dropout(avgpool(H_t)) + b_c                 per-frame logits            ConvLSTMHead.w_c
+    r_t  = sum_i A_{t,i} H_{t,i}                           readout: attention          ConvLSTMHead.readout
+         = mean_i((H*W) A_{t,i} H_{t,i})                   (the (H*W) A_t attend() computes; uniform: avgpool)
+    y_t  = W_c dropout(r_t) + b_c                          per-frame logits            ConvLSTMHead.w_c
+
+Why the readout goes through A_t (DESIGN.md, "The head"): with avgpool(H_t), the first design (kept as
+`readout: mean`), the ConvLSTM's own kernels pick the actor out and the attention is free to sit anywhere;
+read through A_t, the attention is the only way evidence reaches the classifier.
 
 Variants (HeadConfig):
   cell      convlstm  the equations above;
@@ -20,6 +26,9 @@ Variants (HeadConfig):
                       (the `attention` setting does not apply to it).
   attention soft      Z_t as above;
             none      Z_t = 0, so A_t = 1/(H*W) everywhere and X~_t == P_t exactly.
+  readout   attention r_t = sum_i A_{t,i} H_{t,i} (the default);
+            mean      r_t = avgpool(H_t), the first design. Only the ConvLSTM has a spatial state to read:
+                      the setting does not apply to lstm (which reads h_t) or mean.
 
 Layout: inside the heads a feature map is (B, H, W, channels). A 1x1 conv is then an nn.Linear on the last
 axis, which runs as one matrix product; on 7x7 maps that is several times faster than mkldnn's 1x1
@@ -121,8 +130,8 @@ class UniformAttention(nn.Module):
         return p_term.new_zeros(b, h * w)  # (B, H*W)
 
 
-def attend(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_t = softmax of Z_t over positions and X~_t = (H*W) * A_t (.) P_t; returns (X~_t, A_t).
+def attend(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A_t = softmax of Z_t over positions and X~_t = (H*W) * A_t (.) P_t; returns (X~_t, A_t, (H*W) * A_t).
 
     p: (B, H, W, d), z: (B, H*W). The softmax is written out as e / sum(e) with e = exp(Z - max Z) so that
     (H*W) * A_t is computed as e * (H*W / sum(e)): for constant scores e = 1 and sum(e) = H*W exactly, so
@@ -134,8 +143,9 @@ def attend(p: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     total = e.sum(dim=1, keepdim=True)  # (B, 1)
     a = e / total  # (B, H*W), sums to 1
     # (H*W) * A_t; not `h * w / total`, which multiplies by a rounded 1/total (49 * (1/49) != 1 in float64)
-    scale = e * (torch.full_like(total, h * w) / total)
-    return p * scale.view(b, h, w, 1).to(p.dtype), a
+    scale = e * (torch.full_like(total, h * w) / total)  # (B, H*W)
+    scale = scale.view(b, h, w, 1).to(p.dtype)
+    return p * scale, a, scale
 
 
 def make_attention(kind: str, channels: int) -> nn.Module:
@@ -231,8 +241,8 @@ class RecurrentHead(nn.Module):
         """X~_t as the cell takes it."""
         raise NotImplementedError
 
-    def readout(self, h: torch.Tensor) -> torch.Tensor:
-        """The (B, d) vector the classifier sees at step t."""
+    def readout(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The (B, d) vector the classifier sees at step t, from H_t and (H*W) * A_t (B, H, W, 1)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> HeadOutput:
@@ -244,9 +254,9 @@ class RecurrentHead(nn.Module):
         outputs, maps = [], []
         for p_t, p_term_t in zip(p.unbind(1), p_term.unbind(1)):  # unbind, not p[:, t]: one gradient copy, not T
             z = self.attention(p_term_t, self.attention_state(state[0]))  # (B, H*W)
-            x_att, a = attend(p_t, z)  # (B, H, W, d), (B, H*W)
+            x_att, a, scale = attend(p_t, z)  # (B, H, W, d), (B, H*W), (B, H, W, 1)
             state = self.cell(self.cell_input(x_att), state)
-            outputs.append(self.readout(state[0]))  # (B, d)
+            outputs.append(self.readout(state[0], scale))  # (B, d)
             maps.append(a)
         logits = self.w_c(self.dropout(torch.stack(outputs, dim=1)))  # (B, T, K)
         return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, h, w))
@@ -256,9 +266,10 @@ class ConvLSTMHead(RecurrentHead):
     """Soft-attention ConvLSTM (after VideoLSTM): the equations at the top of this module."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: int, kernel: int, attention: str, dropout: float,
-                 feature_dropout: float = 0.0):
+                 feature_dropout: float = 0.0, readout: str = "attention"):
         super().__init__(in_channels, num_classes, channels, attention, dropout, feature_dropout,
                          StateInit(conv2d_hwc(channels, 2 * channels, kernel)), ConvLSTMCell(channels, channels, kernel))
+        self.read_through_attention = readout == "attention"
 
     def state_input(self, p: torch.Tensor) -> torch.Tensor:
         return p.mean(dim=1)  # mean_t P_t: (B, H, W, d)
@@ -269,8 +280,10 @@ class ConvLSTMHead(RecurrentHead):
     def cell_input(self, x_att: torch.Tensor) -> torch.Tensor:
         return x_att
 
-    def readout(self, h: torch.Tensor) -> torch.Tensor:
-        return h.mean(dim=(1, 2))  # avgpool(H_t)
+    def readout(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.read_through_attention:
+            return (scale * h).mean(dim=(1, 2))  # mean_i((H*W) A_{t,i} H_{t,i}) = sum_i A_{t,i} H_{t,i}
+        return h.mean(dim=(1, 2))  # avgpool(H_t): readout mean, the first design
 
 
 class LSTMHead(RecurrentHead):
@@ -290,8 +303,8 @@ class LSTMHead(RecurrentHead):
     def cell_input(self, x_att: torch.Tensor) -> torch.Tensor:
         return x_att.mean(dim=(1, 2))  # avgpool(X~_t) = sum_i A_{t,i} P_{t,i}
 
-    def readout(self, h: torch.Tensor) -> torch.Tensor:
-        return h
+    def readout(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return h  # h_t: a vector state has no positions to weight (head.readout does not apply)
 
 
 class MeanHead(nn.Module):
@@ -317,7 +330,7 @@ def build_head(cfg: HeadConfig, in_channels: int, num_classes: int) -> nn.Module
     cfg = check(cfg)
     if cfg.cell == "convlstm":
         return ConvLSTMHead(in_channels, num_classes, cfg.channels, cfg.kernel, cfg.attention, cfg.dropout,
-                            cfg.feature_dropout)
+                            cfg.feature_dropout, cfg.readout)
     if cfg.cell == "lstm":
         return LSTMHead(in_channels, num_classes, cfg.channels, cfg.attention, cfg.dropout, cfg.feature_dropout)
     return MeanHead(in_channels, num_classes, cfg.dropout, cfg.feature_dropout)

@@ -53,7 +53,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
     report = {"split": cfg.split, "clips": len(clips), **report,
               "attention": dict(attention, boxes=_shown(truth_path) if truth_path else None,
                                 looked_for_boxes=[_shown(p) for p in looked] if not truth else []),
-              "model": {"path": str(model_path), "head": f"{ckpt.head.cell}/{ckpt.head.attention}",
+              "model": {"path": str(model_path), "head": ckpt.head.label,
                         "epoch": ckpt.train.get("epoch"), "weights": ckpt.extraction.get("weights")}}
     write_json_atomic(Path(out_dir) / "eval.json", report)
     write_text_atomic(Path(out_dir) / "predictions.csv", predictions_csv(clips.keys, outputs, ckpt.classes))

@@ -99,7 +99,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
         if resume:
             summary.resumed_from = _restore(resume_path(model_path), model, optimiser, schedule, summary, state,
                                             head, cfg, extraction)
-        console.print(f"[bold]train[/] {head.cell}/{head.attention} head, {summary.parameters:,} parameters, "
+        console.print(f"[bold]train[/] {head.label} head, {summary.parameters:,} parameters, "
                       f"{len(train_set)} train / {len(val_set)} val clips "
                       f"({'in memory' if train_set.in_memory else 'streamed from the cache'}), {device}",
                       highlight=False)

@@ -69,7 +69,7 @@ def test_uniform_attention_is_the_identity(dtype, grid):
     p = torch.randn(4, *grid, 8).to(dtype)  # (B, H, W, d)
     constant_scores = torch.full((4, grid[0] * grid[1]), 0.37, dtype=dtype)
 
-    x_att, a = attend(p, constant_scores)
+    x_att, a, _ = attend(p, constant_scores)
 
     assert torch.equal(x_att, p)  # bit for bit, not just close
     torch.testing.assert_close(a, torch.full_like(a, 1 / (grid[0] * grid[1])))
@@ -79,7 +79,7 @@ def test_attend_weights_positions_by_hw_times_the_softmax():
     p = torch.randn(2, 4, 4, 3)  # (B, H, W, d)
     z = torch.randn(2, 16)
 
-    x_att, a = attend(p, z)
+    x_att, a, _ = attend(p, z)
 
     torch.testing.assert_close(a, torch.softmax(z, dim=1))
     torch.testing.assert_close(x_att, 16 * a.view(2, 4, 4, 1) * p)
@@ -233,3 +233,86 @@ def test_convlstm_head_can_fit_motion_direction_which_the_mean_baseline_cannot()
 
     assert convlstm >= 0.95
     assert mean <= 1 / DIRECTIONS + 0.2
+
+
+# --- the readout through the attention (head.readout) -------------------------------------------------
+
+
+def twin_heads(attention: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same ConvLSTM weights, read out through the attention and by avgpool."""
+    through = small_head("convlstm", attention, dropout=0.0, readout="attention")
+    pooled = small_head("convlstm", attention, dropout=0.0, readout="mean")
+    pooled.load_state_dict(through.state_dict())
+    return through.eval(), pooled.eval()
+
+
+@pytest.mark.parametrize("attention", ["none", "soft"])
+def test_with_uniform_attention_the_attention_readout_is_avgpool_bit_for_bit(attention):
+    through, pooled = twin_heads(attention)
+    if attention == "soft":  # the general code path, scores made constant: no special case for uniform
+        torch.nn.init.zeros_(through.attention.w_z.weight)
+        pooled.load_state_dict(through.state_dict())
+    x = torch.randn(2, 4, 6, 7, 7)
+    assert torch.equal(through(x).logits, pooled(x).logits)
+
+
+def test_the_attention_readout_is_the_attention_weighted_sum_of_the_state():
+    head = small_head("convlstm", "soft", readout="attention")
+    h = torch.randn(3, 7, 7, 8)  # (B, H, W, d)
+    a = torch.softmax(torch.randn(3, 49), dim=1)
+    scale = (49 * a).view(3, 7, 7, 1)
+    expected = (a.view(3, 7, 7, 1) * h).sum(dim=(1, 2))  # r_t = sum_i A_ti H_ti
+    torch.testing.assert_close(head.readout(h, scale), expected)
+
+
+def test_with_soft_attention_the_two_readouts_differ():
+    through, pooled = twin_heads("soft")
+    x = torch.randn(2, 4, 6, 7, 7)
+    assert not torch.allclose(through(x).logits, pooled(x).logits)
+
+
+@pytest.mark.parametrize("readout", ["attention", "mean"])
+def test_gradients_of_the_convlstm_head_check_numerically(readout):
+    head = small_head("convlstm", "soft", in_channels=3, num_classes=2, channels=2, dropout=0.0, readout=readout)
+    head = head.double().eval()
+    x = torch.randn(1, 3, 3, 3, 2, dtype=torch.float64, requires_grad=True)  # (B, T, C, H, W)
+    names = [n for n, _ in head.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in head.named_parameters())
+
+    def logits(x_in, *values):
+        return functional_call(head, dict(zip(names, values)), (x_in,)).logits
+
+    assert torch.autograd.gradcheck(logits, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def test_readout_does_not_apply_to_the_vector_lstm_or_the_mean_baseline():
+    x = torch.randn(2, 4, 6, 7, 7)
+    for cell in ("lstm", "mean"):
+        a = small_head(cell, "soft", dropout=0.0, readout="attention").eval()
+        b = small_head(cell, "soft", dropout=0.0, readout="mean").eval()
+        b.load_state_dict(a.state_dict())
+        assert torch.equal(a(x).logits, b(x).logits)
+
+
+def test_the_default_head_reads_through_the_attention_without_the_regulariser():
+    from pipeline.config import TrainConfig
+
+    assert HeadConfig().readout == "attention" and TrainConfig().attention_reg == 0.0
+    assert small_head("convlstm", "soft").read_through_attention
+
+
+def test_a_checkpoint_saved_before_readout_existed_loads_as_the_mean_readout(tmp_path):
+    from pipeline import checkpoint as ck
+
+    head = HeadConfig(cell="convlstm", attention="soft", channels=8, readout="mean")
+    model = build_head(head, 6, 4).eval()
+    old = ck.Checkpoint(model.state_dict(), head, ["a", "b", "c", "d"], [4, 6, 7, 7], {"weights": "random:0"},
+                        {}, {"epoch": 1})
+    path = ck.save(tmp_path / "old.pt", old)
+    payload = torch.load(path, weights_only=True)
+    del payload["head"]["readout"]  # as every checkpoint written before the key existed
+    torch.save(payload, path)
+    loaded = ck.load(path)
+    assert loaded.head.readout == "mean"
+    x = torch.randn(2, 4, 6, 7, 7)
+    assert torch.equal(loaded.build()(x).logits, model(x).logits)
