@@ -117,6 +117,7 @@ class TrainConfig:
 class EvaluateConfig:
     split: str = _setting("test", choices=SPLITS)
     batch_size: int = _setting(32, at_least=1)
+    deletion_draws: int = _setting(20, at_least=0)  # random deletions per k beside the top-k one; 0: no test
 
 
 @dataclass

@@ -46,10 +46,15 @@ def discover(root: str | Path) -> Discovery:
 
 def dataset_roots(flag: str | Path | None, recorded: str | Path | None, configured: str | Path | None) -> list[Path]:
     """Where to look for a cache's videos (and boxes.json), in order: the flag alone when given; else the
-    root the cache recorded at extraction, then params.yaml's `data.videos` (the graph's relative path,
-    which still holds when the project folder was moved or cloned elsewhere)."""
+    root the cache recorded at extraction while it exists; else that and params.yaml's `data.videos` (the
+    graph's relative path, which still holds when the project folder was moved or cloned elsewhere).
+
+    An existing recorded root is never passed over: a dataset without boxes.json must not borrow another
+    dataset's from data.videos."""
     if flag is not None:
         return [Path(flag)]
+    if recorded and Path(recorded).is_dir():
+        return [Path(recorded)]
     found: list[Path] = []
     for root in (recorded, configured):
         if root and Path(root) not in found:

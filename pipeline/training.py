@@ -123,16 +123,24 @@ class Outputs:
         return (e / e.sum(axis=2, keepdims=True)).mean(axis=1)
 
 
-def infer(model, clips: ClipSet, batch_size: int, device, on_batch: Callable[[int], None] | None = None) -> Outputs:
-    """Run `model` (eval mode, no gradients) over every clip of `clips`."""
+def infer(model, clips: ClipSet, batch_size: int, device, on_batch: Callable[[int], None] | None = None,
+          keep: np.ndarray | None = None) -> Outputs:
+    """Run `model` (eval mode, no gradients) over every clip of `clips`.
+
+    `keep` (N, T, h, w) in the set's order multiplies each feature cell (all channels) before the head: the
+    deletion test zeroes cells of X this way, the attention itself left to the model.
+    """
     import torch
 
     model.eval()
     logits, maps = [], []
     with torch.inference_mode():
         for batch in clips.batches(batch_size):
+            x = batch.features
+            if keep is not None:
+                x = x * torch.from_numpy(keep[batch.rows]).to(x.dtype)[:, :, None]  # (B, T, 1, h, w)
             with autocast(device):
-                out = model(batch.features.to(device, non_blocking=True))
+                out = model(x.to(device, non_blocking=True))
             logits.append(out.logits.float().cpu().numpy())
             maps.append(out.attention.float().cpu().numpy())
             if on_batch is not None:

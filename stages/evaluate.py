@@ -1,35 +1,37 @@
-"""Stage `evaluate`: apply a trained head to one split of the cache and say how good it is.
+"""Stage `evaluate`: apply a trained head to one split of the cache and say how good it is, and how
+faithful and how well placed its attention is.
 
-Writes `<out>/eval.json` (DVC metrics), `<out>/predictions.csv` (video, true, predicted, probability) and
-`<plots>/confusion.csv` (one actual,predicted row per clip: DVC's confusion template). Attention quality
-(mass inside the actor's box, pointing accuracy, each beside its uniform-attention baseline) is measured
-when ground-truth boxes exist: `boxes.json` in the cache's dataset root (the synthetic set writes it) or
-the file given with --boxes.
+Writes `<out>/eval.json` (DVC metrics), `<out>/predictions.csv` (video, true, predicted, probability),
+`<out>/attention.npz` (the split's attention maps, N x T x h x w, with the clip keys, for measures of your
+own) and `<plots>/confusion.csv` (DVC's confusion template). Two measures of the attention:
+* localisation, where ground-truth boxes exist (`boxes.json` in the dataset root, or --boxes): mass in the
+  box and the pointing game, beside uniform attention and a centre prior, overall and per class;
+* faithfulness, on any dataset: the deletion test (pipeline/faithfulness.py).
 """
 from __future__ import annotations
 
-import csv
-import io
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import attention_quality as aq
 from pipeline import checkpoint as ck
+from pipeline import faithfulness, metrics
 from pipeline.batches import open_split
 from pipeline.config import ConfigError, EvaluateConfig, check
 from pipeline.data import dataset_roots, first_existing
 from pipeline.features import FeatureCache
-from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.files import atomic_file, write_json_atomic, write_text_atomic
 from pipeline.progress import progress_bar
 from pipeline.synthetic import BOXES_FILE, read_boxes_file
+
+MAPS_FILE = "attention.npz"
+
 
 def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg: EvaluateConfig, *,
         boxes: Path | None = None, plots_dir: Path = Path("plots/eval"), device: str = "auto",
         progress: bool = True, videos: Path | None = None) -> dict[str, Any]:
-    """Evaluate `model_path` on split `cfg.split`; write the three outputs; return the eval.json dict."""
+    """Evaluate `model_path` on split `cfg.split`; write the four outputs; return the eval.json dict."""
     from pipeline import training as tr
 
     cfg = check(cfg)
@@ -41,24 +43,47 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
         clips = open_split(cache, splits_dir, cfg.split)
         dev = tr.pick_device(device)
         model = ckpt.build().to(dev)
-        with progress_bar("evaluate", len(clips), "clips", enabled=progress) as bar:
-            outputs = tr.infer(model, clips, cfg.batch_size, dev, on_batch=bar.advance)
+        cells = int(np.prod(cache.feature_shape[2:]))
+        passes = 1 + (2 * len(faithfulness.applicable(faithfulness.K, cells)) if cfg.deletion_draws else 0)
+        with progress_bar("evaluate", passes, "passes", enabled=progress) as bar:
+            outputs = tr.infer(model, clips, cfg.batch_size, dev)
+            bar.advance(note="accuracy")
+            deletion = None
+            if cfg.deletion_draws:
+                def rerun(keep):
+                    return tr.infer(model, clips, cfg.batch_size, dev, keep=keep).probabilities
+
+                deletion = faithfulness.deletion_test(rerun, outputs.attention, outputs.labels, cfg.deletion_draws,
+                                                      on_pass=lambda: bar.advance(note="deletion test"))
         looked = _boxes_candidates(boxes, cache, videos)
         truth_path = first_existing(looked)
         truth = _read_truth(truth_path)
         rows = clips.index
-        attention = attention_report(outputs.attention, [cache.videos[i] for i in rows], truth,
-                                     cache.frame_index[rows], cache.height[rows], cache.width[rows])
-    report = accuracy_report(outputs, ckpt.classes)
+        attention = metrics.attention_report(outputs.attention, [cache.videos[i] for i in rows], truth,
+                                             cache.frame_index[rows], cache.height[rows], cache.width[rows],
+                                             outputs.labels, ckpt.classes)
+        frame_index = cache.frame_index[rows]
+    report = metrics.accuracy_report(outputs, ckpt.classes)
     report = {"split": cfg.split, "clips": len(clips), **report,
               "attention": dict(attention, boxes=_shown(truth_path) if truth_path else None,
                                 looked_for_boxes=[_shown(p) for p in looked] if not truth else []),
+              "deletion": deletion,
               "model": {"path": str(model_path), "head": ckpt.head.label,
                         "epoch": ckpt.train.get("epoch"), "weights": ckpt.extraction.get("weights")}}
     write_json_atomic(Path(out_dir) / "eval.json", report)
-    write_text_atomic(Path(out_dir) / "predictions.csv", predictions_csv(clips.keys, outputs, ckpt.classes))
-    write_text_atomic(Path(plots_dir) / "confusion.csv", confusion_csv(clips.keys, outputs, ckpt.classes))
+    write_text_atomic(Path(out_dir) / "predictions.csv", metrics.predictions_csv(clips.keys, outputs, ckpt.classes))
+    write_text_atomic(Path(plots_dir) / "confusion.csv", metrics.confusion_csv(clips.keys, outputs, ckpt.classes))
+    _write_maps(Path(out_dir) / MAPS_FILE, clips.keys, outputs, frame_index, ckpt.classes)
     return report
+
+
+def _write_maps(path: Path, keys: list[str], outputs, frame_index: np.ndarray, classes: list[str]) -> None:
+    """The maps as numpy arrays any tool reads (no pickle): attention (N, T, h, w) float32, video (N,),
+    label (N,) into classes, frame_index (N, T) of the frames they were computed on."""
+    with atomic_file(path) as handle:
+        np.savez_compressed(handle, attention=outputs.attention.astype(np.float32), video=np.array(keys, dtype=str),
+                            label=outputs.labels.astype(np.int64), classes=np.array(classes, dtype=str),
+                            frame_index=frame_index.astype(np.int32))
 
 
 def _shown(path: Path) -> str:
@@ -86,85 +111,6 @@ def _read_truth(path: Path | None) -> dict[str, np.ndarray]:
         return read_boxes_file(path)
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
-
-
-# --- the figures ------------------------------------------------------------------------------------------
-
-
-def accuracy_report(outputs, classes: list[str]) -> dict[str, Any]:
-    """Video, per-frame and top-5 accuracy, per-class accuracy, confusion matrix, mean attention entropy."""
-    probs = outputs.probabilities  # (N, K)
-    labels = outputs.labels
-    k = len(classes)
-    predicted = probs.argmax(axis=1) if len(labels) else np.zeros(0, np.int64)
-    top = min(5, k)
-    top_k = np.argsort(-probs, axis=1)[:, :top] if len(labels) else np.zeros((0, top), np.int64)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
-    per_class = {}
-    for i, name in enumerate(classes):
-        n = int(confusion[i].sum())
-        per_class[name] = {"clips": n, "accuracy": _num(confusion[i, i] / n) if n else None}
-    t, h, w = outputs.attention.shape[1:] if outputs.attention.ndim == 4 else (0, 1, 1)
-    entropy = aq.entropy(outputs.attention) if len(labels) else np.zeros(0)
-    return {
-        "video_accuracy": _num(np.mean(predicted == labels)) if len(labels) else None,
-        "frame_accuracy": _num(np.mean(outputs.logits.argmax(2) == labels[:, None])) if len(labels) else None,
-        f"top{top}_accuracy": _num(np.mean((top_k == labels[:, None]).any(axis=1))) if len(labels) else None,
-        "chance": _num(1.0 / k),
-        "per_class": per_class,
-        "confusion": {"classes": list(classes), "matrix": confusion.tolist()},
-        "entropy": {"mean": _num(entropy.mean()) if entropy.size else None, "uniform": _num(math.log(h * w))},
-    }
-
-
-def attention_report(attention: np.ndarray, videos: list[str], truth: dict[str, np.ndarray],
-                     frame_index: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> dict[str, Any]:
-    """Mean mass-in-box and pointing accuracy over every sampled frame of every clip that has boxes."""
-    scored = []
-    for i, video in enumerate(videos):
-        boxes = truth.get(video)
-        if boxes is None or len(boxes) == 0:
-            continue
-        scored.append(aq.score_clip(attention[i], aq.boxes_at(boxes, frame_index[i]), float(heights[i]),
-                                    float(widths[i])))
-    if not scored:
-        return {"clips_with_boxes": 0, "mass_in_box": None, "mass_in_box_uniform": None, "mass_ratio": None,
-                "pointing": None, "pointing_uniform": None}
-    mass = float(np.mean([s.mass.mean() for s in scored]))
-    uniform = float(np.mean([s.mass_uniform.mean() for s in scored]))
-    return {
-        "clips_with_boxes": len(scored),
-        "mass_in_box": _num(mass), "mass_in_box_uniform": _num(uniform),
-        "mass_ratio": _num(mass / uniform) if uniform > 0 else None,
-        "pointing": _num(np.mean([s.pointing.mean() for s in scored])),
-        "pointing_uniform": _num(np.mean([s.pointing_uniform.mean() for s in scored])),
-    }
-
-
-def _num(value: float) -> float | None:
-    value = float(value)
-    return round(value, 6) if math.isfinite(value) else None
-
-
-def predictions_csv(keys: list[str], outputs, classes: list[str]) -> str:
-    probs = outputs.probabilities
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["video", "true", "predicted", "probability"])
-    for key, label, p in zip(keys, outputs.labels, probs):
-        best = int(p.argmax())
-        writer.writerow([key, classes[int(label)], classes[best], f"{p[best]:.6f}"])
-    return buf.getvalue()
-
-
-def confusion_csv(keys: list[str], outputs, classes: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["video", "actual", "predicted"])
-    for key, label, p in zip(keys, outputs.labels, outputs.probabilities):
-        writer.writerow([key, classes[int(label)], classes[int(p.argmax())]])
-    return buf.getvalue()
 
 
 # --- the table ----------------------------------------------------------------------------------------------
@@ -196,11 +142,19 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{entropy['uniform']:.3f} uniform")
     att = report["attention"]
     if att["clips_with_boxes"]:
-        table.add_row("attention mass in box", pct(att["mass_in_box"]),
-                      f"{pct(att['mass_in_box_uniform'])} uniform" + _times(att["mass_ratio"]))
-        table.add_row("pointing accuracy", pct(att["pointing"]), f"{pct(att['pointing_uniform'])} uniform")
+        table.add_row("attention mass in box", pct(att["mass_in_box"]) + _times(att["mass_ratio"]),
+                      f"{pct(att['mass_in_box_uniform'])} uniform, {pct(att.get('mass_in_box_centre'))} centre prior"
+                      + _times(att.get("mass_ratio_centre")))
+        table.add_row("pointing accuracy", pct(att["pointing"]),
+                      f"{pct(att['pointing_uniform'])} uniform, {pct(att.get('pointing_centre'))} centre prior")
     else:
         table.add_row("attention vs boxes", "no ground-truth boxes", "")
+    deletion = report.get("deletion") or {}
+    for k, row in deletion.get("k", {}).items():
+        rand = row["random"]
+        table.add_row(f"true-class p, top-{k} cells deleted", f"{row['top']['true_probability']:.3f}",
+                      f"{rand['true_probability']:.3f} ± {rand['true_probability_std']:.3f} random-{k}, "
+                      f"{deletion['unmodified']['true_probability']:.3f} none")
     console = Console()
     console.print(table)
     if att["boxes"] and not att["clips_with_boxes"]:

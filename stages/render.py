@@ -37,6 +37,7 @@ from urllib.parse import quote
 import numpy as np
 
 from pipeline import checkpoint as ck
+from pipeline import attention_quality as aq
 from pipeline import overlay
 from pipeline.config import SPLITS, ConfigError, RenderConfig, check
 from pipeline.data import dataset_roots, first_existing
@@ -221,6 +222,7 @@ def _render_clips(cache: FeatureCache, chosen: _Predicted, classes: list[str], r
     clips_dir.mkdir(parents=True, exist_ok=True)
     if not chosen.keys:
         return
+    truth = _truth(root, summary.notes)
     probs = chosen.outputs.probabilities
     with progress_bar("render", len(chosen.keys), "clips", enabled=progress) as bar:
         for i, key in enumerate(chosen.keys):
@@ -229,7 +231,10 @@ def _render_clips(cache: FeatureCache, chosen: _Predicted, classes: list[str], r
             clip = RenderedClip(key, classes[true], classes[best], float(probs[i, best]), best == true)
             try:
                 frames = _frames(cache, row, root / key)
-                paths = _draw(clips_dir, clip, frames, chosen.outputs, i, cache.frame_index[row], classes, cfg)
+                boxes = truth.get(key)
+                boxes = aq.boxes_at(boxes, cache.frame_index[row]) if boxes is not None and len(boxes) else None
+                paths = _draw(clips_dir, clip, frames, chosen.outputs, i, cache.frame_index[row], classes, cfg,
+                              boxes)
                 clip.strip, clip.animation = (p.relative_to(clips_dir.parent) for p in paths)
             except _Skip as exc:
                 clip.skipped = str(exc)
@@ -260,8 +265,22 @@ def _frames(cache: FeatureCache, row: int, path: Path) -> np.ndarray:
     return frames
 
 
+def _truth(root: Path, notes: list[str]) -> dict[str, np.ndarray]:
+    """The ground-truth boxes beside the videos (boxes.json), drawn on the overlays; {} when there are none."""
+    from pipeline.synthetic import BOXES_FILE, read_boxes_file
+
+    path = root / BOXES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return read_boxes_file(path)
+    except (ValueError, OSError) as exc:
+        notes.append(f"{path} ignored: {str(exc).splitlines()[0]}")
+        return {}
+
+
 def _draw(clips_dir: Path, clip: RenderedClip, frames: np.ndarray, outputs, i: int, frame_index: np.ndarray,
-          classes: list[str], cfg: RenderConfig) -> tuple[Path, Path]:
+          classes: list[str], cfg: RenderConfig, boxes: np.ndarray | None) -> tuple[Path, Path]:
     mark = "right" if clip.correct else "WRONG"
     title = (f"{clip.key}   true: {clip.true}   predicted: {clip.predicted} "
              f"({clip.probability:.0%}, {mark})")
@@ -273,7 +292,7 @@ def _draw(clips_dir: Path, clip: RenderedClip, frames: np.ndarray, outputs, i: i
                 f"{float(frame_probs[t].max()):.0%} (clip: {clip.predicted} {clip.probability:.0%})"
                 for t in range(total)]
     paths = overlay.render_clip(clips_dir, clip.key, frames, outputs.attention[i], title, captions,
-                                cfg.strip_frames, cfg.fps, frame_index=frame_index, alpha=cfg.alpha)
+                                cfg.strip_frames, cfg.fps, frame_index=frame_index, alpha=cfg.alpha, boxes=boxes)
     return paths["strip"], paths["animation"]
 
 
@@ -294,7 +313,7 @@ def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
 def _metrics(metrics_dir: Path, split_out: _Predicted | None, ckpt: ck.Checkpoint,
              summary: RenderSummary) -> dict[str, Any] | None:
     """eval.json when present and about these classes; else accuracy computed from the split rendered."""
-    from stages.evaluate import accuracy_report
+    from pipeline.metrics import accuracy_report
 
     path = Path(metrics_dir) / "eval.json"
     report = _read_json(path, summary.notes)
@@ -421,12 +440,11 @@ def _metrics_section(metrics: dict[str, Any] | None, train: dict[str, Any] | Non
             rows.append(["attention entropy (nats)", _num(entropy.get("mean")), f"{_num(entropy.get('uniform'))} uniform"])
         att = metrics.get("attention") or {}
         if att.get("clips_with_boxes"):
-            ratio = att.get("mass_ratio")
-            rows.append(["attention mass in the actor's box", _pct(att.get("mass_in_box")),
-                         f"{_pct(att.get('mass_in_box_uniform'))} uniform"
-                         + (f" (x{ratio:.2f})" if isinstance(ratio, (int, float)) else "")])
+            rows.append(["attention mass in the actor's box", _pct(att.get("mass_in_box")) + _x(att.get("mass_ratio")),
+                         f"{_pct(att.get('mass_in_box_uniform'))} uniform, {_pct(att.get('mass_in_box_centre'))} "
+                         f"centre prior{_x(att.get('mass_ratio_centre'))}"])
             rows.append(["pointing accuracy (argmax cell in box)", _pct(att.get("pointing")),
-                         f"{_pct(att.get('pointing_uniform'))} uniform"])
+                         f"{_pct(att.get('pointing_uniform'))} uniform, {_pct(att.get('pointing_centre'))} centre prior"])
         elif "attention" in metrics:
             rows.append(["attention vs ground truth", "no ground-truth boxes", ""])
         parts.append(_table(rows, ["metric", "model", "baseline"]))
@@ -435,6 +453,42 @@ def _metrics_section(metrics: dict[str, Any] | None, train: dict[str, Any] | Non
     if train:
         rows = [[_e(k), _num(v)] for k, v in train.items() if not isinstance(v, (dict, list))]
         parts.append("<h3>Training (metrics/train.json)</h3>" + _table(rows, ["field", "value"]))
+    return "".join(parts)
+
+
+def _x(ratio: Any) -> str:
+    """" (x2.40)": a ratio to uniform attention's figure, or nothing when there is none."""
+    return f" (x{ratio:.2f})" if isinstance(ratio, (int, float)) else ""
+
+
+def _attention_section(metrics: dict[str, Any] | None) -> str:
+    """Localisation per class (where boxes exist) and the deletion test: is the map where the evidence is?"""
+    metrics = metrics or {}
+    parts = []
+    per_class = (metrics.get("attention") or {}).get("per_class") or {}
+    if per_class:
+        rows = [[_e(name), _e(e.get("clips_with_boxes")), _pct(e.get("mass_in_box")) + _x(e.get("mass_ratio")),
+                 _pct(e.get("mass_in_box_centre")), _pct(e.get("pointing")), _pct(e.get("pointing_centre"))]
+                for name, e in per_class.items()]
+        parts.append("<h2>Where the attention is, per class</h2><p class='muted'>mass in the actor's box "
+                     "(x: over uniform attention) and pointing, beside a centre prior (a Gaussian at the frame "
+                     "centre)</p>" + _table(rows, ["class", "clips", "mass in box", "centre prior", "pointing",
+                                                   "centre prior"]))
+    deletion = metrics.get("deletion") or {}
+    if deletion.get("k"):
+        base = deletion["unmodified"]
+        rows = [["none", _pct(base["video_accuracy"]), _num(base["true_probability"]), "", ""]]
+        for k, row in deletion["k"].items():
+            rand = row["random"]
+            rows.append([f"top {_e(k)} attended cells", _pct(row["top"]["video_accuracy"]),
+                         _num(row["top"]["true_probability"]),
+                         f"{_pct(rand['video_accuracy'])} ± {_pct(rand['video_accuracy_std'])}",
+                         f"{_num(rand['true_probability'])} ± {_num(rand['true_probability_std'])}"])
+        parts.append(f"<h2>Deletion test</h2><p class='muted'>cells of the cached features zeroed in every frame; "
+                     f"random: {_e(deletion.get('random_draws'))} draws of as many cells (mean ± sd). A map that "
+                     "shows the evidence makes the top rows drop more than the random ones.</p>"
+                     + _table(rows, ["deleted", "video accuracy", "true-class p", "random: accuracy",
+                                     "random: true-class p"]))
     return "".join(parts)
 
 
@@ -514,9 +568,10 @@ def render_page(summary: RenderSummary, metrics: dict[str, Any] | None, train: d
     """The whole index.html: inline CSS, relative image paths, no script, nothing fetched from elsewhere."""
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     notes = "".join(f"<p class='note'>{_e(n)}</p>" for n in summary.notes)
-    body = (f"<h1>Attention report</h1><p class='muted'>{_e(ckpt.head.cell)}/{_e(ckpt.head.attention)} head "
+    body = (f"<h1>Attention report</h1><p class='muted'>{_e(ckpt.head.label)} head "
             f"<code>{_e(model_path)}</code> on split <b>{_e(summary.split)}</b>; rendered {_e(now)}</p>{notes}"
             + _metrics_section(metrics, train, summary.metrics_source) + _per_class_section(metrics)
+            + _attention_section(metrics)
             + _figures_section(figures, metrics) + _clips_section(summary)
             + _provenance_section(ckpt, origin, cache_path, model_path))
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -318,11 +318,14 @@ def test_the_import_scanner_sees_what_the_stages_import():
     assert {"synth", "extract", "split", "train", "evaluate", "render", "predict", "info"} <= set(_cli_commands())
     stage, code = _stage_code("evaluate")
     assert stage == "stages/evaluate.py"
-    # evaluate: `from pipeline import attention_quality as aq` (module level, a submodule by from-import),
-    # `from pipeline import training as tr` inside run(), `from pipeline.config import load_section` in the CLI.
-    assert {"pipeline/attention_quality.py", "pipeline/training.py", "pipeline/config.py", CLI} <= code
-    # render imports stages.evaluate inside a function, and through it the synthetic set's boxes format.
-    assert {"stages/evaluate.py", "pipeline/synthetic.py"} <= _stage_code("render")[1]
+    # evaluate: `from pipeline import faithfulness, metrics` (module level, submodules by from-import), and
+    # through metrics `attention_quality`; `from pipeline import training as tr` inside run(); the CLI's
+    # `from pipeline.config import load_section`.
+    assert {"pipeline/attention_quality.py", "pipeline/faithfulness.py", "pipeline/training.py",
+            "pipeline/config.py", CLI} <= code
+    # render imports pipeline.metrics inside a function, and no other stage.
+    render = _stage_code("render")[1]
+    assert "pipeline/metrics.py" in render and "stages/evaluate.py" not in render
     # The CLI's other commands do not leak into a stage: only extract's function imports stages/extract.py.
     assert "stages/extract.py" not in code and "stages/predict.py" not in code
 

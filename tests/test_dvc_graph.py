@@ -1,21 +1,13 @@
 """The DVC graph end to end, as a user runs it: `dvc repro`, a no-op rerun, and `dvc exp run -S`.
 
-A copy of the repository (its git files only: no data, caches or outputs of the real checkout) becomes a fresh
-git repo with tiny parameters, so the whole graph synth -> extract -> split -> train -> evaluate -> render runs
-in well under a minute on 2 CPU cores. DVC in the copy is kept off everything outside it: its site cache dir,
-global and system config point into the tmp dir, analytics and update checks are off, nothing is pulled.
+A copy of the repository made a fresh, offline git + DVC project with tiny parameters (tests/project_copy.py),
+so the whole graph synth -> extract -> split -> train -> evaluate -> render runs from nothing in well under a
+minute on 2 CPU cores.
 """
 from __future__ import annotations
 
-import copy
-import csv
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -23,13 +15,13 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import yaml
 
+from tests.project_copy import Project, Result, make_project
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ["synth", "extract", "split", "train", "evaluate", "render"]
 
-# Every value changed here must already be a key of the real params.yaml (checked): the tiny run exercises
-# the same sections and fields the real one does, only smaller.
+# Every value changed here must already be a key of the real params.yaml (checked).
 TINY = {
     "data": {"videos": "data/videos"},  # the synth stage writes there
     "synth": {"clips_per_class": 3, "frames": 8, "width": 64, "height": 48},
@@ -46,141 +38,15 @@ CLASSES = 8  # pipeline.synthetic.CLASSES
 CLIPS = CLASSES * TINY["synth"]["clips_per_class"]
 GRID = (2, 2)  # conv5_3 at 32 px
 
-RUNNING = re.compile(r"Running stage '([^']+)'")
-UNCHANGED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 
-
-def _tool(name: str) -> str | None:
-    """`name` next to this interpreter (the venv's), else on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which(name)
-
-
-DVC = _tool("dvc")
-GIT = shutil.which("git")
-
-
-class Run:
-    def __init__(self, args: list[str], proc: subprocess.CompletedProcess, seconds: float):
-        self.args, self.returncode, self.output, self.seconds = args, proc.returncode, proc.stdout, seconds
-        self.ran = RUNNING.findall(self.output)
-        self.skipped = UNCHANGED.findall(self.output)
-
-    def check(self) -> "Run":
-        assert self.returncode == 0, f"{' '.join(self.args)} exited {self.returncode}:\n{self.output[-6000:]}"
-        return self
-
-
-class Workspace:
-    """The copy: a git + DVC repo in a tmp dir, and how to run commands in it."""
-
-    first: Run  # the first, full `dvc repro`
-
-    def __init__(self, root: Path, env: dict[str, str]):
-        self.root, self.env = root, env
-
-    def run(self, *args: str, timeout: float = 300) -> Run:
-        start = time.monotonic()
-        proc = subprocess.run(list(args), cwd=self.root, env=self.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace",
-                              timeout=timeout)
-        return Run(list(args), proc, time.monotonic() - start)
-
-    def dvc(self, *args: str, timeout: float = 300) -> Run:
-        return self.run(DVC, *args, timeout=timeout)
-
-    def git(self, *args: str) -> Run:
-        return self.run(GIT, *args, timeout=60).check()
-
-    def path(self, rel: str) -> Path:
-        return self.root / rel
-
-    def lines(self, rel: str) -> list[str]:
-        return [line for line in self.path(rel).read_text().splitlines() if line.strip()]
-
-    def json(self, rel: str) -> dict:
-        return json.loads(self.path(rel).read_text())
-
-    def csv(self, rel: str) -> list[dict[str, str]]:
-        with open(self.path(rel), newline="") as f:
-            return list(csv.DictReader(f))
-
-
-def _repo_files() -> list[str]:
-    """What a clean checkout has: tracked files, plus untracked ones git does not ignore (work in progress)."""
-    out = subprocess.run([GIT, "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                         capture_output=True, check=True).stdout.decode()
-    return sorted({name for name in out.split("\0") if name})
-
-
-def _tiny_params(real: dict) -> dict:
-    params = copy.deepcopy(real)
-    for section, values in TINY.items():
-        assert section in real, f"params.yaml has no '{section}' section"
-        for key, value in values.items():
-            assert key in real[section], f"params.yaml has no '{section}.{key}'"
-            params[section][key] = value
-    return params
-
-
-def _clean_env(tmp: Path, root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DVC_", "GIT_")) and k not in ("VIRTUAL_ENV_PROMPT",)}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    (tmp / "dvc-global").mkdir()
-    (tmp / "dvc-system").mkdir()
-    (tmp / "gitconfig").write_text("")
-    env.update(
-        DVC_NO_ANALYTICS="1",
-        DVC_SITE_CACHE_DIR=str(root / ".dvc" / "site_cache"),  # .dvc/config's is relative to the cwd
-        DVC_GLOBAL_CONFIG_DIR=str(tmp / "dvc-global"),          # no user-wide cache.dir or remote
-        DVC_SYSTEM_CONFIG_DIR=str(tmp / "dvc-system"),
-        GIT_CONFIG_GLOBAL=str(tmp / "gitconfig"),               # no user hooks, signing or templates
-        GIT_CONFIG_NOSYSTEM="1",
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
-    )
-    return env
+class Workspace(Project):
+    first: Result  # the first, full `dvc repro`
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Workspace:
     """The copy with tiny params, committed, after one full `dvc repro`."""
-    if DVC is None:
-        pytest.skip("dvc is not installed (pip install -e .)")
-    if GIT is None:
-        pytest.skip("git is not on PATH")
-    if not (REPO / ".git").exists():
-        pytest.skip(f"{REPO} is not a git checkout: cannot list its files")
-    tmp = tmp_path_factory.mktemp("dvc_graph")
-    root = tmp / "repo"
-    root.mkdir()
-    for name in _repo_files():
-        src = REPO / name
-        if not src.is_file():  # deleted in the working tree, or a submodule
-            continue
-        dst = root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst, follow_symlinks=False)
-    assert (root / ".dvc" / "config").is_file(), ".dvc/config is not tracked: the copy is no DVC repo"
-    dvc_config = (root / ".dvc" / "config").read_text()
-    assert re.search(r"analytics\s*=\s*false", dvc_config), ".dvc/config should turn analytics off"
-    for out in ("data", "models", "metrics", "plots", "reports", "splits", ".dvc/cache", "cache/features.h5"):
-        assert not (root / out).exists(), f"{out} was copied from the real checkout"
-
-    w = Workspace(root, _clean_env(tmp, root))
-    w.git("init", "-q")
-    w.git("config", "user.name", "dvc graph test")
-    w.git("config", "user.email", "dvc-graph-test@localhost")
-    w.git("config", "commit.gpgsign", "false")
-    w.git("add", "-A")
-    w.git("commit", "-q", "-m", "copy of the repository")
-
-    real = yaml.safe_load((REPO / "params.yaml").read_text())
-    w.path("params.yaml").write_text(yaml.safe_dump(_tiny_params(real), sort_keys=False))
-    w.git("commit", "-q", "-am", "tiny params")
-
+    w = make_project(tmp_path_factory.mktemp("dvc_graph"), TINY, Workspace)
     w.first = w.dvc("repro", timeout=900).check()
     print(f"\ndvc repro (everything): {w.first.seconds:.1f}s")
     return w
@@ -271,7 +137,7 @@ def test_repro_runs_every_stage_and_writes_well_formed_outputs(ws):
 
 def test_metrics_and_plots_show_offline(ws):
     shown = ws.dvc("metrics", "show", "--json").check()
-    metrics = json.loads(shown.output)[""]["data"]
+    metrics = json.loads(shown.stdout)[""]["data"]
     for name in ("metrics/train.json", "metrics/eval.json", "splits/summary.json"):
         assert metrics.get(name, {}).get("data"), f"dvc metrics show lacks {name}: {shown.output[:2000]}"
     assert metrics["metrics/eval.json"]["data"]["video_accuracy"] == ws.json("metrics/eval.json")["video_accuracy"]
@@ -280,7 +146,7 @@ def test_metrics_and_plots_show_offline(ws):
 
     # --json renders nothing, so nothing (vega from a CDN) is fetched.
     plots = ws.dvc("plots", "show", "--json").check()
-    shown_plots = json.loads(plots.output)
+    shown_plots = json.loads(plots.stdout)
     assert not shown_plots.get("errors"), shown_plots.get("errors")
     data = shown_plots["data"]
     for name in ("loss", "accuracy", "confusion"):
@@ -326,7 +192,7 @@ def test_exp_run_reruns_exactly_the_stages_a_param_feeds(ws):
 
     names = re.findall(r"Ran experiment\(s\): (\S+)", head.output + extract.output)
     assert len(names) == 2, head.output + extract.output
-    listed = ws.dvc("exp", "list", "--name-only").check().output.split()
+    listed = ws.dvc("exp", "list", "--name-only").check().stdout.split()
     assert set(names) <= set(listed), listed
 
 

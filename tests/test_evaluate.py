@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import attention_quality as aq
 from pipeline import checkpoint as ck
+from pipeline import metrics
 from pipeline import training
 from pipeline.batches import open_split
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, TrainConfig
@@ -96,7 +97,7 @@ def test_cli_writes_eval_json_predictions_and_confusion_that_agree(cli_eval, tin
     assert report["top3_accuracy"] == 1.0  # 3 classes: the true one is always among the top 3
     assert report["entropy"]["uniform"] == round(math.log(GRID * GRID), 6)
     ckpt = ck.load(model)
-    assert report["model"] == {"path": str(model), "head": "convlstm/soft", "epoch": ckpt.train["epoch"],
+    assert report["model"] == {"path": str(model), "head": "convlstm/soft/attention", "epoch": ckpt.train["epoch"],
                                "weights": ckpt.extraction["weights"]}
 
     predictions = read_csv(out / "predictions.csv")
@@ -155,13 +156,13 @@ def test_accuracy_report_votes_with_mean_softmax_not_mean_logits_or_frame_majori
     logits = np.array([[[0, 10], [2, 0], [2, 0]],  # softmax means (0.587, 0.413)
                        [[0, 10], [1, 0], [1, 0]]], np.float32)  # softmax means (0.487, 0.513)
     outputs = training.Outputs(logits, np.full((2, 3, 2, 2), 0.25, np.float32), np.array([0, 1]))
-    report = evaluate.accuracy_report(outputs, ["a", "b"])
+    report = metrics.accuracy_report(outputs, ["a", "b"])
     assert report["video_accuracy"] == 1.0  # mean logits or majority vote would give 0.5
     assert report["frame_accuracy"] == 0.5  # A: 2 of 3 frames right, B: 1 of 3
     assert report["top2_accuracy"] == 1.0 and report["chance"] == 0.5
     assert report["confusion"]["matrix"] == [[1, 0], [0, 1]]
     assert report["entropy"] == {"mean": round(math.log(4), 6), "uniform": round(math.log(4), 6)}
-    text = evaluate.predictions_csv(["a/1", "b/2"], outputs, ["a", "b"])
+    text = metrics.predictions_csv(["a/1", "b/2"], outputs, ["a", "b"])
     p_a = (1 / (1 + math.exp(10)) + 2 * math.exp(2) / (math.exp(2) + 1)) / 3  # mean P(a) over A's frames
     p_b = (1 / (1 + math.exp(-10)) + 2 / (1 + math.exp(1))) / 3  # mean P(b) over B's frames
     assert text.splitlines() == ["video,true,predicted,probability", f"a/1,a,a,{p_a:.6f}", f"b/2,b,b,{p_b:.6f}"]
@@ -250,16 +251,21 @@ def test_attention_report_scores_the_sampled_frames_of_each_clip():
     attention = np.zeros((3, 2, 2, 2), np.float32)
     attention[:, :, :, 0] = 0.5  # all attention on the left column
     frame_index = np.array([[0, 2], [1, 3], [0, 9]])  # clip 0 samples left boxes, the unboxed clip 1 is skipped
-    report = evaluate.attention_report(attention, ["a/1.avi", "a/2.avi", "b/unknown.avi"], truth, frame_index,
+    report = metrics.attention_report(attention, ["a/1.avi", "a/2.avi", "b/unknown.avi"], truth, frame_index,
                                        np.array([100, 100, 100]), np.array([200, 200, 200]))
-    assert report == {"clips_with_boxes": 1, "mass_in_box": 1.0, "mass_in_box_uniform": 0.5, "mass_ratio": 2.0,
-                      "pointing": 1.0, "pointing_uniform": 0.5}
-    report = evaluate.attention_report(attention[:1], ["a/1.avi"], truth, np.array([[1, 3]]), np.array([100]),
+    assert {k: report[k] for k in ("clips_with_boxes", "mass_in_box", "mass_in_box_uniform", "mass_ratio", "pointing",
+                                   "pointing_uniform")} == {"clips_with_boxes": 1, "mass_in_box": 1.0,
+                                                            "mass_in_box_uniform": 0.5, "mass_ratio": 2.0,
+                                                            "pointing": 1.0, "pointing_uniform": 0.5}
+    # the centre prior on a 2x2 grid of a 200x100 frame is uniform by symmetry; its argmax is the first cell
+    assert (report["mass_in_box_centre"], report["pointing_centre"]) == (0.5, 1.0)
+    report = metrics.attention_report(attention[:1], ["a/1.avi"], truth, np.array([[1, 3]]), np.array([100]),
                                        np.array([200]))
     assert (report["mass_in_box"], report["pointing"], report["mass_ratio"]) == (0.0, 0.0, 0.0)
-    empty = evaluate.attention_report(attention, ["x", "y", "z"], truth, frame_index, np.full(3, 100),
+    empty = metrics.attention_report(attention, ["x", "y", "z"], truth, frame_index, np.full(3, 100),
                                       np.full(3, 200))
     assert empty["clips_with_boxes"] == 0 and all(v is None for k, v in empty.items() if k != "clips_with_boxes")
+    assert "per_class" not in empty
 
 
 # --- attention quality end to end -----------------------------------------------------------------------
@@ -336,7 +342,8 @@ def test_a_dataset_without_boxes_reports_null_attention_figures_and_says_so(tiny
     assert looked and all(p.endswith("boxes.json") for p in looked)
     assert "looked for" in result.stdout and "--boxes" in result.stdout
     assert report["attention"] == {"clips_with_boxes": 0, "mass_in_box": None, "mass_in_box_uniform": None,
-                                   "mass_ratio": None, "pointing": None, "pointing_uniform": None, "boxes": None}
+                                   "mass_in_box_centre": None, "mass_ratio": None, "mass_ratio_centre": None,
+                                   "pointing": None, "pointing_uniform": None, "pointing_centre": None, "boxes": None}
     assert report["video_accuracy"] is not None and report["entropy"]["mean"] is not None
     assert "no ground-truth boxes" in result.stdout
 

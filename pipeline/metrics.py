@@ -1,0 +1,126 @@
+"""The figures `evaluate` reports (and `render` shows): accuracy, localisation against boxes, the CSVs.
+
+Pure numpy over the head's outputs, so they can be computed again from saved outputs or by other tools.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Any
+
+import numpy as np
+
+from pipeline import attention_quality as aq
+from pipeline import bootstrap
+
+
+def accuracy_report(outputs, classes: list[str]) -> dict[str, Any]:
+    """Video, per-frame and top-5 accuracy, per-class accuracy, confusion matrix, mean attention entropy."""
+    probs = outputs.probabilities  # (N, K)
+    labels = outputs.labels
+    k = len(classes)
+    predicted = probs.argmax(axis=1) if len(labels) else np.zeros(0, np.int64)
+    top = min(5, k)
+    top_k = np.argsort(-probs, axis=1)[:, :top] if len(labels) else np.zeros((0, top), np.int64)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    per_class = {}
+    for i, name in enumerate(classes):
+        n = int(confusion[i].sum())
+        per_class[name] = {"clips": n, "accuracy": _num(confusion[i, i] / n) if n else None}
+    t, h, w = outputs.attention.shape[1:] if outputs.attention.ndim == 4 else (0, 1, 1)
+    entropy = aq.entropy(outputs.attention) if len(labels) else np.zeros(0)
+    right = (predicted == labels).astype(np.float64)  # (N,)
+    return {
+        "video_accuracy": _num(np.mean(predicted == labels)) if len(labels) else None,
+        "video_accuracy_ci": bootstrap.interval(right, np.mean),
+        "frame_accuracy": _num(np.mean(outputs.logits.argmax(2) == labels[:, None])) if len(labels) else None,
+        f"top{top}_accuracy": _num(np.mean((top_k == labels[:, None]).any(axis=1))) if len(labels) else None,
+        "chance": _num(1.0 / k),
+        "per_class": per_class,
+        "confusion": {"classes": list(classes), "matrix": confusion.tolist()},
+        "entropy": {"mean": _num(entropy.mean()) if entropy.size else None, "uniform": _num(math.log(h * w))},
+    }
+
+
+def attention_report(attention: np.ndarray, videos: list[str], truth: dict[str, np.ndarray],
+                     frame_index: np.ndarray, heights: np.ndarray, widths: np.ndarray,
+                     labels: np.ndarray | None = None, classes: list[str] | None = None) -> dict[str, Any]:
+    """Mass in box and pointing over every sampled frame of every clip with boxes, each beside uniform
+    attention and the centre prior, with 95% bootstrap intervals over clips, overall and per class.
+
+    attention (N, T, h, w); frame_index (N, T); heights, widths (N,); labels (N,) into `classes`.
+    """
+    scored, which = [], []
+    for i, video in enumerate(videos):
+        boxes = truth.get(video)
+        if boxes is None or len(boxes) == 0:
+            continue
+        scored.append(aq.score_clip(attention[i], aq.boxes_at(boxes, frame_index[i]), float(heights[i]),
+                                    float(widths[i])))
+        which.append(i)
+    report = _localisation(scored)
+    if labels is not None and classes is not None and scored:
+        per_class = {}
+        for k, name in enumerate(classes):
+            members = [s for s, i in zip(scored, which) if int(labels[i]) == k]
+            if members:
+                per_class[name] = _localisation(members, intervals=False)
+        report["per_class"] = per_class
+    return report
+
+
+FIGURES = ("mass", "mass_uniform", "mass_centre", "pointing", "pointing_uniform", "pointing_centre")
+
+
+def _localisation(scored: list, intervals: bool = True) -> dict[str, Any]:
+    if not scored:
+        return {"clips_with_boxes": 0, "mass_in_box": None, "mass_in_box_uniform": None, "mass_in_box_centre": None,
+                "mass_ratio": None, "mass_ratio_centre": None, "pointing": None, "pointing_uniform": None,
+                "pointing_centre": None}
+    per_clip = np.array([[getattr(s, name).mean() for name in FIGURES] for s in scored])  # (N, 6)
+    mean = dict(zip(FIGURES, per_clip.mean(axis=0)))
+
+    def ratio(rows: np.ndarray, of: int = 0, to: int = 1) -> float:
+        denominator = rows[:, to].mean()
+        return rows[:, of].mean() / denominator if denominator > 0 else math.nan
+
+    report = {
+        "clips_with_boxes": len(scored),
+        "mass_in_box": _num(mean["mass"]), "mass_in_box_uniform": _num(mean["mass_uniform"]),
+        "mass_in_box_centre": _num(mean["mass_centre"]),
+        "mass_ratio": _num(ratio(per_clip)),  # model / uniform: 1 = no better than uniform attention
+        "mass_ratio_centre": _num(ratio(per_clip, 2, 1)),  # centre prior / uniform, on the same scale
+        "pointing": _num(mean["pointing"]), "pointing_uniform": _num(mean["pointing_uniform"]),
+        "pointing_centre": _num(mean["pointing_centre"]),
+    }
+    if intervals:
+        report["mass_ratio_ci"] = bootstrap.interval(per_clip, ratio)
+        report["pointing_ci"] = bootstrap.interval(per_clip, lambda rows: rows[:, 3].mean())
+    return report
+
+
+def _num(value: float) -> float | None:
+    value = float(value)
+    return round(value, 6) if math.isfinite(value) else None
+
+
+def predictions_csv(keys: list[str], outputs, classes: list[str]) -> str:
+    probs = outputs.probabilities
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["video", "true", "predicted", "probability"])
+    for key, label, p in zip(keys, outputs.labels, probs):
+        best = int(p.argmax())
+        writer.writerow([key, classes[int(label)], classes[best], f"{p[best]:.6f}"])
+    return buf.getvalue()
+
+
+def confusion_csv(keys: list[str], outputs, classes: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["video", "actual", "predicted"])
+    for key, label, p in zip(keys, outputs.labels, outputs.probabilities):
+        writer.writerow([key, classes[int(label)], classes[int(p.argmax())]])
+    return buf.getvalue()
