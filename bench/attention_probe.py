@@ -14,6 +14,9 @@ the learned row then says whether training on class labels alone finds it (mass 
 of the stage-two issue).
 
     python bench/attention_probe.py [cache/features.h5] [splits/] [--betas 0,3,-3] [--no-learned]
+
+The ablation of the readout, the regulariser and the cell over seeds, trained and evaluated by the
+pipeline's own stages, is `python bench/attention_ablation.py` (docs/BENCHMARKS.md has both tables).
 """
 from __future__ import annotations
 
@@ -139,7 +142,7 @@ def main() -> None:
     from pipeline.messages import first_line
     from pipeline.head import build_head
     from pipeline.synthetic import BOXES_FILE, read_boxes_file
-    from stages.evaluate import attention_report
+    from pipeline.metrics import attention_report
 
     try:  # bad input: one line, before any training
         head_cfg = load_section("head", args.params)

@@ -7,6 +7,8 @@
   reading the cache: frames/s of `Backbone.forward` (batches of 32, this machine's best precision) on
   N*T frames, extrapolated from a timed sample; decoding is not counted, so the ratio is a lower bound
 
+* readout: the ConvLSTM head with head.readout attention vs mean (the first design), epochs interleaved
+
     python bench/train.py [--clips 730] [--frames 30] [--cells convlstm,lstm,mean] [--device cpu]
 """
 from __future__ import annotations
@@ -43,7 +45,8 @@ def make_cache(path: Path, clips: int, frames: int, classes: int, seed: int = 0)
     return path
 
 
-def head_epoch(cache_path: Path, cell: str, max_memory_gb: float, device: str, epochs: int) -> list[float]:
+def head_epoch(cache_path: Path, cell: str, max_memory_gb: float, device: str, epochs: int,
+               readout: str = "attention") -> list[float]:
     """Seconds per epoch (after one warm-up batch) of the default head of kind `cell`."""
     import torch
 
@@ -58,7 +61,8 @@ def head_epoch(cache_path: Path, cell: str, max_memory_gb: float, device: str, e
     with FeatureCache(cache_path) as cache:
         clips = ClipSet(cache, cache.videos, max_memory_gb)
         tr.seed_everything(0)
-        model = build_head(HeadConfig(cell=cell), cache.feature_shape[1], len(cache.classes)).to(dev)
+        model = build_head(HeadConfig(cell=cell, readout=readout), cache.feature_shape[1],
+                           len(cache.classes)).to(dev)
         optimiser = tr.make_optimiser(model, cfg)
         warm = next(iter(clips.batches(cfg.batch_size)))
         for _ in range(2):  # warm-up at the full batch shape: oneDNN builds its kernels per shape, once
@@ -116,6 +120,16 @@ def main() -> None:
             results[cell] = {"epoch_seconds": round(memory, 2), "backbone_ratio": round(backbone_epoch / memory, 1)}
             print(f"{cell:9s} epoch {memory:6.2f} s in memory  ({backbone_epoch / memory:,.0f}x cheaper than the "
                   f"backbone's {backbone_epoch:,.0f} s)", flush=True)
+        # the readout through the attention against the first design's avgpool, epochs interleaved A B A B
+        paired = {"attention": [], "mean": []}
+        for _ in range(args.epochs):
+            for readout in paired:
+                paired[readout] += head_epoch(cache, "convlstm", 8.0, args.device, 1, readout)
+        ratio = float(np.median(paired["attention"]) / np.median(paired["mean"]))
+        results["readout"] = {k: round(float(np.median(v)), 2) for k, v in paired.items()}
+        results["readout"]["attention_over_mean"] = round(ratio, 3)
+        print(f"convlstm  epoch {results['readout']['attention']:6.2f} s readout attention, "
+              f"{results['readout']['mean']:6.2f} s readout mean (ratio {ratio:.3f})", flush=True)
         streamed = float(np.median(head_epoch(cache, "convlstm", 0.0, args.device, args.epochs)))
         results["convlstm_streamed"] = {"epoch_seconds": round(streamed, 2)}
         print(f"convlstm  epoch {streamed:6.2f} s streamed from the file", flush=True)

@@ -36,6 +36,7 @@ class Prediction:
     probabilities: np.ndarray | None = None  # (K,) mean over t of the per-frame softmax, in checkpoint class order
     attention: np.ndarray | None = None  # (T, h, w) float32, each map sums to 1
     frame_index: np.ndarray | None = None  # (T,) int32, the sampled frames among those that decode
+    decoder: str = ""  # which decoder made the frames (decord, or pyav where decord's failed their check)
     error: str | None = None  # one line, when the file could not be predicted
     rendered: dict[str, Path] = field(default_factory=dict)  # {"strip": png, "animation": gif} with --render
 
@@ -221,7 +222,7 @@ def _predict_one(path: Path, decoded: Any, backbone, model, ckpt, dev, k: int) -
     features = embed(backbone, decoded.frames)  # (T, C, h, w): T and the shape were checked up front
     probs, attention = apply_head(model, features, dev)
     return Prediction(path, top_classes(probs, ckpt.classes, k), probs, attention,
-                      np.asarray(decoded.frame_index, dtype=np.int32))
+                      np.asarray(decoded.frame_index, dtype=np.int32), decoded.decoder)
 
 
 def unique_names(files: list[Path]) -> dict[Path, str]:
@@ -259,7 +260,7 @@ def as_json(predictions: list[Prediction], model_path: Path) -> dict[str, Any]:
     """What --json writes: per predicted file its sampled frames and top-k; per failed file the reason."""
     return {
         "model": str(model_path),
-        "predictions": [{"file": str(p.file), "frame_index": p.frame_index.tolist(),
+        "predictions": [{"file": str(p.file), "frame_index": p.frame_index.tolist(), "decoder": p.decoder,
                          "topk": [{"class": c, "probability": round(q, 6)} for c, q in p.topk],
                          **({"rendered": {k: str(v) for k, v in p.rendered.items()}} if p.rendered else {})}
                         for p in predictions if p.ok],

@@ -53,10 +53,22 @@ def test_attention_maps_are_distributions_over_positions(cell, attention):
     torch.testing.assert_close(a.sum(dim=(2, 3)), torch.ones(3, 4))
 
 
+def learnt(head: torch.nn.Module) -> torch.nn.Module:
+    """`head` with w_z as after some training (it starts at zero: uniform attention)."""
+    torch.nn.init.normal_(head.attention.w_z.weight)
+    return head
+
+
+def test_soft_attention_starts_uniform_so_the_readouts_start_equal():
+    x = torch.randn(2, 4, 6, 7, 7)
+    a = small_head("convlstm", "soft")(x).attention
+    torch.testing.assert_close(a, torch.full_like(a, 1 / 49))
+
+
 def test_soft_attention_is_not_uniform_while_attention_none_is():
     x = torch.randn(2, 4, 6, 7, 7)
 
-    soft = small_head("convlstm", "soft")(x).attention
+    soft = learnt(small_head("convlstm", "soft"))(x).attention
     none = small_head("convlstm", "none")(x).attention
 
     assert soft.std(dim=(2, 3)).min() > 0
@@ -267,6 +279,8 @@ def test_the_attention_readout_is_the_attention_weighted_sum_of_the_state():
 
 def test_with_soft_attention_the_two_readouts_differ():
     through, pooled = twin_heads("soft")
+    learnt(through)
+    pooled.load_state_dict(through.state_dict())
     x = torch.randn(2, 4, 6, 7, 7)
     assert not torch.allclose(through(x).logits, pooled(x).logits)
 
@@ -274,7 +288,7 @@ def test_with_soft_attention_the_two_readouts_differ():
 @pytest.mark.parametrize("readout", ["attention", "mean"])
 def test_gradients_of_the_convlstm_head_check_numerically(readout):
     head = small_head("convlstm", "soft", in_channels=3, num_classes=2, channels=2, dropout=0.0, readout=readout)
-    head = head.double().eval()
+    head = learnt(head).double().eval()
     x = torch.randn(1, 3, 3, 3, 2, dtype=torch.float64, requires_grad=True)  # (B, T, C, H, W)
     names = [n for n, _ in head.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for _, p in head.named_parameters())
