@@ -18,12 +18,12 @@ a head is never fed features made another way.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import HeadConfig
+from pipeline.files import atomic_file
 from pipeline.features import SETTINGS_KEYS, FeatureCache, settings_mismatch
 from pipeline.messages import first_line
 from pipeline.errors import UserError
@@ -90,12 +90,8 @@ def save(path: str | Path, ckpt: Checkpoint) -> Path:
         "feature_shape": [int(v) for v in ckpt.feature_shape], "extraction": ckpt.extraction,
         "cache": ckpt.cache, "train": ckpt.train,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_file(path) as fh:
         torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return path
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 import textwrap
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
 
 import numpy as np
 
@@ -101,17 +100,13 @@ def blend(frames: np.ndarray, attention: np.ndarray, alpha: float = 0.5) -> np.n
 # --- atomic writes -----------------------------------------------------------------------------------------
 
 
-def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` for a temporary name beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+def _atomic(path: str | Path, write: Callable[[IO], None]) -> Path:
+    """Call `write(handle)` on the one atomic writer's file for `path` (pipeline/files.py)."""
+    from pipeline.files import atomic_file
+
+    with atomic_file(path) as handle:
+        write(handle)
+    return Path(path)
 
 
 def safe_name(name: str) -> str:
@@ -232,7 +227,7 @@ def write_strip(path: str | Path, frames: np.ndarray, overlays: np.ndarray, pick
         draw.text((top[k][0], top[k][1] - LABEL_HEIGHT + 1), label[0], fill=INK, font=font)
         draw.text((bottom[k][0], bottom[k][1] - LABEL_HEIGHT + 1), label[0] + " attention", fill=INK, font=font)
     _draw_colour_bar(canvas, draw, (PAD, bottom[0][3] + 4), min(size[0] - 2 * PAD, 360), font)
-    return _atomic(path, lambda tmp: canvas.save(tmp, format="PNG", optimize=True))
+    return _atomic(path, lambda handle: canvas.save(handle, format="PNG", optimize=True))
 
 
 def _draw_colour_bar(canvas, draw, xy: tuple[int, int], width: int, font) -> None:
@@ -288,8 +283,8 @@ def write_animation(path: str | Path, overlays: np.ndarray, captions: list[str],
         images.append(canvas)
     duration = max(20, int(round(1000.0 / fps)))
 
-    def save(tmp: Path) -> None:
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0,
+    def save(handle: IO) -> None:
+        images[0].save(handle, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0,
                        disposal=1, optimize=False)
 
     return _atomic(path, save)
@@ -381,7 +376,7 @@ def write_curves(path: str | Path, loss_tsv: str | Path | None, accuracy_tsv: st
         right.set_title("accuracy")
         right.set_ylim(-0.02, 1.02)
         fig.tight_layout()
-        return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        return _atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     finally:
         plt.close(fig)
 
@@ -411,6 +406,6 @@ def write_confusion(path: str | Path, classes: Sequence[str], matrix: np.ndarray
                         ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
                                 color="white" if share[i, j] > 0.5 else "black")
         fig.tight_layout()
-        return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        return _atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     finally:
         plt.close(fig)

@@ -21,7 +21,7 @@ from pipeline import checkpoint as ck
 from pipeline.batches import open_split
 from pipeline.config import HeadConfig, TrainConfig, check
 from pipeline.features import FeatureCache
-from pipeline.files import write_json_atomic, write_tsv_atomic
+from pipeline.files import atomic_file, write_json_atomic, write_tsv_atomic
 from pipeline.progress import progress_bar
 from pipeline.errors import UserError
 
@@ -237,13 +237,8 @@ def _save_resume(path: Path, model, optimiser, schedule, summary: TrainSummary, 
         "rng": torch.get_rng_state(), "history": [dataclasses.asdict(e) for e in summary.history],
         "identity": _identity(head, cfg, extraction),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "wb") as fh:
+    with atomic_file(path) as fh:
         torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _restore(path: Path, model, optimiser, schedule, summary: TrainSummary, state: dict, head: HeadConfig,
