@@ -237,9 +237,7 @@ def _apply_rule(value: Any, rule: dict[str, Any] | None, label: str) -> None:
         raise ConfigError(f"{label} = {value!r}: must be one of {', '.join(rule['choices'])}")
     bounds = (("at_least", lambda v, b: v >= b, ">="), ("above", lambda v, b: v > b, ">"),
               ("below", lambda v, b: v < b, "<"), ("at_most", lambda v, b: v <= b, "<="))
-    broken = [f"{sign} {rule[key]:g}" for key, holds, sign in bounds
-              if rule[key] is not None and not holds(value, rule[key])]
-    if broken:
+    if any(rule[key] is not None and not holds(value, rule[key]) for key, holds, _ in bounds):
         allowed = " and ".join(f"{sign} {rule[key]:g}" for key, _, sign in bounds if rule[key] is not None)
         raise ConfigError(f"{label} = {value!r}: must be {allowed}")
     if rule["odd"] and value % 2 == 0:

@@ -50,8 +50,11 @@ def deletion_test(run: Callable[[np.ndarray | None], np.ndarray], attention: np.
                   on_pass: Callable[[], None] | None = None) -> dict:
     """`run(keep)` -> (N, K) video probabilities with the features multiplied by `keep` (None: unmodified).
 
-    `attention` (N, T, h, w) are the maps of the unmodified run: the top cells come from them.
+    `attention` (N, T, h, w) are the maps of the unmodified run: the top cells come from them. `draws` >= 1
+    random deletions per k (evaluate skips the whole test when its setting is 0).
     """
+    if draws < 1:
+        raise ValueError(f"the deletion test needs at least one random draw, got {draws}")
     n, t, h, w = attention.shape
     base_acc, base_prob = _figures(run(None), labels)
     report: dict = {"unmodified": {"video_accuracy": _r(base_acc), "true_probability": _r(base_prob)},
@@ -66,12 +69,11 @@ def deletion_test(run: Callable[[np.ndarray | None], np.ndarray], attention: np.
             on_pass()
         report["k"][str(k)] = {
             "top": {"video_accuracy": _r(top_acc), "true_probability": _r(top_prob)},
-            "random": {"video_accuracy": _r(random[:, 0].mean()) if draws else None,
-                       "video_accuracy_std": _r(random[:, 0].std()) if draws else None,
-                       "true_probability": _r(random[:, 1].mean()) if draws else None,
-                       "true_probability_std": _r(random[:, 1].std()) if draws else None},
+            "random": {"video_accuracy": _r(random[:, 0].mean()), "video_accuracy_std": _r(random[:, 0].std()),
+                       "true_probability": _r(random[:, 1].mean()),
+                       "true_probability_std": _r(random[:, 1].std())},
             # > 0: deleting what the map points at costs the true class more than deleting cells at random
-            "probability_drop_vs_random": _r(random[:, 1].mean() - top_prob) if draws else None,
+            "probability_drop_vs_random": _r(random[:, 1].mean() - top_prob),
         }
     return report
 

@@ -37,7 +37,7 @@ class Bar:
 
 @contextlib.contextmanager
 def progress_bar(name: str, total: int | None, unit: str = "", *, enabled: bool = True, label: str | None = None,
-                 eta: bool = True, transient: bool = False) -> Iterator[Bar]:
+                 transient: bool = False) -> Iterator[Bar]:
     """A rich bar on stderr over `total` `unit`s (None: unknown total); `unit="bytes"` shows sizes and speed.
 
     `label` (when not None) adds a column left of the bar that `Bar.restart` changes.
@@ -55,9 +55,7 @@ def progress_bar(name: str, total: int | None, unit: str = "", *, enabled: bool 
         columns += [DownloadColumn(), TransferSpeedColumn()]
     else:
         columns += [MofNCompleteColumn(), TextColumn(unit, markup=False)]
-    columns.append(TimeElapsedColumn())
-    if eta:
-        columns.append(TimeRemainingColumn())
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
     columns.append(TextColumn("{task.fields[note]}", markup=False))
     with Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=transient) as progress:
         task = progress.add_task(name, total=total, label=label or "", note="")

@@ -41,6 +41,14 @@ class VideoError(UserError):
     """A clip that cannot be used; the message is the one-line reason recorded in the cache."""
 
 
+class MalformedFrames(VideoError):
+    """A decoder gave frames that are not (H, W, 3) uint8 of one size; `problem` says how."""
+
+    def __init__(self, decoder: str, problem: str):
+        super().__init__(f"{decoder} gave {problem}")
+        self.problem = problem
+
+
 @dataclass
 class DecodedClip:
     frames: np.ndarray  # (T, H, W, 3) uint8 RGB, the sampled frames in order
@@ -127,9 +135,6 @@ class _PyAVReader:
         turns = (int(getattr(frame, "rotation", 0) or 0) // 90) % 4  # counter-clockwise quarter turns
         return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
-    def close(self) -> None:
-        self._container.close()
-
 
 def _open(path: Path, decoder: str = "decord"):
     if not path.exists():
@@ -198,7 +203,7 @@ def _decode(path: Path, count: int, decoder: str) -> DecodedClip:
     frames = [kept[i] for i in index.tolist()]
     problem = _malformed(frames)
     if problem:
-        raise VideoError(f"{decoder} gave {problem}")
+        raise MalformedFrames(decoder, problem)
     stacked = np.stack(frames)  # (T, H, W, 3)
     return DecodedClip(stacked, index, decoded, fps, stacked.shape[1], stacked.shape[2], decoder)
 
@@ -243,13 +248,11 @@ def decode_sampled(path: str | Path, count: int = 30, decoder: str = "auto") -> 
     path = Path(path)
     if decoder != "auto":
         return _decode(path, count, decoder)
-    try:
+    try:  # a file decord cannot open or decode at all (another VideoError) is a failed clip, as before
         clip = _decode(path, count, "decord")
         problem = _disagreement(path, clip)
-    except VideoError as exc:
-        if not str(exc).startswith("decord gave"):
-            raise  # a file decord cannot open or decode at all is a failed clip, as before
-        problem = str(exc).removeprefix("decord gave ")
+    except MalformedFrames as exc:
+        problem = exc.problem
     if problem is None:
         return clip
     try:
