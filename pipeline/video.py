@@ -80,25 +80,43 @@ def is_video_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".")
 
 
-_silenced = False
+_in_worker = False
 
 
-def silence_native_stderr() -> None:
-    """Send this process's fd 2 to /dev/null (once); for decoder worker processes only."""
-    global _silenced
-    if not _silenced:
+def enter_decode_worker() -> None:
+    """Mark this process as a decoding worker (it never runs torch) and send its fd 2 to /dev/null, once:
+    FFmpeg's complaints about broken files would scribble over the progress bar; the reason is recorded."""
+    global _in_worker
+    if not _in_worker:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
-        _silenced = True
+        _in_worker = True
+
+
+def _import_decord():
+    """decord, with torch loaded first in any process that may run torch.
+
+    decord2 preloads every library of the nvidia-* pip packages (which a CUDA build of torch installs) with
+    RTLD_GLOBAL at import, libnvblas among them; libnvblas then takes over BLAS for libraries loaded after
+    it, and torch's first matrix product segfaults ("[NVBLAS] CPU Blas library need to be provided"). With
+    torch loaded first its BLAS is bound already. Decoding workers never run torch and skip the cost.
+    """
+    import importlib.util
+    import sys
+
+    if not _in_worker and "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
+        import torch  # noqa: F401
+    import decord
+
+    return decord
 
 
 class _DecordReader:
     """decord's sequential reader: header frame count, fps, and the next frame as an (H, W, C) array."""
 
     def __init__(self, path: Path):
-        import decord
-
+        decord = _import_decord()
         try:
             self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         except Exception as exc:  # decord raises its own DECORDError and plain RuntimeErrors

@@ -28,7 +28,7 @@ from pipeline.config import ExtractConfig, check
 from pipeline.data import Clip, Discovery, discover
 from pipeline.features import (CacheError, ClipFeatures, FeatureCache, ShardWriter, extraction_settings, join,
                                remove_unfinished, settings_mismatch, shard_paths, source_changed, source_fingerprint)
-from pipeline.video import DecodedClip, decode_sampled, silence_native_stderr
+from pipeline.video import DecodedClip, decode_sampled, enter_decode_worker
 from pipeline.progress import progress_bar
 from pipeline.workers import TimedPool, stop_producer
 from pipeline.errors import UserError
@@ -94,7 +94,7 @@ def decode_task(task: tuple[str, int]) -> tuple[DecodedClip, str]:
     the page cache. FFmpeg's and decord's own complaints about broken files would scribble over the
     progress bar; the reason is recorded in the cache instead, so the worker's stderr goes to /dev/null.
     """
-    silence_native_stderr()
+    enter_decode_worker()
     path, frames = task
     source = _fingerprint_or_blank(Path(path))  # a missing file fails in decode, with its reason
     return decode_sampled(path, frames), source

@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.messages import first_line
 from pipeline.progress import progress_bar
-from pipeline.video import DecodedClip, decode_sampled, is_video_file, silence_native_stderr
+from pipeline.video import DecodedClip, decode_sampled, is_video_file, enter_decode_worker
 from pipeline.errors import UserError
 
 FRAME_BATCH = 16  # frames per backbone call: bounds memory at 224x224 whatever T is
@@ -120,7 +120,7 @@ def expand(paths: list[Path]) -> list[Path]:
 
 def decode_task(task: tuple[str, int]) -> DecodedClip:
     """Worker-process entry point; a folder or an unreadable file raises, and becomes a recorded failure."""
-    silence_native_stderr()
+    enter_decode_worker()
     path, frames = Path(task[0]), task[1]
     if path.is_dir():
         from pipeline.video import VideoError

@@ -130,3 +130,16 @@ def test_extract_records_the_decoder_per_clip_and_render_redecodes_with_it(tmp_p
         assert c.decoder == ["pyav", "pyav"]
         frames = decode_frames_at(root / c.videos[0], c.frame_index[0], c.decoder[0])
         assert stamped(frames) == c.frame_index[0].tolist()
+
+
+def test_decoding_before_torch_in_one_process_does_not_break_torch(tmp_path):
+    """decord2 preloads libnvblas (nvidia-* pip packages) with RTLD_GLOBAL; if torch loads after it, torch's
+    first matrix product segfaulted. A fresh process, as a notebook user would: decode, then train."""
+    import subprocess
+    import sys
+
+    path = write_video(tmp_path / "clip.mp4", numbered_frames(10, 48, 64))
+    script = ("import sys; from pipeline.video import decode_sampled; decode_sampled(sys.argv[1], 4); "
+              "import torch; m = torch.nn.Linear(512, 48); m(torch.randn(4096, 512)).sum().backward(); print('ok')")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
