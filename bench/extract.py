@@ -3,6 +3,8 @@
 * end to end: `stages.extract.run` (decode workers + backbone + shard writes + join) on HMDB-like clips
 * bare backbone: the same frames, pre-decoded and pre-processed, through `Backbone.forward` in batches
 * naive: decode every frame, then push the sampled frames one at a time through an fp32 trunk
+* decode check: seconds per clip of `decode_sampled` checked against PyAV (what extract runs) vs decord
+  alone, interleaved clip by clip, so the cost of never trusting decord blindly is a ratio of one run
 
     python bench/extract.py [--clips 12] [--frames 30] [--image-size 224] [--device cpu]
 """
@@ -106,6 +108,7 @@ def main() -> None:
         backbone = Backbone(args.weights, "pool5", args.image_size, args.device, args.precision)
         decoded = [decode_sampled(p, args.frames).frames for p in paths]
         bare = bare_backbone(backbone, decoded, args.batch_size)
+        checked, alone = decode_check_cost(paths, args.frames)
         baseline = naive(paths[: args.naive_clips], args.frames, args.image_size, args.weights)
         read = cache_read_rate(Path(tmp) / "read", args.read_clips, args.frames)
 
@@ -119,11 +122,27 @@ def main() -> None:
         "bare_backbone_fps": round(bare, 2), "naive_fps": round(baseline, 2),
         "end_to_end_over_bare": round(end_to_end / bare, 3),
         "end_to_end_over_naive": round(end_to_end / baseline, 2),
+        "decode_seconds_per_clip_checked": round(checked, 4), "decode_seconds_per_clip_decord": round(alone, 4),
+        "decode_checked_over_decord": round(checked / alone, 3),
         "cache_read_clips": args.read_clips, "cache_read_gb_per_s": round(read, 2),
     }
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def decode_check_cost(paths: list[Path], frames: int, rounds: int = 3) -> tuple[float, float]:
+    """Median seconds per clip of decode_sampled checked ("auto") and decord alone, alternating."""
+    from pipeline.video import decode_sampled
+
+    times: dict[str, list[float]] = {"auto": [], "decord": []}
+    for _ in range(rounds):
+        for path in paths:
+            for decoder in times:
+                start = time.perf_counter()
+                decode_sampled(path, frames, decoder)
+                times[decoder].append(time.perf_counter() - start)
+    return float(np.median(times["auto"])), float(np.median(times["decord"]))
 
 
 def cache_read_rate(folder: Path, clips: int, frames: int) -> float:
