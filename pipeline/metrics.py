@@ -33,7 +33,7 @@ def accuracy_report(outputs, classes: list[str]) -> dict[str, Any]:
     entropy = aq.entropy(outputs.attention) if len(labels) else np.zeros(0)
     right = (predicted == labels).astype(np.float64)  # (N,)
     return {
-        "video_accuracy": _num(np.mean(predicted == labels)) if len(labels) else None,
+        "video_accuracy": _num(right.mean()) if len(labels) else None,
         "video_accuracy_ci": bootstrap.interval(right, np.mean),
         "frame_accuracy": _num(np.mean(outputs.logits.argmax(2) == labels[:, None])) if len(labels) else None,
         f"top{top}_accuracy": _num(np.mean((top_k == labels[:, None]).any(axis=1))) if len(labels) else None,

@@ -59,10 +59,10 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
         truth_path = first_existing(looked)
         truth = _read_truth(truth_path)
         rows = clips.index
+        frame_index = cache.frame_index[rows]  # (N, T)
         attention = metrics.attention_report(outputs.attention, [cache.videos[i] for i in rows], truth,
-                                             cache.frame_index[rows], cache.height[rows], cache.width[rows],
+                                             frame_index, cache.height[rows], cache.width[rows],
                                              outputs.labels, ckpt.classes)
-        frame_index = cache.frame_index[rows]
     report = metrics.accuracy_report(outputs, ckpt.classes)
     report = {"split": cfg.split, "clips": len(clips), **report,
               "attention": dict(attention, boxes=_shown(truth_path) if truth_path else None,
