@@ -33,7 +33,7 @@ import numpy as np
 
 def box_covers(cache, rows: np.ndarray, truth: dict[str, np.ndarray]) -> np.ndarray:
     """(N, T, h, w) share of each grid cell inside the actor's box, at the very frames that were cached."""
-    from pipeline.attention_quality import box_cover, boxes_at
+    from pipeline.report.attention_quality import box_cover, boxes_at
 
     _, _, h, w = cache.feature_shape
     covers = []
@@ -58,7 +58,7 @@ class ClipsWithBoxes:
     def batches(self, batch_size: int, order=None):
         import torch
 
-        from pipeline.batches import Batch
+        from pipeline.head.batches import Batch
 
         for b in self.clips.batches(batch_size, order):
             yield Batch(b.rows, torch.cat([b.features, self.cover[b.rows]], dim=2), b.labels)
@@ -68,7 +68,7 @@ def box_attention_head(head_cfg, in_channels: int, num_classes: int, beta: float
     """The default head with Z_t = beta * box cover; its input is the features plus the cover channel."""
     from torch import nn
 
-    from pipeline.head import build_head
+    from pipeline.head.model import build_head
 
     class BoxAttention(nn.Module):
         """Fixed scores, one map per frame, handed over by the head before its recurrence starts."""
@@ -101,7 +101,7 @@ def box_attention_head(head_cfg, in_channels: int, num_classes: int, beta: float
 
 def fit(model, train_set, val_set, cfg, device) -> tuple[object, int, float]:
     """Train like `train` does (AdamW, schedule, early stopping on val loss); the best epoch's model."""
-    from pipeline import training as tr
+    from pipeline.head import training as tr
 
     optimiser = tr.make_optimiser(model, cfg)
     schedule = tr.make_schedule(optimiser, cfg)
@@ -134,15 +134,15 @@ def main() -> None:
 
     import torch
 
-    from pipeline import training as tr
-    from pipeline.batches import open_split
-    from pipeline.splits import SplitError
+    from pipeline.head import training as tr
+    from pipeline.head.batches import open_split
+    from pipeline.video.splits import SplitError
     from pipeline.config import load_section
-    from pipeline.features import CacheError, FeatureCache
-    from pipeline.messages import first_line
-    from pipeline.head import build_head
-    from pipeline.synthetic import BOXES_FILE, read_boxes_file
-    from pipeline.metrics import attention_report
+    from pipeline.features.cache import CacheError, FeatureCache
+    from pipeline.errors import first_line
+    from pipeline.head.model import build_head
+    from pipeline.video.synthetic import BOXES_FILE, read_boxes_file
+    from pipeline.report.metrics import attention_report
 
     try:  # bad input: one line, before any training
         head_cfg = load_section("head", args.params)

@@ -22,7 +22,7 @@ import numpy as np
 
 def make_clips(root: Path, clips: int, length: int, width: int, height: int) -> list[Path]:
     """HMDB-51-like files: MPEG-4 Part 2 with B-frames in AVI, moving textured content."""
-    from pipeline.encode import Encoding, write_video
+    from pipeline.video.encode import Encoding, write_video
 
     rng = np.random.default_rng(0)
     paths = []
@@ -53,8 +53,8 @@ def naive(paths: list[Path], frames: int, image_size: int, weights: str) -> floa
     import decord
     import torch
 
-    from pipeline.backbone import MEAN, STD, build_trunk, resolve_weights
-    from pipeline.video import sample_indices
+    from pipeline.features.backbone import MEAN, STD, build_trunk, resolve_weights
+    from pipeline.video.decode import sample_indices
 
     trunk = build_trunk("pool5")
     trunk.load_state_dict(resolve_weights(weights)[0])
@@ -92,9 +92,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.backbone import Backbone
+    from pipeline.features.backbone import Backbone
     from pipeline.config import ExtractConfig
-    from pipeline.video import decode_sampled
+    from pipeline.video.decode import decode_sampled
     from stages import extract
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +133,7 @@ def main() -> None:
 
 def decode_check_cost(paths: list[Path], frames: int, rounds: int = 3) -> tuple[float, float]:
     """Median seconds per clip of decode_sampled checked ("auto") and decord alone, alternating."""
-    from pipeline.video import decode_sampled
+    from pipeline.video.decode import decode_sampled
 
     times: dict[str, list[float]] = {"auto": [], "decord": []}
     for _ in range(rounds):
@@ -147,7 +147,7 @@ def decode_check_cost(paths: list[Path], frames: int, rounds: int = 3) -> tuple[
 
 def cache_read_rate(folder: Path, clips: int, frames: int) -> float:
     """Warm read of a whole `clips`-clip cache (random 512x7x7 cubes) into memory, GB/s (best of three)."""
-    from pipeline.features import ClipFeatures, FeatureCache, join, write_shard
+    from pipeline.features.cache import ClipFeatures, FeatureCache, join, write_shard
 
     rng = np.random.default_rng(0)
     settings = {"frames": frames, "dtype": "float16"}

@@ -25,7 +25,7 @@ import numpy as np
 
 def make_cache(path: Path, clips: int, frames: int, classes: int, seed: int = 0) -> Path:
     """A real feature cache of `clips` random (T, 512, 7, 7) float16 cubes, via the cache writer."""
-    from pipeline.features import ClipFeatures, join, write_shard
+    from pipeline.features.cache import ClipFeatures, join, write_shard
 
     rng = np.random.default_rng(seed)
     settings = {"backbone": "vgg16", "layer": "pool5", "weights": "random:0 sha256:bench", "image_size": 224,
@@ -50,11 +50,11 @@ def head_epoch(cache_path: Path, cell: str, max_memory_gb: float, device: str, e
     """Seconds per epoch (after one warm-up batch) of the default head of kind `cell`."""
     import torch
 
-    from pipeline import training as tr
-    from pipeline.batches import ClipSet
+    from pipeline.head import training as tr
+    from pipeline.head.batches import ClipSet
     from pipeline.config import HeadConfig, TrainConfig
-    from pipeline.features import FeatureCache
-    from pipeline.head import build_head
+    from pipeline.features.cache import FeatureCache
+    from pipeline.head.model import build_head
 
     cfg = TrainConfig(device=device, max_memory_gb=max_memory_gb)
     dev = tr.pick_device(device)
@@ -79,7 +79,7 @@ def backbone_fps(device: str, frames: int) -> tuple[float, str]:
     """Frames per second of the VGG-16 trunk at 224 px in batches of 32, and the precision it used."""
     import torch
 
-    from pipeline.backbone import Backbone
+    from pipeline.features.backbone import Backbone
 
     backbone = Backbone("random:0", "pool5", 224, device, "auto")
     x = torch.rand(32, 3, 224, 224)

@@ -75,7 +75,7 @@ def weights(progress: bool = typer.Option(True, help="Show a progress bar while 
         from rich.console import Console
         from rich.markup import escape
 
-        from pipeline.weights import fetch_imagenet_weights
+        from pipeline.features.weights import fetch_imagenet_weights
 
         path = fetch_imagenet_weights(progress=progress)
         Console().print(f"ImageNet VGG-16 weights ready: {escape(str(path))}")

@@ -6,7 +6,7 @@ Writes `<out>/eval.json` (DVC metrics), `<out>/predictions.csv` (video, true, pr
 own) and `<plots>/confusion.csv` (DVC's confusion template). Two measures of the attention:
 * localisation, where ground-truth boxes exist (`boxes.json` in the dataset root, or --boxes): mass in the
   box and the pointing game, beside uniform attention and a centre prior, overall and per class;
-* faithfulness, on any dataset: the deletion test (pipeline/faithfulness.py).
+* faithfulness, on any dataset: the deletion test (pipeline/report/faithfulness.py).
 """
 from __future__ import annotations
 
@@ -15,15 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import checkpoint as ck
-from pipeline import faithfulness, metrics
-from pipeline.batches import open_split
+from pipeline.head import checkpoint as ck
+from pipeline.report import faithfulness
+from pipeline.report import metrics
+from pipeline.head.batches import open_split
 from pipeline.config import ConfigError, EvaluateConfig, check
-from pipeline.data import dataset_roots, first_existing
-from pipeline.features import FeatureCache
+from pipeline.video.folders import dataset_roots, first_existing
+from pipeline.features.cache import FeatureCache
 from pipeline.files import atomic_file, write_json_atomic, write_text_atomic
 from pipeline.progress import progress_bar
-from pipeline.synthetic import BOXES_FILE, read_boxes_file
+from pipeline.video.synthetic import BOXES_FILE, read_boxes_file
 
 MAPS_FILE = "attention.npz"
 
@@ -32,7 +33,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
         boxes: Path | None = None, plots_dir: Path = Path("plots/eval"), device: str = "auto",
         progress: bool = True, videos: Path | None = None) -> dict[str, Any]:
     """Evaluate `model_path` on split `cfg.split`; write the four outputs; return the eval.json dict."""
-    from pipeline import training as tr
+    from pipeline.head import training as tr
 
     cfg = check(cfg)
     ckpt = ck.load(model_path)

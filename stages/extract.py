@@ -25,12 +25,12 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.config import ExtractConfig, check
-from pipeline.data import Clip, Discovery, discover
-from pipeline.features import (CacheError, ClipFeatures, FeatureCache, ShardWriter, extraction_settings, join,
+from pipeline.video.folders import Clip, Discovery, discover
+from pipeline.features.cache import (CacheError, ClipFeatures, FeatureCache, ShardWriter, extraction_settings, join,
                                remove_unfinished, settings_mismatch, shard_paths, source_changed, source_fingerprint)
-from pipeline.video import DecodedClip, decode_sampled, enter_decode_worker
+from pipeline.video.decode import DecodedClip, decode_sampled, enter_decode_worker
 from pipeline.progress import progress_bar
-from pipeline.workers import TimedPool, stop_producer
+from pipeline.video.workers import TimedPool, stop_producer
 from pipeline.errors import UserError
 
 
@@ -249,7 +249,7 @@ class _Batcher:
 def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = False, strict: bool = False,
         retry_failed: bool = False, progress: bool = True) -> ExtractSummary:
     """Extract every clip of `videos` that `cache` does not hold yet; return what happened."""
-    from pipeline.backbone import Backbone
+    from pipeline.features.backbone import Backbone
 
     videos, cache = Path(videos), Path(cache)
     cfg = check(cfg)
@@ -351,7 +351,7 @@ class _Stage:
 
 
 def _describe(exc: BaseException) -> str:
-    from pipeline.messages import first_line
+    from pipeline.errors import first_line
 
     text = first_line(exc)
     return text if text == exc.__class__.__name__ else f"{exc.__class__.__name__}: {text}"

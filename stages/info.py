@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from pipeline.features import FeatureCache
+from pipeline.features.cache import FeatureCache
 
 
 def run(cache_path: Path, show_failed: int = 20) -> dict:

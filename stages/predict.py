@@ -15,9 +15,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.messages import first_line
+from pipeline.errors import first_line
 from pipeline.progress import progress_bar
-from pipeline.video import DecodedClip, decode_sampled, is_video_file, enter_decode_worker
+from pipeline.video.decode import DecodedClip, decode_sampled, is_video_file, enter_decode_worker
 from pipeline.errors import UserError
 
 FRAME_BATCH = 16  # frames per backbone call: bounds memory at 224x224 whatever T is
@@ -61,7 +61,7 @@ def _weights_spec(recorded: str, override: str | None) -> tuple[str, str]:
         raise PredictError(f"the model's features were extracted with the weights file {label[5:]!r}: "
                            "pass --weights PATH to that file")
     if label == "imagenet":
-        from pipeline.weights import cached_weights_file, imagenet_state_dict
+        from pipeline.features.weights import cached_weights_file, imagenet_state_dict
 
         if cached_weights_file() is None:
             imagenet_state_dict(allow_download=False)  # raises WeightsError saying what to run
@@ -70,7 +70,7 @@ def _weights_spec(recorded: str, override: str | None) -> tuple[str, str]:
 
 def _precision(recorded: Any, device: str) -> str:
     """The recorded precision where this device runs it; fp32 (the exact one) where it cannot."""
-    from pipeline.backbone import resolve_device, resolve_precision
+    from pipeline.features.backbone import resolve_device, resolve_precision
 
     precision = recorded if recorded in ("fp32", "bf16") else "auto"
     try:
@@ -82,9 +82,9 @@ def _precision(recorded: Any, device: str) -> str:
 
 def rebuild_backbone(extraction: dict[str, Any], device: str, weights: str | None = None):
     """The backbone of `extraction` (a checkpoint's record), checked to make the very same features."""
-    from pipeline.backbone import Backbone
-    from pipeline.features import extraction_settings, settings_mismatch
-    from pipeline.weights import WeightsError
+    from pipeline.features.backbone import Backbone
+    from pipeline.features.cache import extraction_settings, settings_mismatch
+    from pipeline.features.weights import WeightsError
 
     spec, label = _weights_spec(str(extraction.get("weights", "")), weights)
     try:
@@ -123,7 +123,7 @@ def decode_task(task: tuple[str, int]) -> DecodedClip:
     enter_decode_worker()
     path, frames = Path(task[0]), task[1]
     if path.is_dir():
-        from pipeline.video import VideoError
+        from pipeline.video.decode import VideoError
 
         raise VideoError("folder holds no video files")
     return decode_sampled(path, frames)
@@ -131,7 +131,7 @@ def decode_task(task: tuple[str, int]) -> DecodedClip:
 
 def _decoded(files: list[Path], frames: int, workers: int, timeout: float) -> Iterator[tuple[Path, Any]]:
     """(file, DecodedClip or the exception that stopped it), in completion order."""
-    from pipeline.workers import TimedPool
+    from pipeline.video.workers import TimedPool
 
     with TimedPool(decode_task, min(workers, len(files)), timeout) as pool:
         for (path, _), result in pool.imap_unordered((str(f), frames) for f in files):
@@ -154,8 +154,8 @@ def apply_head(model, features: "torch.Tensor", device) -> tuple[np.ndarray, np.
     """float16 (T, C, h, w) -> (video probabilities (K,), attention (T, h, w)), as evaluate computes them."""
     import torch
 
-    from pipeline.head import video_probabilities
-    from pipeline.training import autocast
+    from pipeline.head.model import video_probabilities
+    from pipeline.head.training import autocast
 
     with torch.inference_mode(), autocast(device):
         out = model(features.unsqueeze(0).to(device))
@@ -175,7 +175,7 @@ def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Pat
         device: str = "auto", progress: bool = True, weights: str | None = None, strip_frames: int = 6,
         workers: int = 2, timeout: float = 60.0) -> list[Prediction]:
     """Predict every file of `videos` (folders expand to their videos) with `model_path`, in input order."""
-    from pipeline.training import pick_device
+    from pipeline.head.training import pick_device
 
     if top_k < 1:
         raise PredictError(f"--top-k must be at least 1, got {top_k}")
@@ -204,7 +204,7 @@ def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Pat
 def load_checkpoint(path: Path):
     """`checkpoint.load`, with any file torch cannot unpickle also a one-line error (torch's weights-only
     unpickler raises KeyError, IndexError, ... on arbitrary bytes, beyond what `load` catches)."""
-    from pipeline import checkpoint as ck
+    from pipeline.head import checkpoint as ck
 
     try:
         return ck.load(path)
@@ -243,7 +243,7 @@ def unique_names(files: list[Path]) -> dict[Path, str]:
 
 def _render(pred: Prediction, decoded: DecodedClip, out_dir: Path, name: str, strip_frames: int) -> None:
     """Attention blended over the very frames that were embedded: a PNG strip and a GIF."""
-    from pipeline.overlay import render_clip
+    from pipeline.report.overlay import render_clip
 
     (top, p), rest = pred.topk[0], pred.topk[1:]
     caption = f"{top} {p:.0%}" + (f" (then {', '.join(f'{c} {q:.0%}' for c, q in rest)})" if rest else "")

@@ -36,12 +36,12 @@ from urllib.parse import quote
 
 import numpy as np
 
-from pipeline import checkpoint as ck
-from pipeline import attention_quality as aq
-from pipeline import overlay
+from pipeline.head import checkpoint as ck
+from pipeline.report import attention_quality as aq
+from pipeline.report import overlay
 from pipeline.config import SPLITS, ConfigError, RenderConfig, check
-from pipeline.data import dataset_roots, first_existing
-from pipeline.features import FeatureCache, source_changed
+from pipeline.video.folders import dataset_roots, first_existing
+from pipeline.features.cache import FeatureCache, source_changed
 from pipeline.progress import progress_bar
 
 OUTPUTS = ("clips", "curves.png", "confusion.png", "index.html")  # what a render owns inside out_dir
@@ -90,7 +90,7 @@ def run(cache_path: Path, model_path: Path, out_dir: Path, cfg: RenderConfig, *,
         clips: list[str] | None = None, videos: Path | None = None, device: str = "auto",
         progress: bool = True, data_videos: Path | None = None) -> RenderSummary:
     """Render attention strips/GIFs for chosen clips, the curves, the confusion matrix and index.html."""
-    from pipeline import training as tr
+    from pipeline.head import training as tr
 
     cfg = check_config(cfg, split)
     started = time.monotonic()
@@ -141,11 +141,11 @@ class _Predicted:
 
     keys: list[str]
     rows: np.ndarray  # (N,) cache rows
-    outputs: Any  # pipeline.training.Outputs
+    outputs: Any  # pipeline.head.training.Outputs
 
 
 def _predict(cache: FeatureCache, model, clip_set, cfg: RenderConfig, dev) -> _Predicted:
-    from pipeline import training as tr
+    from pipeline.head import training as tr
 
     outputs = tr.infer(model, clip_set, cfg.batch_size, dev)
     return _Predicted(list(clip_set.keys), np.asarray(clip_set.index), outputs)
@@ -154,8 +154,8 @@ def _predict(cache: FeatureCache, model, clip_set, cfg: RenderConfig, dev) -> _P
 def _predict_split(cache: FeatureCache, model, splits_dir: Path, split: str, cfg: RenderConfig, dev, *,
                    required: bool, notes: list[str]) -> _Predicted | None:
     """The head's outputs on the whole split; with explicit clips a missing split is only a note."""
-    from pipeline.batches import open_split
-    from pipeline.splits import SplitError
+    from pipeline.head.batches import open_split
+    from pipeline.video.splits import SplitError
 
     try:
         clip_set = open_split(cache, splits_dir, split)
@@ -169,7 +169,7 @@ def _predict_split(cache: FeatureCache, model, splits_dir: Path, split: str, cfg
 
 def _explicit(cache: FeatureCache, model, keys: Sequence[str], cfg: RenderConfig, dev) -> _Predicted:
     """The clips asked for by key, in that order, once each (an unknown key is a CacheError naming it)."""
-    from pipeline.batches import ClipSet
+    from pipeline.head.batches import ClipSet
 
     unique = list(dict.fromkeys(keys))
     return _predict(cache, model, ClipSet(cache, unique), cfg, dev)
@@ -207,7 +207,7 @@ def _choose(split_out: _Predicted | None, per_class: int) -> _Predicted:
 
 
 def _subset(pred: _Predicted, picks: list[int]) -> _Predicted:
-    from pipeline.training import Outputs
+    from pipeline.head.training import Outputs
 
     o = pred.outputs
     sub = Outputs(o.logits[picks], o.attention[picks], o.labels[picks])
@@ -248,7 +248,7 @@ class _Skip(Exception):
 
 def _frames(cache: FeatureCache, row: int, path: Path) -> np.ndarray:
     """The cached frames of `row`, re-decoded from `path`; _Skip when gone, changed or undecodable."""
-    from pipeline.video import VideoError, decode_frames_at
+    from pipeline.video.decode import VideoError, decode_frames_at
 
     if not path.is_file():
         raise _Skip(f"video not found at {path}")
@@ -267,7 +267,7 @@ def _frames(cache: FeatureCache, row: int, path: Path) -> np.ndarray:
 
 def _truth(root: Path, notes: list[str]) -> dict[str, np.ndarray]:
     """The ground-truth boxes beside the videos (boxes.json), drawn on the overlays; {} when there are none."""
-    from pipeline.synthetic import BOXES_FILE, read_boxes_file
+    from pipeline.video.synthetic import BOXES_FILE, read_boxes_file
 
     path = root / BOXES_FILE
     if not path.is_file():
@@ -313,7 +313,7 @@ def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
 def _metrics(metrics_dir: Path, split_out: _Predicted | None, ckpt: ck.Checkpoint,
              summary: RenderSummary) -> dict[str, Any] | None:
     """eval.json when present and about these classes; else accuracy computed from the split rendered."""
-    from pipeline.metrics import accuracy_report
+    from pipeline.report.metrics import accuracy_report
 
     path = Path(metrics_dir) / "eval.json"
     report = _read_json(path, summary.notes)

@@ -8,9 +8,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from pipeline import splits as sp
+from pipeline.video import splits as sp
 from pipeline.config import SplitConfig, as_dict
-from pipeline.features import FeatureCache
+from pipeline.features.cache import FeatureCache
 from pipeline.files import write_text_atomic
 
 

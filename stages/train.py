@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoint as ck
-from pipeline.batches import open_split
+from pipeline.head import checkpoint as ck
+from pipeline.head.batches import open_split
 from pipeline.config import HeadConfig, TrainConfig, check
-from pipeline.features import FeatureCache
+from pipeline.features.cache import FeatureCache
 from pipeline.files import atomic_file, write_json_atomic, write_tsv_atomic
 from pipeline.progress import progress_bar
 from pipeline.errors import UserError
@@ -75,8 +75,8 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
     """Train the head `head` on `cache_path` with the lists in `splits_dir`; write model, metrics, curves."""
     from rich.console import Console
 
-    from pipeline import training as tr
-    from pipeline.head import build_head, count_parameters
+    from pipeline.head import training as tr
+    from pipeline.head.model import build_head, count_parameters
 
     console = Console(stderr=True)
     head, cfg = check(head), check(cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.encode import Encoding, numbered_frames, write_video
+from pipeline.video.encode import Encoding, numbered_frames, write_video
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -59,7 +59,7 @@ def tiny_project(tmp_path_factory) -> dict[str, Path]:
     """Stage two's inputs, tiny: 3 synthetic classes x 4 clips (with boxes.json), extracted with random weights
     (T=6 frames, conv5_3 at 64x64: a 4x4 grid of 512 channels), split 2/1/1 per class. Read-only for tests."""
     from pipeline.config import ExtractConfig, SplitConfig, SynthConfig
-    from pipeline.synthetic import generate_dataset
+    from pipeline.video.synthetic import generate_dataset
     from stages import extract, split
 
     root = tmp_path_factory.mktemp("stage2")

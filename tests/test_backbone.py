@@ -5,9 +5,9 @@ import pytest
 import torch
 import torchvision
 
-from pipeline import backbone
-from pipeline.backbone import MEAN, STD, Backbone, build_trunk, resolve_weights
-from pipeline.weights import WeightsError, state_dict_sha256
+from pipeline.features import backbone
+from pipeline.features.backbone import MEAN, STD, Backbone, build_trunk, resolve_weights
+from pipeline.features.weights import WeightsError, state_dict_sha256
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

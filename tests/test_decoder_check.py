@@ -11,10 +11,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from pipeline import video
-from pipeline.encode import Encoding, numbered_frames, read_frame_number, write_video
-from pipeline.features import FeatureCache
-from pipeline.video import VideoError, decode_frames_at, decode_sampled
+from pipeline.video import decode as video
+from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
+from pipeline.features.cache import FeatureCache
+from pipeline.video.decode import VideoError, decode_frames_at, decode_sampled
 
 
 def stamped(frames: np.ndarray) -> list[int]:
@@ -96,7 +96,7 @@ def test_when_neither_decoder_gives_frames_the_clip_fails_with_both_reasons(tmp_
 FAULTY_DECORD = textwrap.dedent('''
     """Test-only: every decord reader started in this process returns 3-channel garbage of the right shape."""
     import numpy as np
-    import pipeline.video as video
+    import pipeline.video.decode as video
 
     _real = video._DecordReader.next
 
@@ -139,7 +139,7 @@ def test_decoding_before_torch_in_one_process_does_not_break_torch(tmp_path):
     import sys
 
     path = write_video(tmp_path / "clip.mp4", numbered_frames(10, 48, 64))
-    script = ("import sys; from pipeline.video import decode_sampled; decode_sampled(sys.argv[1], 4); "
+    script = ("import sys; from pipeline.video.decode import decode_sampled; decode_sampled(sys.argv[1], 4); "
               "import torch; m = torch.nn.Linear(512, 48); m(torch.randn(4096, 512)).sum().backward(); print('ok')")
     done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])

@@ -30,7 +30,7 @@ Decisions:
   depend on every `stages/*.py`). The price: editing a help text reruns the graph; extract then resumes its
   persisted cache (same settings, nothing to decode), so that is cheap.
 * No exceptions for "presentation" helpers: `pipeline/files.py` writes the outputs (JSON indent, TSV number
-  format: the bytes DVC hashes), `pipeline/messages.py` shapes the failure reasons extract records in the
+  format: the bytes DVC hashes), `pipeline/errors.py` shapes the failure reasons extract records in the
   cache, `pipeline/progress.py` can crash a stage (as rich's Progress.reset did with a missing field). Every
   project module a stage imports is a dep.
 * Over-listing fails too (a listed `pipeline/` or `stages/` file that the stage does not import, or that does
@@ -318,14 +318,14 @@ def test_the_import_scanner_sees_what_the_stages_import():
     assert {"synth", "extract", "split", "train", "evaluate", "render", "predict", "info"} <= set(_cli_commands())
     stage, code = _stage_code("evaluate")
     assert stage == "stages/evaluate.py"
-    # evaluate: `from pipeline import faithfulness, metrics` (module level, submodules by from-import), and
-    # through metrics `attention_quality`; `from pipeline import training as tr` inside run(); the CLI's
+    # evaluate: `from pipeline.report import faithfulness` (module level, submodules by from-import), and
+    # through metrics `attention_quality`; the head's inference inside run(); the CLI's
     # `from pipeline.config import load_section`.
-    assert {"pipeline/attention_quality.py", "pipeline/faithfulness.py", "pipeline/training.py",
+    assert {"pipeline/report/attention_quality.py", "pipeline/report/faithfulness.py", "pipeline/head/training.py",
             "pipeline/config.py", CLI} <= code
-    # render imports pipeline.metrics inside a function, and no other stage.
+    # render imports pipeline.report.metrics, and no other stage.
     render = _stage_code("render")[1]
-    assert "pipeline/metrics.py" in render and "stages/evaluate.py" not in render
+    assert "pipeline/report/metrics.py" in render and "stages/evaluate.py" not in render
     # The CLI's other commands do not leak into a stage: only extract's function imports stages/extract.py.
     assert "stages/extract.py" not in code and "stages/predict.py" not in code
 

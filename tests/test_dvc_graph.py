@@ -28,13 +28,13 @@ TINY = {
     # 32 px through conv5_3 (stride 16) still gives a 2x2 grid, which the ConvLSTM head and render need.
     "extract": {"weights": "random:0", "frames": 4, "image_size": 32, "layer": "conv5_3", "batch_size": 16,
                 "workers": 1},
-    # 3 clips a class: round(0.34 * 3) = 1 each for test and val, one left for train (pipeline/splits.py).
+    # 3 clips a class: round(0.34 * 3) = 1 each for test and val, one left for train (pipeline/video/splits.py).
     "split": {"val": 0.34, "test": 0.34},
     "head": {"channels": 8},
     "train": {"epochs": 2, "patience": 2},
     "render": {"per_class": 1, "strip_frames": 2},
 }
-CLASSES = 8  # pipeline.synthetic.CLASSES
+CLASSES = 8  # pipeline.video.synthetic.CLASSES
 CLIPS = CLASSES * TINY["synth"]["clips_per_class"]
 GRID = (2, 2)  # conv5_3 at 32 px
 
@@ -53,7 +53,7 @@ def ws(tmp_path_factory) -> Workspace:
 
 
 def test_repro_runs_every_stage_and_writes_well_formed_outputs(ws):
-    from pipeline.features import FeatureCache
+    from pipeline.features.cache import FeatureCache
 
     assert ws.first.ran == STAGES, ws.first.output[-4000:]
     stages = yaml.safe_load(ws.path("dvc.yaml").read_text())["stages"]
@@ -166,7 +166,7 @@ def test_second_repro_reruns_nothing(ws):
 
 
 def test_exp_run_reruns_exactly_the_stages_a_param_feeds(ws):
-    from pipeline.features import FeatureCache
+    from pipeline.features.cache import FeatureCache
 
     before = {p: ws.path(p).stat().st_mtime_ns for p in ("data/videos", "cache/features.h5", "splits/test.txt")}
     head = ws.dvc("exp", "run", "-S", "head.cell=lstm").check()

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import ExtractConfig
-from pipeline.encode import Encoding, numbered_frames, read_frame_number, write_video
-from pipeline.features import FeatureCache
-from pipeline.video import sample_indices
+from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
+from pipeline.features.cache import FeatureCache
+from pipeline.video.decode import sample_indices
 from stages import extract
 from stages.extract import ExtractError, exclusive_lock
 from tests.conftest import overstate_avi_frame_count
@@ -51,7 +51,7 @@ def test_stored_features_are_the_features_of_the_stored_frame_index(tmp_path):
     """Exactness end to end: re-embedding the frame named by frame_index reproduces the stored row."""
     import torch
 
-    from pipeline.backbone import Backbone
+    from pipeline.features.backbone import Backbone
 
     root = tmp_path / "videos"
     path = write_video(root / "count" / "b.avi", numbered_frames(45, 64, 96), enc=Encoding("mpeg4", "avi", 2))
@@ -61,7 +61,7 @@ def test_stored_features_are_the_features_of_the_stored_frame_index(tmp_path):
     frames = numbered_frames(45, 64, 96)
     with FeatureCache(cache) as c:
         stored, index, decoder = c.load()[0].astype(np.float32), c.frame_index[0], c.decoder[0]
-    from pipeline.video import decode_frames_at
+    from pipeline.video.decode import decode_frames_at
 
     decoded = decode_frames_at(path, index, decoder)  # 96 wide: decord gives garbage on some CPUs, PyAV then
     assert [read_frame_number(f) for f in decoded] == index.tolist()

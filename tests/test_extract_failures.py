@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from pipeline import features
+from pipeline.features import cache as features
 from pipeline.config import ExtractConfig
-from pipeline.features import FeatureCache, shard_paths
-from pipeline.workers import TimedPool
+from pipeline.features.cache import FeatureCache, shard_paths
+from pipeline.video.workers import TimedPool
 from stages import extract
 from stages.extract import ExtractError
 from tests.cli_helpers import assert_one_line_error

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import ExtractConfig
-from pipeline.encode import Encoding, write_video
-from pipeline.features import ClipFeatures, FeatureCache, join, source_changed, source_fingerprint, write_shard
+from pipeline.video.encode import Encoding, write_video
+from pipeline.features.cache import ClipFeatures, FeatureCache, join, source_changed, source_fingerprint, write_shard
 from stages import extract
 
 TINY = dict(weights="random:0", frames=6, image_size=64, batch_size=8, workers=2, timeout=20.0)

@@ -8,7 +8,7 @@ import torch
 from torch.func import functional_call
 
 from pipeline.config import ConfigError, HeadConfig
-from pipeline.head import (
+from pipeline.head.model import (
     HeadOutput,
     attend,
     attention_regulariser,
@@ -316,7 +316,7 @@ def test_the_default_head_reads_through_the_attention_without_the_regulariser():
 
 
 def test_a_checkpoint_saved_before_readout_existed_loads_as_the_mean_readout(tmp_path):
-    from pipeline import checkpoint as ck
+    from pipeline.head import checkpoint as ck
 
     head = HeadConfig(cell="convlstm", attention="soft", channels=8, readout="mean")
     model = build_head(head, 6, 4).eval()

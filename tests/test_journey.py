@@ -42,7 +42,7 @@ TINY = {
     "train": {"epochs": 2, "patience": 2},
     "render": {"per_class": 1, "strip_frames": 2},
 }
-CLASSES = 8  # the synthetic set's classes (pipeline.synthetic.CLASSES)
+CLASSES = 8  # the synthetic set's classes (pipeline.video.synthetic.CLASSES)
 CLIPS = CLASSES * TINY["synth"]["clips_per_class"]
 EXPERIMENT_LR = "3e-4"  # how a user types it; YAML 1.1 reads `3e-4` (no dot) as a string
 
@@ -111,7 +111,7 @@ def test_extract(journey):
     journey.needs("synth")
     # weights come from params.yaml (random:0): README's `[--weights ...]` is optional.
     r = journey.cli("extract", "extract", "data/videos", "cache/features.h5").check()
-    from pipeline.features import FeatureCache
+    from pipeline.features.cache import FeatureCache
 
     with FeatureCache(journey.path("cache/features.h5")) as cache:
         assert len(cache) == CLIPS, f"the cache holds {len(cache)} clips, not {CLIPS}\n{r.output[-3000:]}"

@@ -9,14 +9,14 @@ import pytest
 
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, RenderConfig, SplitConfig, SynthConfig, \
     TrainConfig
-from pipeline.features import FeatureCache
+from pipeline.features.cache import FeatureCache
 from stages import evaluate, extract, render, split, train
 
 
 @pytest.fixture(scope="module")
 def moved(tmp_path_factory) -> dict:
     """A project whose dataset folder was moved after extraction (the cache records the old absolute root)."""
-    from pipeline.synthetic import generate_dataset
+    from pipeline.video.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("moved")
     old = root / "old" / "videos"

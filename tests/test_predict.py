@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import checkpoint as ck
+from pipeline.head import checkpoint as ck
 from pipeline.config import ExtractConfig, HeadConfig, SplitConfig, SynthConfig, TrainConfig
-from pipeline.features import FeatureCache
-from pipeline.synthetic import generate_dataset
+from pipeline.features.cache import FeatureCache
+from pipeline.video.synthetic import generate_dataset
 from stages import extract, predict, split, train
 from stages.predict import PredictError
 
@@ -151,7 +151,7 @@ def test_a_backbone_that_no_longer_matches_the_checkpoint_is_one_line_and_exit_2
 def test_weights_recorded_as_a_file_need_that_file_and_its_hash(trained, tmp_path):
     import torch
 
-    from pipeline.backbone import random_state_dict
+    from pipeline.features.backbone import random_state_dict
 
     recorded = ck.load(trained["model"]).extraction["weights"]
     digest = recorded.split(" sha256:")[1]
@@ -169,8 +169,8 @@ def test_weights_recorded_as_a_file_need_that_file_and_its_hash(trained, tmp_pat
 
 
 def test_imagenet_weights_missing_offline_is_the_weights_error_and_never_a_download(trained, tmp_path, monkeypatch):
-    from pipeline import weights
-    from pipeline.weights import WeightsError
+    from pipeline.features import weights
+    from pipeline.features.weights import WeightsError
 
     monkeypatch.setattr(weights, "checkpoint_dir", lambda: tmp_path / "empty-hub")
     monkeypatch.setattr(weights, "fetch_imagenet_weights", lambda *a, **k: pytest.fail("predict must not download"))

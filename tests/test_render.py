@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import checkpoint as ck
-from pipeline import overlay
+from pipeline.head import checkpoint as ck
+from pipeline.report import overlay
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, RenderConfig, SplitConfig, SynthConfig, TrainConfig
-from pipeline.encode import Encoding, numbered_frames, read_frame_number, write_video
-from pipeline.features import FeatureCache
-from pipeline.synthetic import generate_dataset
+from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
+from pipeline.features.cache import FeatureCache
+from pipeline.video.synthetic import generate_dataset
 from stages import evaluate, extract, render, split, train
 
 CLASSES = ["move_left", "move_right", "move_up"]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import SplitConfig
-from pipeline.features import ClipFeatures, join, write_shard
-from pipeline.splits import (FAILED, NOT_IN_CACHE, UNLISTED, UNUSED, SplitError, class_of, hmdb51, read_split,
+from pipeline.features.cache import ClipFeatures, join, write_shard
+from pipeline.video.splits import (FAILED, NOT_IN_CACHE, UNLISTED, UNUSED, SplitError, class_of, hmdb51, read_split,
                              stratified, ucf101, write_splits)
 from stages import split as stage
 

@@ -14,8 +14,8 @@ import pytest
 
 import pipeline
 from pipeline.config import SynthConfig
-from pipeline.encode import Encoding
-from pipeline.synthetic import (BOXES_FILE, CLASSES, MOTIONS, SYNTH_ENCODINGS, actor_path, clip_key, clip_rng,
+from pipeline.video.encode import Encoding
+from pipeline.video.synthetic import (BOXES_FILE, CLASSES, MOTIONS, SYNTH_ENCODINGS, actor_path, clip_key, clip_rng,
                                 generate_clip, generate_dataset, path_boxes, read_boxes)
 from stages import synth as stage
 
@@ -353,8 +353,8 @@ cores = int(sys.argv[1])
 if cores and hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
 from pathlib import Path
-from pipeline.encode import write_video
-from pipeline.synthetic import SYNTH_ENCODINGS, clip_rng, generate_clip
+from pipeline.video.encode import write_video
+from pipeline.video.synthetic import SYNTH_ENCODINGS, clip_rng, generate_clip
 out = Path(sys.argv[2])
 frames, _ = generate_clip("move_up", clip_rng(0, "move_up", 0), 8, 120, 160)  # 160x120: x264 slices it
 for index, enc in enumerate(SYNTH_ENCODINGS):

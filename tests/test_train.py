@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import checkpoint as ck
-from pipeline import training
-from pipeline.batches import open_split
+from pipeline.head import checkpoint as ck
+from pipeline.head import training
+from pipeline.head.batches import open_split
 from pipeline.config import HeadConfig, TrainConfig
-from pipeline.features import FeatureCache
+from pipeline.features.cache import FeatureCache
 from stages import train
 from tests.cli_helpers import assert_one_line_error, run_cli, run_in_process
 
@@ -104,7 +104,7 @@ def cli_run(tiny_project, tmp_path_factory):
 
 
 def test_cli_writes_checkpoint_metrics_and_one_curve_row_per_epoch(cli_run):
-    from pipeline.head import build_head
+    from pipeline.head.model import build_head
 
     result, paths = cli_run
     assert result.returncode == 0, result.stderr
@@ -171,7 +171,7 @@ def test_built_checkpoint_is_the_trained_model(tiny_project, tmp_path):
     """One epoch (so the saved epoch is the last): Checkpoint.build() answers exactly as the live model did."""
     import torch
 
-    from pipeline.head import build_head
+    from pipeline.head.model import build_head
 
     summary, paths = train_into(tiny_project, tmp_path, epochs=1)
     ckpt = ck.load(paths["model"])
@@ -308,7 +308,7 @@ def test_streaming_from_the_file_trains_the_same_model_as_in_memory(tiny_project
 @pytest.mark.parametrize("cell, attention", [("convlstm", "none"), ("lstm", "soft"), ("lstm", "none"),
                                              ("mean", "soft")])
 def test_every_cell_and_attention_trains_through_the_cli(tiny_project, tmp_path, cell, attention):
-    from pipeline.head import build_head
+    from pipeline.head.model import build_head
 
     result = run_in_process(*cli_args(tiny_project, tmp_path, "--epochs", "1", "--cell", cell,
                                       "--attention", attention))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.encode import ENCODINGS, Encoding, read_frame_number
-from pipeline.video import VideoError, decode_frames_at, decode_sampled, sample_indices
+from pipeline.video.encode import ENCODINGS, Encoding, read_frame_number
+from pipeline.video.decode import VideoError, decode_frames_at, decode_sampled, sample_indices
 from tests.conftest import overstate_avi_frame_count
 
 
@@ -61,7 +61,7 @@ def test_odd_frame_size_decodes_at_its_own_size(numbered_video):
 
 
 def test_rotated_clip_is_decoded_upright(tmp_path):
-    from pipeline.encode import write_video
+    from pipeline.video.encode import write_video
 
     frames = np.zeros((4, 64, 96, 3), np.uint8)
     frames[:, :16, :16] = 255  # marker in the stored top-left corner
@@ -72,7 +72,7 @@ def test_rotated_clip_is_decoded_upright(tmp_path):
 
 
 def test_long_clip_beyond_the_memory_budget_is_still_exact(numbered_video, monkeypatch):
-    import pipeline.video as video
+    import pipeline.video.decode as video
 
     monkeypatch.setattr(video, "KEEP_ALL_BYTES", 1)  # force the keep-only-candidates path
     clip = decode_sampled(numbered_video(Encoding("mpeg4", "avi", 2), count=61), 30)

@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import weights
-from pipeline.weights import WeightsError
+from pipeline.features import weights
+from pipeline.features.weights import WeightsError
 
 CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
 

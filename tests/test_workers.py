@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 
-from pipeline.workers import TaskError, TaskTimeout, TimedPool, WorkerCrashed
+from pipeline.video.workers import TaskError, TaskTimeout, TimedPool, WorkerCrashed
 
 
 def work(task):

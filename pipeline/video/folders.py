@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.video import is_video_file
+from pipeline.video.decode import is_video_file
 from pipeline.errors import UserError
 
 

@@ -14,7 +14,7 @@ import torchvision.models.vgg as tv_vgg
 from torch import Tensor, nn
 
 from pipeline.config import PRECISIONS
-from pipeline.weights import WeightsError, conv_shapes, imagenet_state_dict, load_state_dict_file, \
+from pipeline.features.weights import WeightsError, conv_shapes, imagenet_state_dict, load_state_dict_file, \
     state_dict_sha256
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB, as torchvision's VGG16_Weights.IMAGENET1K_V1 expects

@@ -15,9 +15,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from pipeline.features import CacheError, FeatureCache
-from pipeline.splits import SplitError, read_split
-from pipeline.workers import stop_producer
+from pipeline.features.cache import CacheError, FeatureCache
+from pipeline.video.splits import SplitError, read_split
+from pipeline.video.workers import stop_producer
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.messages import first_line
+from pipeline.errors import first_line
 from pipeline.errors import UserError
 
 VIDEO_EXTENSIONS = frozenset(

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipeline.config import SynthConfig
-from pipeline.encode import Encoding, write_video
+from pipeline.video.encode import Encoding, write_video
 
 BOXES_FILE = "boxes.json"
 BOXES_FORMAT = 1

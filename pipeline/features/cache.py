@@ -143,7 +143,7 @@ def extraction_settings(provenance: dict[str, Any], frames: int, weights_label: 
     extract writes them and predict rebuilds them to compare with a checkpoint's, so they are made here
     only. `weights_label` replaces the provenance's own label (predict names a weights file by its path).
     """
-    from pipeline.video import SAMPLING
+    from pipeline.video.decode import SAMPLING
 
     label = weights_label if weights_label is not None else provenance["weights"]
     return {"backbone": provenance["backbone"], "layer": provenance["layer"],
@@ -165,7 +165,7 @@ class ClipFeatures:
     height: int
     width: int
     source: str = ""  # source_fingerprint of the file the features were made from; "" = not recorded
-    decoder: str = "decord"  # which decoder made the frames (pipeline.video.DECODERS); render decodes the same way
+    decoder: str = "decord"  # which decoder made the frames (pipeline.video.decode.DECODERS); render decodes the same way
     precision: str = ""  # the backbone's precision for this clip (fp32 | bf16): one cache may mix them
 
 

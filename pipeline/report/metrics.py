@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import attention_quality as aq
-from pipeline import bootstrap
+from pipeline.report import attention_quality as aq
+from pipeline.report import bootstrap
 
 
 def accuracy_report(outputs, classes: list[str]) -> dict[str, Any]:

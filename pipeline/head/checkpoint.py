@@ -24,8 +24,8 @@ from typing import Any
 
 from pipeline.config import HeadConfig
 from pipeline.files import atomic_file
-from pipeline.features import SETTINGS_KEYS, FeatureCache, settings_mismatch
-from pipeline.messages import first_line
+from pipeline.features.cache import SETTINGS_KEYS, FeatureCache, settings_mismatch
+from pipeline.errors import first_line
 from pipeline.errors import UserError
 
 FORMAT = "videoattn-head"
@@ -54,7 +54,7 @@ class Checkpoint:
         Whatever a checkpoint's contents make fail here (a head config build_head refuses, weights of
         other shapes) is the checkpoint's fault, not the caller's: a CheckpointError, never a traceback.
         """
-        from pipeline.head import build_head
+        from pipeline.head.model import build_head
 
         where = f"{self.source}: " if self.source else ""
         try:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.batches import ClipSet
+from pipeline.head.batches import ClipSet
 from pipeline.config import DEVICES, ConfigError, TrainConfig
 
 def pick_device(name: str) -> "torch.device":  # noqa: F821
@@ -80,7 +80,7 @@ def train_epoch(model, clips: ClipSet, optimiser, cfg: TrainConfig, device, epoc
 
     import torch
 
-    from pipeline.head import head_loss, video_probabilities
+    from pipeline.head.model import head_loss, video_probabilities
 
     start = time.perf_counter()
     model.train()
@@ -155,7 +155,7 @@ def loss_of(outputs: Outputs, attention_reg: float) -> float:
     """The training loss (per-frame cross-entropy + attention regulariser) of finished outputs."""
     import torch
 
-    from pipeline.head import HeadOutput, head_loss
+    from pipeline.head.model import HeadOutput, head_loss
 
     if len(outputs.labels) == 0:
         return math.nan

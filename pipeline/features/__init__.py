@@ -1,0 +1,1 @@
+"""Stage one: weights, the frozen backbone, the one extractor, the HDF5 cache and the rerun plan."""

@@ -1,0 +1,1 @@
+"""Stage two: the attention head (DESIGN's equations), batches from the cache, fit(), checkpoints."""

@@ -1,0 +1,1 @@
+"""What the head says: metrics, attention quality, faithfulness, overlays, charts, the report page."""
