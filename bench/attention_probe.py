@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -99,25 +98,15 @@ def box_attention_head(head_cfg, in_channels: int, num_classes: int, beta: float
     return BoxAttentionHead()
 
 
-def fit(model, train_set, val_set, cfg, device) -> tuple[object, int, float]:
-    """Train like `train` does (AdamW, schedule, early stopping on val loss); the best epoch's model."""
-    from pipeline.head import training as tr
+def fit_best(model, train_set, val_set, cfg, device) -> tuple[object, int, float]:
+    """Train like `train` does (pipeline.head.fit.fit: early stopping on val loss); the best epoch's model."""
+    from pipeline.head.fit import fit
 
-    optimiser = tr.make_optimiser(model, cfg)
-    schedule = tr.make_schedule(optimiser, cfg)
-    best, best_epoch, best_loss, bad = None, 0, math.inf, 0
-    for epoch in range(cfg.epochs):
-        if bad >= cfg.patience:
-            break
-        tr.train_epoch(model, train_set, optimiser, cfg, device, epoch)
-        schedule.step()
-        loss = tr.loss_of(tr.infer(model, val_set, cfg.batch_size, device), cfg.attention_reg)
-        if loss < best_loss:
-            best, best_epoch, best_loss, bad = copy.deepcopy(model.state_dict()), epoch + 1, loss, 0
-        else:
-            bad += 1
-    model.load_state_dict(best)
-    return model, best_epoch, best_loss
+    best = {}
+    state = fit(model, train_set, val_set, cfg, device,
+                on_best=lambda epoch: best.update(weights=copy.deepcopy(model.state_dict())))
+    model.load_state_dict(best.get("weights"))
+    return model, state.best_epoch, state.best_loss
 
 
 def main() -> None:
@@ -134,8 +123,9 @@ def main() -> None:
 
     import torch
 
-    from pipeline.head import training as tr
     from pipeline.head.batches import open_split
+    from pipeline.head.infer import accuracies, infer, loss_of
+    from pipeline.head.runtime import pick_device, seed_everything
     from pipeline.video.splits import SplitError
     from pipeline.config import load_section
     from pipeline.features.cache import CacheError, FeatureCache
@@ -162,28 +152,28 @@ def main() -> None:
             raise ValueError(f"{boxes_path}: no boxes for {len(missing)} clips of the splits, e.g. '{missing[0]}'")
     except (CacheError, SplitError, ValueError) as exc:  # ConfigError is a ValueError
         parser.error(first_line(exc))
-    device = tr.pick_device(args.device)
+    device = pick_device(args.device)
     results = []
     with cache:
         covers = {name: box_covers(cache, s.index, truth) for name, s in sets.items()}
         shape, classes = cache.feature_shape, list(cache.classes)
         for kind, beta in runs:
             start = time.perf_counter()
-            tr.seed_everything(cfg.seed)
+            seed_everything(cfg.seed)
             if kind == "learned":
                 model, data = build_head(head_cfg, shape[1], len(classes)), sets
             else:
                 model = box_attention_head(head_cfg, shape[1], len(classes), beta)
                 data = {name: ClipsWithBoxes(s, covers[name]) for name, s in sets.items()}
-            model, best_epoch, val_loss = fit(model.to(device), data["train"], data["val"], cfg, device)
-            test = tr.infer(model, data["test"], cfg.batch_size, device)
+            model, best_epoch, val_loss = fit_best(model.to(device), data["train"], data["val"], cfg, device)
+            test = infer(model, data["test"], cfg.batch_size, device)
             rows = sets["test"].index
             att = attention_report(test.attention, [cache.videos[i] for i in rows], truth,
                                    cache.frame_index[rows], cache.height[rows], cache.width[rows])
             results.append({"attention": "learned" if kind == "learned" else f"fixed, beta {beta:g}",
                             "best_epoch": best_epoch, "val_loss": round(val_loss, 4),
-                            "test_loss": round(tr.loss_of(test, cfg.attention_reg), 4),
-                            "test_video_accuracy": tr.accuracies(test)[0], "mass_ratio": att["mass_ratio"],
+                            "test_loss": round(loss_of(test, cfg.attention_reg), 4),
+                            "test_video_accuracy": accuracies(test)[0], "mass_ratio": att["mass_ratio"],
                             "pointing": att["pointing"], "seconds": round(time.perf_counter() - start, 1)})
             print(json.dumps(results[-1]), flush=True)
     print("\n| attention | best epoch | val loss | test loss | test video acc | mass in box / uniform | pointing |")

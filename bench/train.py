@@ -1,6 +1,6 @@
 """Stage-two cost, measured side by side in one run: an epoch of the head from the cache vs the backbone.
 
-* head epoch (in memory): `training.train_epoch` over N cached clips (random cubes of the cache's shape,
+* head epoch (in memory): `pipeline.head.fit.train_epoch` over N cached clips (random cubes of the cache's shape,
   written to a real HDF5 cache and loaded the way `train` loads them), default head and train settings
 * head epoch (streamed): the same epoch with max_memory_gb=0, every batch read from the file
 * backbone epoch: what one epoch would cost if it re-ran the VGG-16 trunk on the same clips instead of
@@ -25,7 +25,7 @@ import numpy as np
 
 def make_cache(path: Path, clips: int, frames: int, classes: int, seed: int = 0) -> Path:
     """A real feature cache of `clips` random (T, 512, 7, 7) float16 cubes, via the cache writer."""
-    from pipeline.features.cache import ClipFeatures, join, write_shard
+    from pipeline.features.shards import ClipFeatures, join, write_shard
 
     rng = np.random.default_rng(seed)
     settings = {"backbone": "vgg16", "layer": "pool5", "weights": "random:0 sha256:bench", "image_size": 224,
@@ -50,20 +50,21 @@ def head_epoch(cache_path: Path, cell: str, max_memory_gb: float, device: str, e
     """Seconds per epoch (after one warm-up batch) of the default head of kind `cell`."""
     import torch
 
-    from pipeline.head import training as tr
+    from pipeline.head.fit import make_optimiser, train_epoch
+    from pipeline.head.runtime import pick_device, seed_everything
     from pipeline.head.batches import ClipSet
     from pipeline.config import HeadConfig, TrainConfig
     from pipeline.features.cache import FeatureCache
     from pipeline.head.model import build_head
 
     cfg = TrainConfig(device=device, max_memory_gb=max_memory_gb)
-    dev = tr.pick_device(device)
+    dev = pick_device(device)
     with FeatureCache(cache_path) as cache:
         clips = ClipSet(cache, cache.videos, max_memory_gb)
-        tr.seed_everything(0)
+        seed_everything(0)
         model = build_head(HeadConfig(cell=cell, readout=readout), cache.feature_shape[1],
                            len(cache.classes)).to(dev)
-        optimiser = tr.make_optimiser(model, cfg)
+        optimiser = make_optimiser(model, cfg)
         warm = next(iter(clips.batches(cfg.batch_size)))
         for _ in range(2):  # warm-up at the full batch shape: oneDNN builds its kernels per shape, once
             model(warm.features.to(dev)).logits.sum().backward()
@@ -71,7 +72,7 @@ def head_epoch(cache_path: Path, cell: str, max_memory_gb: float, device: str, e
         for epoch in range(epochs):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(tr.train_epoch(model, clips, optimiser, cfg, dev, epoch).seconds)
+            times.append(train_epoch(model, clips, optimiser, cfg, dev, epoch).seconds)
     return times
 
 

@@ -297,12 +297,40 @@ def predict(
         cfg = load_section("render", params)
         predictions = stage.run(videos, model, top_k=top_k, render_dir=render, device=device, progress=progress,
                                 weights=weights, strip_frames=cfg.strip_frames, timeout=timeout)
-        stage.print_table(predictions, model)
+        _print_predictions(predictions, model)
         if json_out is not None:
             stage.write_json(predictions, model, json_out)
         failed = sum(not p.ok for p in predictions)
         if failed:
             raise typer.Exit(2 if failed == len(predictions) else 1)
+
+
+
+def _print_predictions(predictions, model_path: Path, console=None) -> None:
+    """file | top-1 | probability | the rest of the top-k; a failed file shows its reason instead."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    ok = sum(p.ok for p in predictions)
+    table = Table(title=f"predict with {escape(str(model_path))}: {ok}/{len(predictions)} files")
+    table.add_column("file", overflow="fold", ratio=2)
+    table.add_column("top-1", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True)
+    table.add_column("then / why it failed", overflow="fold", ratio=2)
+    for pred in predictions:
+        if pred.ok:
+            (top, p), rest = pred.topk[0], pred.topk[1:]
+            table.add_row(escape(str(pred.file)), f"[bold]{escape(top)}[/]", f"{p:.1%}",
+                          escape(", ".join(f"{c} {q:.1%}" for c, q in rest)))
+        else:
+            table.add_row(escape(str(pred.file)), "[red]failed[/]", "", f"[red]{escape(str(pred.error))}[/]")
+    console = console or Console()
+    console.print(table)
+    for pred in predictions:
+        if pred.rendered:
+            outputs = ", ".join(str(v) for v in pred.rendered.values())
+            console.print(f"  rendered {escape(str(pred.file))}: {escape(outputs)}", highlight=False)
 
 
 @app.command()

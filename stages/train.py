@@ -5,7 +5,8 @@ plots/train/{loss,accuracy}.tsv (DVC's linear plots). After every epoch it also 
 (model, optimiser, schedule and random state), so `--resume` continues an interrupted or finished run
 exactly where it stopped; the curves and metrics are rewritten every epoch too, so a crash loses at most
 the epoch in flight. An epoch whose loss is not finite stops the run and is not recorded: the best epoch so
-far stays the model, and a run with no good epoch at all is an error that writes nothing.
+far stays the model, and a run with no good epoch at all is an error that writes nothing. The loop is
+`pipeline.head.fit.fit()` (shared with the benches); this stage decides what goes in and which files come out.
 """
 from __future__ import annotations
 
@@ -13,56 +14,37 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import HeadConfig, TrainConfig, check
+from pipeline.errors import UserError
+from pipeline.features.cache import FeatureCache
+from pipeline.files import write_json_atomic, write_tsv_atomic
 from pipeline.head import checkpoint as ck
 from pipeline.head.batches import open_split
-from pipeline.config import HeadConfig, TrainConfig, check
-from pipeline.features.cache import FeatureCache
-from pipeline.files import atomic_file, write_json_atomic, write_tsv_atomic
+from pipeline.head.fit import Epoch, FitState
 from pipeline.progress import progress_bar
-from pipeline.errors import UserError
 
 RESUME_SUFFIX = ".resume"
-RESUME_FORMAT = "videoattn-train-state"
 
 
 class TrainError(UserError):
     """Training cannot write its outputs or produced no model; the message says what to do."""
 
 
-@dataclass
-class Epoch:
-    epoch: int  # 1-based
-    train_loss: float
-    train_accuracy: float
-    val_loss: float
-    val_accuracy: float
-    val_frame_accuracy: float
-    lr: float
-    seconds: float
+@dataclass(kw_only=True)
+class TrainSummary(FitState):
+    """`fit()`'s state (history, best epoch, early stop, divergence) and what the CLI prints beside it."""
 
-
-@dataclass
-class TrainSummary:
     model: Path
     parameters: int
     device: str
     in_memory: bool
     train_clips: int
     val_clips: int
-    history: list[Epoch] = field(default_factory=list)
-    best_epoch: int = 0
-    stopped_early: bool = False
-    resumed_from: int = 0
-    diverged: Epoch | None = None  # the epoch whose loss was NaN or infinite: the run stopped, unrecorded
     seconds: float = 0.0
-
-    @property
-    def best(self) -> Epoch | None:
-        return next((e for e in self.history if e.epoch == self.best_epoch), None)
 
 
 def resume_path(model: Path) -> Path:
@@ -75,12 +57,13 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
     """Train the head `head` on `cache_path` with the lists in `splits_dir`; write model, metrics, curves."""
     from rich.console import Console
 
-    from pipeline.head import training as tr
+    from pipeline.head.fit import fit, resume_identity
     from pipeline.head.model import build_head, count_parameters
+    from pipeline.head.runtime import pick_device, seed_everything
 
     console = Console(stderr=True)
     head, cfg = check(head), check(cfg)
-    device = tr.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     model_path, started = Path(model_path), time.monotonic()
     check_outputs(model_path, Path(metrics_path), Path(plots_dir))
     with FeatureCache(cache_path) as cache:
@@ -88,55 +71,26 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
         val_set = open_split(cache, splits_dir, "val", cfg.max_memory_gb)
         extraction, origin = ck.cache_provenance(cache)
         classes, shape = list(cache.classes), list(cache.feature_shape)
-
-        tr.seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         model = build_head(head, shape[1], len(classes)).to(device)
-        optimiser = tr.make_optimiser(model, cfg)
-        schedule = tr.make_schedule(optimiser, cfg)
-        summary = TrainSummary(model_path, count_parameters(model), str(device), train_set.in_memory,
-                               len(train_set), len(val_set))
-        state = {"best_loss": math.inf, "bad_epochs": 0}
-        if resume:
-            summary.resumed_from = _restore(resume_path(model_path), model, optimiser, schedule, summary, state,
-                                            head, cfg, extraction)
-        console.print(f"[bold]train[/] {head.label} head, {summary.parameters:,} parameters, "
-                      f"{len(train_set)} train / {len(val_set)} val clips "
-                      f"({'in memory' if train_set.in_memory else 'streamed from the cache'}), {device}",
-                      highlight=False)
+        summary = TrainSummary(model=model_path, parameters=count_parameters(model), device=str(device),
+                               in_memory=train_set.in_memory, train_clips=len(train_set), val_clips=len(val_set))
 
-        def checkpoint_of(epoch: Epoch) -> ck.Checkpoint:
+        def started_at(_: FitState) -> None:
+            console.print(f"[bold]train[/] {head.label} head, {summary.parameters:,} parameters, "
+                          f"{len(train_set)} train / {len(val_set)} val clips "
+                          f"({'in memory' if train_set.in_memory else 'streamed from the cache'}), {device}",
+                          highlight=False)
+
+        def save_best(epoch: Epoch) -> None:
             info = dict(dataclasses.asdict(cfg), epoch=epoch.epoch, val_loss=epoch.val_loss,
                         val_accuracy=epoch.val_accuracy, train_clips=len(train_set), val_clips=len(val_set))
-            return ck.Checkpoint(model.state_dict(), head, classes, shape, extraction, origin, info)
+            ck.save(model_path, ck.Checkpoint(model.state_dict(), head, classes, shape, extraction, origin, info))
 
-        with progress_bar("train", len(train_set), "clips", enabled=progress, label="") as bar:
-            for index in range(summary.resumed_from, cfg.epochs):
-                if state["bad_epochs"] >= cfg.patience:
-                    summary.stopped_early = True
-                    break
-                bar.restart(len(train_set), label=f"epoch {index + 1}/{cfg.epochs}")
-                lr = optimiser.param_groups[0]["lr"]
-                fit = tr.train_epoch(model, train_set, optimiser, cfg, device, index,
-                                     on_batch=bar.advance)
-                schedule.step()
-                val = tr.infer(model, val_set, cfg.batch_size, device)
-                val_loss = tr.loss_of(val, cfg.attention_reg)
-                val_acc, val_frame_acc = tr.accuracies(val)
-                epoch = Epoch(index + 1, fit.loss, fit.accuracy, val_loss, val_acc, val_frame_acc, lr, fit.seconds)
-                if not (math.isfinite(fit.loss) and math.isfinite(val_loss)):
-                    summary.diverged = epoch  # more epochs would only train on NaNs
-                    break
-                summary.history.append(epoch)
-                if val_loss < state["best_loss"]:
-                    state["best_loss"], state["bad_epochs"] = val_loss, 0
-                    summary.best_epoch = epoch.epoch
-                    ck.save(model_path, checkpoint_of(epoch))
-                else:
-                    state["bad_epochs"] += 1
-                _save_resume(resume_path(model_path), model, optimiser, schedule, summary, state, head, cfg,
-                             extraction)
-                write_outputs(summary, metrics_path, plots_dir)
-                bar.note(f"loss {fit.loss:.3f}/{val_loss:.3f}  acc {fit.accuracy:.1%}/{val_acc:.1%} (train/val)")
+        fit(model, train_set, val_set, cfg, device, resume_from=resume_path(model_path) if resume else None,
+            save_to=resume_path(model_path), identity=resume_identity(head, cfg, extraction), on_start=started_at,
+            on_best=save_best, on_epoch=lambda _: write_outputs(summary, metrics_path, plots_dir), state=summary,
+            bar=progress_bar("train", len(train_set), "clips", enabled=progress, label=""))
     summary.seconds = time.monotonic() - started
     if summary.diverged is not None:
         _report_divergence(summary, console)
@@ -160,9 +114,6 @@ def _report_divergence(summary: TrainSummary, console) -> None:
                   f"{escape(str(summary.model))}; a lower --lr (train.lr) may do better", highlight=False)
 
 
-# --- output locations -------------------------------------------------------------------------------------
-
-
 def check_outputs(model_path: Path, metrics_path: Path, plots_dir: Path) -> None:
     """Make the output folders now, so an unwritable path fails before the first epoch rather than after it."""
     for output, folder in ((model_path, model_path.parent), (metrics_path, metrics_path.parent),
@@ -170,7 +121,8 @@ def check_outputs(model_path: Path, metrics_path: Path, plots_dir: Path) -> None
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            blocker = _file_in_the_way(folder)
+            existing = next((p for p in (folder, *folder.parents) if p.exists()), None)  # a file in the way?
+            blocker = existing if existing is not None and not existing.is_dir() else None
             why = f"{blocker} is a file, not a folder" if blocker else (exc.strerror or str(exc))
             raise TrainError(f"cannot write {output}: {why}") from None
         if not os.access(folder, os.W_OK | os.X_OK):
@@ -180,87 +132,18 @@ def check_outputs(model_path: Path, metrics_path: Path, plots_dir: Path) -> None
             raise TrainError(f"cannot write {output}: it is a folder; name a file")
 
 
-def _file_in_the_way(folder: Path) -> Path | None:
-    """The nearest existing one of `folder` and its parents, when that is not a folder."""
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    return existing if existing is not None and not existing.is_dir() else None
-
-
-# --- outputs ----------------------------------------------------------------------------------------------
-
-
 def write_outputs(summary: TrainSummary, metrics_path: Path, plots_dir: Path) -> None:
     """metrics/train.json (the selected epoch) and the per-epoch curves, for DVC metrics and plots."""
-    rows = summary.history
-    write_tsv_atomic(Path(plots_dir) / "loss.tsv", ["epoch", "train", "val"],
-                     [[e.epoch, e.train_loss, e.val_loss] for e in rows])
-    write_tsv_atomic(Path(plots_dir) / "accuracy.tsv", ["epoch", "train", "val"],
-                     [[e.epoch, e.train_accuracy, e.val_accuracy] for e in rows])
-    best = summary.best
-    seconds = [e.seconds for e in rows]
-    metrics: dict[str, Any] = {
-        "best_epoch": summary.best_epoch, "epochs_run": len(rows), "stopped_early": summary.stopped_early,
-        "val_loss": _finite(best.val_loss) if best else None,
-        "val_accuracy": _finite(best.val_accuracy) if best else None,
-        "val_frame_accuracy": _finite(best.val_frame_accuracy) if best else None,
-        "train_loss": _finite(best.train_loss) if best else None,
-        "train_accuracy": _finite(best.train_accuracy) if best else None,
-        "parameters": summary.parameters, "train_clips": summary.train_clips, "val_clips": summary.val_clips,
-        "seconds_per_epoch": round(sum(seconds) / len(seconds), 3) if seconds else None,
-        "device": summary.device,
-    }
+    rows, best = summary.history, summary.best
+    for name, train_of, val_of in (("loss", "train_loss", "val_loss"), ("accuracy", "train_accuracy", "val_accuracy")):
+        write_tsv_atomic(Path(plots_dir) / f"{name}.tsv", ["epoch", "train", "val"],
+                         [[e.epoch, getattr(e, train_of), getattr(e, val_of)] for e in rows])
+    metrics: dict[str, Any] = {"best_epoch": summary.best_epoch, "epochs_run": len(rows),
+                               "stopped_early": summary.stopped_early}
+    for key in ("val_loss", "val_accuracy", "val_frame_accuracy", "train_loss", "train_accuracy"):
+        value = getattr(best, key) if best else math.nan
+        metrics[key] = round(value, 6) if math.isfinite(value) else None
+    metrics.update(parameters=summary.parameters, train_clips=summary.train_clips, val_clips=summary.val_clips,
+                   seconds_per_epoch=round(sum(e.seconds for e in rows) / len(rows), 3) if rows else None,
+                   device=summary.device)
     write_json_atomic(metrics_path, metrics)
-
-
-def _finite(value: float) -> float | None:
-    return round(value, 6) if math.isfinite(value) else None
-
-
-# --- resume state -----------------------------------------------------------------------------------------
-
-
-def _identity(head: HeadConfig, cfg: TrainConfig, extraction: dict) -> dict:
-    """What must not change between a run and its resumption (patience and device may)."""
-    keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("patience", "device")}
-    return {"head": dataclasses.asdict(head), "train": keep, "weights": extraction.get("weights"),
-            "frames": extraction.get("frames"), "layer": extraction.get("layer")}
-
-
-def _save_resume(path: Path, model, optimiser, schedule, summary: TrainSummary, state: dict, head: HeadConfig,
-                 cfg: TrainConfig, extraction: dict) -> None:
-    import torch
-
-    payload = {
-        "format": RESUME_FORMAT, "next_epoch": summary.history[-1].epoch, "best_epoch": summary.best_epoch,
-        "best_loss": state["best_loss"], "bad_epochs": state["bad_epochs"],
-        "model": model.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
-        "rng": torch.get_rng_state(), "history": [dataclasses.asdict(e) for e in summary.history],
-        "identity": _identity(head, cfg, extraction),
-    }
-    with atomic_file(path) as fh:
-        torch.save(payload, fh)
-
-
-def _restore(path: Path, model, optimiser, schedule, summary: TrainSummary, state: dict, head: HeadConfig,
-             cfg: TrainConfig, extraction: dict) -> int:
-    """Load the resume state into the live objects; returns the number of epochs already done."""
-    import torch
-
-    if not path.is_file():
-        raise ck.CheckpointError(f"{path}: no training state to resume from; train without --resume")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(payload, dict) and payload.get("format") == RESUME_FORMAT
-    except Exception:  # noqa: BLE001 - any unreadable file means the same thing to the user
-        raise ck.CheckpointError(f"{path}: not a readable training state; train without --resume") from None
-    if payload["identity"] != _identity(head, cfg, extraction):
-        raise ck.CheckpointError(f"{path}: was trained with other head/train settings or another cache; "
-                                 "train without --resume (or restore those settings)")
-    model.load_state_dict(payload["model"])
-    optimiser.load_state_dict(payload["optimiser"])
-    schedule.load_state_dict(payload["schedule"])
-    torch.set_rng_state(payload["rng"])
-    summary.history = [Epoch(**e) for e in payload["history"]]
-    summary.best_epoch = payload["best_epoch"]
-    state["best_loss"], state["bad_epochs"] = payload["best_loss"], payload["bad_epochs"]
-    return int(payload["next_epoch"])

@@ -319,9 +319,9 @@ def test_the_import_scanner_sees_what_the_stages_import():
     stage, code = _stage_code("evaluate")
     assert stage == "stages/evaluate.py"
     # evaluate: `from pipeline.report import faithfulness` (module level, submodules by from-import), and
-    # through metrics `attention_quality`; the head's inference inside run(); the CLI's
+    # through metrics `attention_quality`; the head's inference (head/infer.py); the CLI's
     # `from pipeline.config import load_section`.
-    assert {"pipeline/report/attention_quality.py", "pipeline/report/faithfulness.py", "pipeline/head/training.py",
+    assert {"pipeline/report/attention_quality.py", "pipeline/report/faithfulness.py", "pipeline/head/infer.py",
             "pipeline/config.py", CLI} <= code
     # render imports pipeline.report.metrics, and no other stage.
     render = _stage_code("render")[1]

@@ -13,7 +13,7 @@ import pytest
 from pipeline.report import attention_quality as aq
 from pipeline.head import checkpoint as ck
 from pipeline.report import metrics
-from pipeline.head import training
+from pipeline.head import infer as training
 from pipeline.head.batches import open_split
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, TrainConfig
 from pipeline.features.cache import FeatureCache

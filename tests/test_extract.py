@@ -14,6 +14,7 @@ from pipeline.config import ExtractConfig
 from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
 from pipeline.features.cache import FeatureCache
 from pipeline.video.decode import sample_indices
+from pipeline.features import extractor
 from stages import extract
 from stages.extract import ExtractError, exclusive_lock
 from tests.conftest import overstate_avi_frame_count
@@ -162,7 +163,7 @@ def test_bad_inputs_are_recorded_with_reasons_and_cost_no_other_clip(tmp_path, n
 
 
 def test_a_hanging_clip_is_recorded_as_timed_out(mini_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(extract, "decode_task", _hang_on_jump)
+    monkeypatch.setattr(extractor, "decode_task", _hang_on_jump)
     summary = extract.run(mini_dataset, tmp_path / "f.h5", cfg(timeout=5.0), progress=False)
     assert summary.extracted == 4
     assert {v for v, _ in summary.failed} == {"jump/clip0.avi", "jump/clip1.mp4"}
@@ -172,7 +173,7 @@ def test_a_hanging_clip_is_recorded_as_timed_out(mini_dataset, tmp_path, monkeyp
 def _hang_on_jump(task):
     if "/jump/" in task[0]:
         time.sleep(3600)
-    return extract.decode_sampled(*task)
+    return extractor.decode_task(task)
 
 
 def test_strict_stops_at_the_first_failure_and_keeps_finished_clips(mini_dataset, tmp_path):

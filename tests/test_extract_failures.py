@@ -7,10 +7,12 @@ import threading
 
 import pytest
 
-from pipeline.features import cache as features
+from pipeline.features import shards as features
 from pipeline.config import ExtractConfig
-from pipeline.features.cache import FeatureCache, shard_paths
+from pipeline.features.cache import FeatureCache
+from pipeline.features.shards import shard_paths
 from pipeline.video.workers import TimedPool
+from pipeline.features import extractor
 from stages import extract
 from stages.extract import ExtractError
 from tests.cli_helpers import assert_one_line_error
@@ -66,12 +68,12 @@ def shard_per_clip(monkeypatch):
 def test_a_dying_decoder_pool_is_an_error_not_a_hang_and_finished_clips_are_kept(mini_dataset, tmp_path,
                                                                                  monkeypatch, shard_per_clip):
     cache = tmp_path / "f.h5"
-    monkeypatch.setattr(extract, "TimedPool", PoolThatDiesAfter)
+    monkeypatch.setattr(extractor, "TimedPool", PoolThatDiesAfter)
     with pytest.raises(ExtractError, match=r"decoding workers failed: BlockingIOError: .*Resource temporarily "
                                            r"unavailable.*rerun to resume"):
         run_with_deadline(lambda: extract.run(mini_dataset, cache, ExtractConfig(**TINY), progress=False))
     assert len(shard_paths(extract.parts_dir_for(cache))) == 2  # the two clips decoded before it died
-    monkeypatch.setattr(extract, "TimedPool", TimedPool)
+    monkeypatch.setattr(extractor, "TimedPool", TimedPool)
     resumed = run_with_deadline(lambda: extract.run(mini_dataset, cache, ExtractConfig(**TINY), progress=False))
     assert (resumed.skipped, resumed.extracted) == (2, 4)
 
@@ -82,7 +84,7 @@ def test_a_pool_that_cannot_start_at_all_is_one_line_from_the_cli(mini_dataset, 
     class NoPool(PoolThatDiesAfter):
         good = 0
 
-    monkeypatch.setattr(extract, "TimedPool", NoPool)
+    monkeypatch.setattr(extractor, "TimedPool", NoPool)
     result = run_with_deadline(lambda: run_in_process("extract", str(mini_dataset), str(tmp_path / "f.h5"),
                                                       "--weights", "random:0", "--frames", "4", "--image-size", "32",
                                                       "--no-progress"))

@@ -13,7 +13,9 @@ import pytest
 
 from pipeline.config import ExtractConfig
 from pipeline.video.encode import Encoding, write_video
-from pipeline.features.cache import ClipFeatures, FeatureCache, join, source_changed, source_fingerprint, write_shard
+from pipeline.features.shards import ClipFeatures, join, write_shard
+from pipeline.features.cache import FeatureCache
+from pipeline.features.provenance import source_changed, source_fingerprint
 from stages import extract
 
 TINY = dict(weights="random:0", frames=6, image_size=64, batch_size=8, workers=2, timeout=20.0)

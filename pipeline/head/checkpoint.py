@@ -24,7 +24,8 @@ from typing import Any
 
 from pipeline.config import HeadConfig
 from pipeline.files import atomic_file
-from pipeline.features.cache import SETTINGS_KEYS, FeatureCache, settings_mismatch
+from pipeline.features.provenance import SETTINGS_KEYS, settings_mismatch
+from pipeline.features.cache import FeatureCache
 from pipeline.errors import first_line
 from pipeline.errors import UserError
 

@@ -1,5 +1,7 @@
-"""The figures `evaluate` reports (and `render` shows): accuracy, localisation against boxes, the CSVs.
+"""The figures `evaluate` reports (and `render` shows): accuracy, localisation against boxes, the CSVs and
+the saved maps.
 
+Video and per-frame accuracy are the head's `accuracies` (pipeline/head/infer.py) (one definition for the curves and the metrics).
 Pure numpy over the head's outputs, so they can be computed again from saved outputs or by other tools.
 """
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.files import atomic_file
+from pipeline.head.infer import accuracies
 from pipeline.report import attention_quality as aq
 from pipeline.report import bootstrap
 
@@ -31,11 +35,12 @@ def accuracy_report(outputs, classes: list[str]) -> dict[str, Any]:
         per_class[name] = {"clips": n, "accuracy": _num(confusion[i, i] / n) if n else None}
     t, h, w = outputs.attention.shape[1:] if outputs.attention.ndim == 4 else (0, 1, 1)
     entropy = aq.entropy(outputs.attention) if len(labels) else np.zeros(0)
-    right = (predicted == labels).astype(np.float64)  # (N,)
+    right = (predicted == labels).astype(np.float64)  # (N,), for the interval
+    video, frame = accuracies(outputs)  # nan (shown as None) without clips
     return {
-        "video_accuracy": _num(right.mean()) if len(labels) else None,
+        "video_accuracy": _num(video),
         "video_accuracy_ci": bootstrap.interval(right, np.mean),
-        "frame_accuracy": _num(np.mean(outputs.logits.argmax(2) == labels[:, None])) if len(labels) else None,
+        "frame_accuracy": _num(frame),
         f"top{top}_accuracy": _num(np.mean((top_k == labels[:, None]).any(axis=1))) if len(labels) else None,
         "chance": _num(1.0 / k),
         "per_class": per_class,
@@ -124,3 +129,12 @@ def confusion_csv(keys: list[str], outputs, classes: list[str]) -> str:
     for key, label, p in zip(keys, outputs.labels, outputs.probabilities):
         writer.writerow([key, classes[int(label)], classes[int(p.argmax())]])
     return buf.getvalue()
+
+
+def write_maps(path, keys: list[str], outputs, frame_index: np.ndarray, classes: list[str]) -> None:
+    """The maps as numpy arrays any tool reads (no pickle): attention (N, T, h, w) float32, video (N,),
+    label (N,) into classes, frame_index (N, T) of the frames they were computed on."""
+    with atomic_file(path) as handle:
+        np.savez_compressed(handle, attention=outputs.attention.astype(np.float32), video=np.array(keys, dtype=str),
+                            label=outputs.labels.astype(np.int64), classes=np.array(classes, dtype=str),
+                            frame_index=frame_index.astype(np.int32))

@@ -1,11 +1,11 @@
-"""Attention overlays and report figures: heatmaps blended over frames, strips, GIFs, curves, confusion.
+"""Attention overlays: heatmaps blended over frames, the PNG strips and the GIFs (charts: charts.py).
 
 Frames are resized *whole* (no crop) before the backbone, so an attention grid of h x w cells covers the
 whole picture: cell (i, j) is the rectangle [j*W/w, (j+1)*W/w) x [i*H/h, (i+1)*H/h) of the frame, and
 upsampling it bilinearly with half-pixel centres puts the heat where the features came from.
 
-Images are drawn with numpy + PIL; matplotlib (Agg backend, imported lazily) only for the two charts.
-Every file is written under a temporary name and renamed into place: readers never see half an image.
+Images are drawn with numpy + PIL, no matplotlib. Every file goes through the one atomic writer
+(`pipeline.files.atomic_path`): readers never see half an image.
 """
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import math
 import re
 import textwrap
 from pathlib import Path
-from typing import IO, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from pipeline.files import atomic_path
 
 MIN_DISPLAY_HEIGHT = 160  # frames smaller than this are upscaled (integer factor) to be readable
 PAD = 6  # pixels between tiles
@@ -97,16 +99,7 @@ def blend(frames: np.ndarray, attention: np.ndarray, alpha: float = 0.5) -> np.n
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-# --- atomic writes -----------------------------------------------------------------------------------------
-
-
-def _atomic(path: str | Path, write: Callable[[IO], None]) -> Path:
-    """Call `write(handle)` on the one atomic writer's file for `path` (pipeline/files.py)."""
-    from pipeline.files import atomic_file
-
-    with atomic_file(path) as handle:
-        write(handle)
-    return Path(path)
+# --- file names -------------------------------------------------------------------------------------------
 
 
 def safe_name(name: str) -> str:
@@ -227,7 +220,9 @@ def write_strip(path: str | Path, frames: np.ndarray, overlays: np.ndarray, pick
         draw.text((top[k][0], top[k][1] - LABEL_HEIGHT + 1), label[0], fill=INK, font=font)
         draw.text((bottom[k][0], bottom[k][1] - LABEL_HEIGHT + 1), label[0] + " attention", fill=INK, font=font)
     _draw_colour_bar(canvas, draw, (PAD, bottom[0][3] + 4), min(size[0] - 2 * PAD, 360), font)
-    return _atomic(path, lambda handle: canvas.save(handle, format="PNG", optimize=True))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG", optimize=True)
+    return Path(path)
 
 
 def _draw_colour_bar(canvas, draw, xy: tuple[int, int], width: int, font) -> None:
@@ -282,12 +277,10 @@ def write_animation(path: str | Path, overlays: np.ndarray, captions: list[str],
         _draw_lines(ImageDraw.Draw(canvas), (4, height + 3), _fit_lines(caption, width - 8, CAPTION_LINES, font), font)
         images.append(canvas)
     duration = max(20, int(round(1000.0 / fps)))
-
-    def save(handle: IO) -> None:
-        images[0].save(handle, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0,
+    with atomic_path(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0,
                        disposal=1, optimize=False)
-
-    return _atomic(path, save)
+    return Path(path)
 
 
 def render_clip(out_dir: Path, name: str, frames: np.ndarray, attention: np.ndarray, title: str,
@@ -316,96 +309,3 @@ def render_clip(out_dir: Path, name: str, frames: np.ndarray, attention: np.ndar
     strip = write_strip(out_dir / f"{stem}.png", frames, overlays, picks, title, labels)
     animation = write_animation(out_dir / f"{stem}.gif", overlays, captions, fps)
     return {"strip": strip, "animation": animation}
-
-
-# --- charts (matplotlib) -----------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def read_tsv(path: str | Path) -> dict[str, np.ndarray]:
-    """Columns of a tab-separated table with a header line, as float arrays (blank or bad cells: nan)."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-    if not lines:
-        return {}
-    header = lines[0].split("\t")
-    columns: dict[str, list[float]] = {name: [] for name in header}
-    for line in lines[1:]:
-        cells = line.split("\t")
-        for i, name in enumerate(header):
-            try:
-                columns[name].append(float(cells[i]))
-            except (IndexError, ValueError):
-                columns[name].append(math.nan)
-    return {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
-
-
-def _plot_panel(ax, path: Path | None, ylabel: str) -> None:
-    table = read_tsv(path) if path is not None and Path(path).is_file() else {}
-    epochs = table.get("epoch")
-    if epochs is None or len(epochs) == 0:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    else:
-        for column, style in (("train", "o-"), ("val", "s--")):
-            if column in table:
-                ax.plot(epochs, table[column], style, label=column, markersize=3)
-        ax.legend()
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-
-
-def write_curves(path: str | Path, loss_tsv: str | Path | None, accuracy_tsv: str | Path | None) -> Path:
-    """PNG of loss and accuracy per epoch, train and val side by side (the source study's figure 3)."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    try:
-        _plot_panel(left, Path(loss_tsv) if loss_tsv else None, "loss")
-        _plot_panel(right, Path(accuracy_tsv) if accuracy_tsv else None, "video accuracy")
-        left.set_title("loss")
-        right.set_title("accuracy")
-        right.set_ylim(-0.02, 1.02)
-        fig.tight_layout()
-        return _atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-
-
-def write_confusion(path: str | Path, classes: Sequence[str], matrix: np.ndarray | Sequence[Sequence[int]]) -> Path:
-    """Annotated heatmap PNG: rows true class, columns predicted; colour = share of the row, text = count."""
-    plt = _pyplot()
-    counts = np.asarray(matrix, dtype=np.int64)
-    k = len(classes)
-    if counts.shape != (k, k):
-        raise ValueError(f"confusion matrix must be {k}x{k} for {k} classes, got {counts.shape}")
-    rows = counts.sum(axis=1, keepdims=True)
-    share = np.divide(counts, rows, out=np.zeros(counts.shape, np.float64), where=rows > 0)
-    side = max(4.0, 0.55 * k + 2.5)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side))
-    try:
-        image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-        ax.set_xticks(range(k), labels=list(classes), rotation=45, ha="right")
-        ax.set_yticks(range(k), labels=list(classes))
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        if k <= 40:
-            for i in range(k):
-                for j in range(k):
-                    if counts[i, j]:
-                        ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
-                                color="white" if share[i, j] > 0.5 else "black")
-        fig.tight_layout()
-        return _atomic(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
-    finally:
-        plt.close(fig)

@@ -64,3 +64,15 @@ def dataset_roots(flag: str | Path | None, recorded: str | Path | None, configur
 
 def first_existing(paths: list[Path]) -> Path | None:
     return next((p for p in paths if p.exists()), None)
+
+
+def video_files(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder stands for the video files under it (sorted), so a whole set is one call."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if is_video_file(p))
+            out.extend(found or [path])  # an empty folder stays, to be reported as a failure
+        else:
+            out.append(path)
+    return list(dict.fromkeys(out))

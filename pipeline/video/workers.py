@@ -143,3 +143,56 @@ def stop_producer(stop: threading.Event, producer: threading.Thread, items: queu
             items.get(timeout=0.05)
         except queue.Empty:
             pass
+
+
+class GuardedThread:
+    """A helper thread whose death is seen, never waited on forever.
+
+    The body runs under a guard: an exception (a pool that cannot spawn: EAGAIN, ENOMEM, too many open
+    files; a writer that cannot write: disk full, an h5py error) is kept in `error` and `done` is set, so
+    the thread that feeds or drains it stops with that error (as `error_class`, naming the thread, plus
+    `hint`) instead of blocking on a queue nobody serves.
+    """
+
+    def __init__(self, name: str, body: Callable[[], None], error_class: type[Exception] = RuntimeError,
+                 hint: str = "") -> None:
+        self.name, self.error, self.error_class, self.hint = name, None, error_class, hint
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._guarded, args=(body,), name=name, daemon=True)
+
+    def _guarded(self, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except BaseException as exc:  # noqa: BLE001 - reported by the other thread, with this one's name
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def _fail(self, what: str) -> Exception:
+        return self.error_class(f"the {self.name} {what}" + (f"; {self.hint}" if self.hint else ""))
+
+    def put(self, items: queue.Queue, item: Any) -> None:
+        """Put `item` for this thread to consume; raises if it has died (its queue would never drain)."""
+        while True:
+            self.raise_if_failed()
+            try:
+                items.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def get(self, items: queue.Queue) -> Any:
+        """The next item this thread produced; raises if it died before producing its end marker."""
+        while True:
+            try:
+                return items.get(timeout=0.2)
+            except queue.Empty:
+                if self.done.is_set() and items.empty():
+                    self.raise_if_failed()
+                    raise self._fail("stopped without finishing")
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            from pipeline.errors import describe
+
+            raise self._fail(f"failed: {describe(self.error)}") from None

@@ -1,0 +1,132 @@
+"""Which clips a run must extract: the rerun plan over the cache and its shards, and the one-writer lock.
+
+A rerun follows the dataset: entries whose file is gone are dropped, entries whose file changed (by content
+fingerprint) are dropped and extracted again, and an unchanged dataset costs one stat per clip and leaves the
+cache file untouched.
+
+The lock is `flock(2)` on `<cache>.lock`: it holds between processes of one machine and on local
+filesystems; on NFS it depends on the server's lock manager (NLM / NFSv4 locks), and on Lustre on the
+`flock` mount option, so two machines sharing a cache must not both extract into it.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.features.cache import CacheError, FeatureCache
+from pipeline.features.extractor import ExtractError
+from pipeline.features.provenance import settings_mismatch, source_changed
+from pipeline.features.shards import shard_paths
+from pipeline.video.folders import Discovery
+
+
+def parts_dir_for(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".parts")
+
+
+@contextmanager
+def exclusive_lock(cache: Path) -> Iterator[None]:
+    """One writer per cache: a second extract on the same cache refuses at once instead of interleaving."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = cache.with_name(cache.name + ".lock")
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ExtractError(f"{cache} is being written by {holder}; wait for it to finish") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+class Incompatible(ExtractError):
+    """The cache or a shard was made with other settings, or cannot be read: --overwrite starts over."""
+
+
+def start_over(cache: Path) -> None:
+    """--overwrite on an incompatible cache: the cache and its unjoined shards go."""
+    cache.unlink(missing_ok=True)
+    shutil.rmtree(parts_dir_for(cache), ignore_errors=True)
+
+
+def _require_compatible(existing: FeatureCache, cache: Path, settings: dict) -> None:
+    """Refuse to mix features made with other settings into `cache`."""
+    diffs = settings_mismatch(existing.settings, settings)
+    if diffs:
+        raise Incompatible(f"{cache} was made with other settings ({'; '.join(diffs)}); "
+                            "pass --overwrite to start over, or write to another path")
+
+
+@dataclass
+class Plan:
+    """What a rerun keeps, drops and redoes of the entries that the cache and its shards hold."""
+
+    done: set[str] = field(default_factory=set)  # keys with a current row (or failure, unless retrying)
+    drop: set[tuple[str, str]] = field(default_factory=set)  # stale (key, fingerprint) entries, for join
+    removed: set[str] = field(default_factory=set)  # keys whose file is gone
+    changed: set[str] = field(default_factory=set)  # keys whose file changed since it was extracted
+
+
+def rerun_plan(cache: Path, found: Discovery, settings: dict, retry_failed: bool) -> Plan:
+    """Check every row and failure of the cache and its shards against the dataset as it is now.
+
+    Each file is opened once: its settings must match `settings` (else ExtractError), then its entries
+    are read.
+
+    A key no longer discovered is gone; a fingerprint that no longer matches its file is changed; both are
+    dropped (changed ones are then extracted again). An entry without a fingerprint (a cache from before
+    they were recorded) cannot be checked for changes: it is kept while its file exists and is not
+    rewritten just to add one (delete the cache to extract everything again). A class-folder failure ("name/")
+    is gone once the folder holds videos or no longer exists.
+    """
+    paths: dict[str, Path | None] = {c.video: c.path for c in found.clips}
+    paths.update((f"{name}/", None) for name in found.empty_classes)
+    verdicts: dict[tuple[str, str], str] = {}  # the same entry in the cache and a shard is checked once
+    plan = Plan()
+    for source in ([cache] if cache.exists() else []) + shard_paths(parts_dir_for(cache)):
+        entries = _entries(source, cache, settings)
+        for video, fingerprint, is_failure in entries:
+            entry = (video, fingerprint)
+            if entry not in verdicts:
+                verdicts[entry] = _verdict(video, fingerprint, paths)
+            if verdicts[entry] == "current":
+                if not (is_failure and retry_failed):
+                    plan.done.add(video)
+                continue
+            plan.drop.add(entry)
+            (plan.removed if verdicts[entry] == "gone" else plan.changed).add(video)
+    return plan
+
+
+def _entries(source: Path, cache: Path, settings: dict) -> list[tuple[str, str, bool]]:
+    """(key, fingerprint, is_failure) of every row and failure of `source`, a part of `cache`."""
+    try:
+        with FeatureCache(source) as existing:
+            _require_compatible(existing, cache, settings)
+            entries = [(v, s, False) for v, s in zip(existing.videos, existing.source)]
+            return entries + [(v, s, True) for (v, _), s in zip(existing.failed, existing.failed_source)]
+    except CacheError as exc:
+        raise Incompatible(f"{exc}; pass --overwrite to start a new cache") from None
+
+
+def _verdict(video: str, fingerprint: str, paths: dict[str, Path | None]) -> str:
+    """"gone", "changed" or "current" (also a class-folder entry, or one without a fingerprint)."""
+    if video not in paths:
+        return "gone"
+    path = paths[video]
+    if path is None or not source_changed(fingerprint, path):
+        return "current"
+    return "changed"

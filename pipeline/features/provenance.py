@@ -1,0 +1,123 @@
+"""What makes a feature what it is, and where it came from: the settings a cache records (and refuses to
+mix), source-file fingerprints (so a rerun sees a changed dataset), precision per row, library versions.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# Attributes that define what a feature *is*; two runs that differ in any of them must never be mixed.
+SETTINGS_KEYS = ("backbone", "layer", "weights", "image_size", "frames", "sampling", "mean", "std", "dtype")
+_HASH_BLOCK = 1 << 20
+
+
+def jsonable(value: Any) -> Any:
+    """Lists and numpy scalars as plain Python values (what JSON and HDF5 attributes hold)."""
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def settings_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two extraction settings, empty when they may be mixed."""
+    diffs = []
+    for key in SETTINGS_KEYS:
+        a, b = jsonable(old.get(key)), jsonable(new.get(key))
+        if isinstance(a, list) and isinstance(b, list):
+            same = len(a) == len(b) and np.allclose(a, b)
+        else:
+            same = a == b
+        if not same:
+            diffs.append(f"{key}: cache has {a!r}, asked for {b!r}")
+    return diffs
+
+
+# --- source fingerprints ------------------------------------------------------------------------------
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """"sha256:<hex> size:<bytes> mtime_ns:<ns>" of a source file.
+
+    The hash is what identifies the content; size and mtime only let a rerun skip hashing files whose stat
+    is unchanged (as git and DVC do). The stat is taken *before* reading, so a file written while it is
+    hashed or decoded never looks unchanged later.
+    """
+    stat = os.stat(path)
+    digest = hashlib.sha256()
+    buffer = bytearray(_HASH_BLOCK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
+    return f"sha256:{digest.hexdigest()} size:{stat.st_size} mtime_ns:{stat.st_mtime_ns}"
+
+
+def _fingerprint_fields(fingerprint: str) -> dict[str, str]:
+    return dict(token.split(":", 1) for token in fingerprint.split() if ":" in token)
+
+
+def source_changed(fingerprint: str, path: str | Path) -> bool | None:
+    """Whether `path` no longer holds the content `fingerprint` was taken of; None when nothing was recorded.
+
+    Unchanged size and mtime are trusted without reading the file, so an unchanged dataset costs one stat
+    per clip; otherwise the file is hashed (a touched or re-copied file with the same bytes is unchanged).
+    A file that cannot be read counts as changed.
+    """
+    if not fingerprint:
+        return None
+    recorded = _fingerprint_fields(fingerprint)
+    try:
+        stat = os.stat(path)
+        if recorded.get("size") != str(stat.st_size):
+            return True
+        if recorded.get("mtime_ns") == str(stat.st_mtime_ns):
+            return False
+        return _fingerprint_fields(source_fingerprint(path)).get("sha256") != recorded.get("sha256")
+    except OSError:
+        return True
+
+
+def precision_summary(per_row: Sequence[str]) -> str:
+    """One precision when every row has it; else each with its count ("mixed: bf16 12, fp32 3")."""
+    counts: dict[str, int] = {}
+    for value in per_row:
+        counts[value or "unknown"] = counts.get(value or "unknown", 0) + 1
+    if len(counts) <= 1:
+        return next(iter(counts), "")
+    return "mixed: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def extraction_settings(provenance: dict[str, Any], frames: int, weights_label: str | None = None) -> dict[str, Any]:
+    """The settings (SETTINGS_KEYS) a cache records for features made by a backbone with `provenance`.
+
+    extract writes them and predict rebuilds them to compare with a checkpoint's, so they are made here
+    only. `weights_label` replaces the provenance's own label (predict names a weights file by its path).
+    """
+    from pipeline.video.decode import SAMPLING
+
+    label = weights_label if weights_label is not None else provenance["weights"]
+    return {"backbone": provenance["backbone"], "layer": provenance["layer"],
+            "weights": f"{label} sha256:{provenance['weights_sha256']}", "image_size": provenance["image_size"],
+            "frames": frames, "sampling": SAMPLING, "mean": list(provenance["mean"]), "std": list(provenance["std"]),
+            "dtype": "float16"}
+
+
+def versions() -> dict[str, str]:
+    """Versions of what made the features, each asked of the module itself (decord may be decord2 or 0.6)."""
+    import importlib
+
+    import pipeline
+
+    found = {"pipeline": pipeline.__version__}
+    for name in ("torch", "torchvision", "decord", "av", "h5py"):
+        try:
+            found[name] = str(getattr(importlib.import_module(name), "__version__", "unknown"))
+        except Exception:  # noqa: BLE001 - a broken optional install must not stop the record
+            found[name] = "not importable"
+    return found

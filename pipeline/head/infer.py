@@ -1,0 +1,81 @@
+"""What a head says about a set of clips, and how good that is: inference, its loss and its accuracies.
+
+Validation inside `fit()`, evaluation, rendering and the benches all read the head through `infer()`, so
+every number they report comes from the same eval-mode, no-gradient pass over the same batches.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from pipeline.head.batches import ClipSet
+from pipeline.head.runtime import autocast
+
+
+@dataclass
+class Outputs:
+    """What the head says about a set of clips, in the set's order, as float32 numpy arrays."""
+
+    logits: np.ndarray  # (N, T, K)
+    attention: np.ndarray  # (N, T, h, w)
+    labels: np.ndarray  # (N,)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Video-level class probabilities (N, K): mean over t of the per-frame softmax."""
+        z = self.logits - self.logits.max(axis=2, keepdims=True)
+        e = np.exp(z)
+        return (e / e.sum(axis=2, keepdims=True)).mean(axis=1)
+
+
+def infer(model, clips: ClipSet, batch_size: int, device, on_batch: Callable[[int], None] | None = None,
+          keep: np.ndarray | None = None) -> Outputs:
+    """Run `model` (eval mode, no gradients) over every clip of `clips`.
+
+    `keep` (N, T, h, w) in the set's order multiplies each feature cell (all channels) before the head: the
+    deletion test zeroes cells of X this way, the attention itself left to the model.
+    """
+    import torch
+
+    model.eval()
+    logits, maps = [], []
+    with torch.inference_mode():
+        for batch in clips.batches(batch_size):
+            x = batch.features
+            if keep is not None:
+                x = x * torch.from_numpy(keep[batch.rows]).to(x.dtype)[:, :, None]  # (B, T, 1, h, w)
+            with autocast(device):
+                out = model(x.to(device, non_blocking=True))
+            logits.append(out.logits.float().cpu().numpy())
+            maps.append(out.attention.float().cpu().numpy())
+            if on_batch is not None:
+                on_batch(len(batch.rows))
+    t, _, h, w = clips.cache.feature_shape
+    return Outputs(np.concatenate(logits) if logits else np.zeros((0, t, 0), np.float32),
+                   np.concatenate(maps) if maps else np.zeros((0, t, h, w), np.float32),
+                   clips.labels.numpy())
+
+
+def loss_of(outputs: Outputs, attention_reg: float) -> float:
+    """The training loss (per-frame cross-entropy + attention regulariser) of finished outputs."""
+    import torch
+
+    from pipeline.head.model import HeadOutput, head_loss
+
+    if len(outputs.labels) == 0:
+        return math.nan
+    out = HeadOutput(torch.from_numpy(outputs.logits), torch.from_numpy(outputs.attention))
+    total, _ = head_loss(out, torch.from_numpy(outputs.labels).long(), attention_reg)
+    return float(total)
+
+
+def accuracies(outputs: Outputs) -> tuple[float, float]:
+    """(video accuracy, per-frame accuracy) of `outputs`."""
+    if len(outputs.labels) == 0:
+        return math.nan, math.nan
+    video = float((outputs.probabilities.argmax(1) == outputs.labels).mean())
+    frame = float((outputs.logits.argmax(2) == outputs.labels[:, None]).mean())
+    return video, frame

@@ -1,0 +1,66 @@
+"""The table the CLI prints after evaluate: the figures that matter beside their baselines, then the notes.
+
+Formatting only (rich, imported lazily): the stage returns eval.json's dict and the CLI prints it here.
+(render's table is clips.print_summary, beside the summary it prints, so evaluate does not depend on it.)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _times(ratio: float | None) -> str:
+    """" (x0.61)", or nothing when there is no ratio (boxes of zero area: the uniform share is 0)."""
+    return "" if ratio is None else f" (x{ratio:.2f})"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    table = Table(title=f"evaluate: {escape(report['model']['head'])} on {report['split']} ({report['clips']} clips)")
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    table.add_column("baseline", justify="right")
+    top_key = next(k for k in report if k.startswith("top") and k.endswith("_accuracy"))
+    table.add_row("video accuracy", pct(report["video_accuracy"]), f"{pct(report['chance'])} chance")
+    table.add_row("per-frame accuracy", pct(report["frame_accuracy"]), "")
+    table.add_row(top_key.replace("_", " "), pct(report[top_key]), "")
+    entropy = report["entropy"]
+    table.add_row("attention entropy (nats)", "-" if entropy["mean"] is None else f"{entropy['mean']:.3f}",
+                  f"{entropy['uniform']:.3f} uniform")
+    att = report["attention"]
+    if att["clips_with_boxes"]:
+        table.add_row("attention mass in box", pct(att["mass_in_box"]) + _times(att["mass_ratio"]),
+                      f"{pct(att['mass_in_box_uniform'])} uniform, {pct(att.get('mass_in_box_centre'))} centre prior"
+                      + _times(att.get("mass_ratio_centre")))
+        table.add_row("pointing accuracy", pct(att["pointing"]),
+                      f"{pct(att['pointing_uniform'])} uniform, {pct(att.get('pointing_centre'))} centre prior")
+    else:
+        table.add_row("attention vs boxes", "no ground-truth boxes", "")
+    deletion = report.get("deletion") or {}
+    for k, row in deletion.get("k", {}).items():
+        rand = row["random"]
+        table.add_row(f"true-class p, top-{k} cells deleted", f"{row['top']['true_probability']:.3f}",
+                      f"{rand['true_probability']:.3f} ± {rand['true_probability_std']:.3f} random-{k}, "
+                      f"{deletion['unmodified']['true_probability']:.3f} none")
+    console = Console()
+    console.print(table)
+    if att["boxes"] and not att["clips_with_boxes"]:
+        console.print(f"  [yellow]note[/] {escape(att['boxes'])} holds no boxes for the {report['clips']} evaluated "
+                      "clips", highlight=False)
+    elif not att["clips_with_boxes"]:
+        looked = ", ".join(att.get("looked_for_boxes") or []) or "nowhere (the cache records no dataset root)"
+        console.print(f"  [yellow]note[/] no ground-truth boxes: looked for {escape(looked)}; --boxes FILE points "
+                      "elsewhere", highlight=False)
+    elif att["clips_with_boxes"] < report["clips"]:
+        console.print(f"  [yellow]note[/] boxes for {att['clips_with_boxes']} of {report['clips']} clips only; the "
+                      "attention figures are over those", highlight=False)
+    if att["clips_with_boxes"] and att["mass_ratio"] is None:
+        console.print("  [yellow]note[/] the boxes are degenerate (zero area): no mass ratio", highlight=False)
+    worst = sorted(((v["accuracy"], k) for k, v in report["per_class"].items() if v["accuracy"] is not None))[:3]
+    if worst and worst[0][0] < 1.0:
+        console.print("lowest classes: " + escape(", ".join(f"{k} {pct(a)}" for a, k in worst)), highlight=False)
