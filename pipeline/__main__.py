@@ -84,7 +84,8 @@ def weights(progress: bool = typer.Option(True, help="Show a progress bar while 
 @app.command()
 def extract(
     videos: Path = typer.Argument(..., help="Dataset root: <videos>/<class>/<clip>.avi|mp4|..."),
-    cache: Path = typer.Argument(Path("cache/features.h5"), help="HDF5 feature cache to write (resumes if present)."),
+    cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache to write (resumes if present): "
+                                 "a .h5 file, or a folder of shards + index.h5 (any other path)."),
     weights: Optional[str] = typer.Option(None, help="imagenet | random:<seed> | path to a VGG-16 state_dict."),
     frames: Optional[int] = typer.Option(None, help="Frames sampled per clip (T)."),
     image_size: Optional[int] = typer.Option(None, help="Frames are resized whole to SxS."),
@@ -98,6 +99,10 @@ def extract(
     strict: bool = typer.Option(False, help="Stop at the first clip that fails (finished work is kept)."),
     retry_failed: bool = typer.Option(False, help="Try clips recorded as failed again."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    engine: str = typer.Option("local", help="local | ray: run on Ray Data (needs the \\[ray] extra: "
+                               "pip install -e '.\\[ray]'; a local Ray on every core, or the cluster --address names)."),
+    address: Optional[str] = typer.Option(None, help="With --engine ray: an existing cluster (auto | ray://host:port); "
+                                          "videos and cache must then be on storage every node shares."),
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Stage one: decode, sample T frames, run the frozen VGG-16 trunk, write the feature cache.
@@ -111,8 +116,12 @@ def extract(
         cfg = load_section("extract", params, weights=weights, frames=frames, image_size=image_size, layer=layer,
                            batch_size=batch_size, workers=workers, timeout=timeout, device=device,
                            precision=precision)
+        if engine not in ("local", "ray"):
+            raise UserError(f"unknown --engine {engine!r}: choose local or ray")
+        if address and engine != "ray":
+            raise UserError("--address needs --engine ray")
         summary = stage.run(videos, cache, cfg, overwrite=overwrite, strict=strict, retry_failed=retry_failed,
-                            progress=progress)
+                            progress=progress, engine=engine, address=address)
         _print_extract_summary(summary)
         if summary.failed:
             raise typer.Exit(1)
@@ -132,6 +141,10 @@ def _print_extract_summary(summary) -> None:
                   str(summary.total_failed))
     console = Console()
     console.print(table)
+    if getattr(summary, "startup_seconds", None) is not None:  # --engine ray: its start-up, apart from the work
+        console.print(f"  ray: start-up {summary.startup_seconds:.1f} s (ray.init, plan, first backbone actor), "
+                      f"extraction {summary.extract_seconds:.1f} s, steady {summary.steady_frames_per_second:.1f} "
+                      "frames/s", highlight=False)
     if summary.removed or summary.changed:
         console.print(f"  stale: {summary.removed} dropped (file gone), {summary.changed} re-extracted (file changed)",
                       highlight=False)
@@ -374,7 +387,8 @@ def render(
 
 
 @app.command()
-def info(cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache to describe.")) -> None:
+def info(cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache to describe: a .h5 file, "
+                                     "or a folder of shards + index.h5.")) -> None:
     """Provenance, clips per class, failures and size of a feature cache."""
     with _user_errors():
         from stages import info as stage

@@ -3,7 +3,8 @@
 The extractor (pipeline/features/extractor.py) decodes in worker processes and runs the backbone on
 batches that span clips; this stage plans what to extract (pipeline/features/plan.py: only clips the cache
 lacks or whose file changed), hands finished clips to a writer thread that flushes them to shards, and
-joins the shards into the cache. An interruption loses at most one shard's worth of work.
+joins the shards into the cache (a folder cache: writes a new index over them, pipeline/features/shards.py).
+An interruption loses at most one shard's worth of work.
 """
 from __future__ import annotations
 
@@ -16,17 +17,18 @@ from pathlib import Path
 
 from pipeline.config import ExtractConfig, check
 from pipeline.errors import describe
-from pipeline.features.cache import FeatureCache
+from pipeline.features.cache import FeatureCache, main_file
 from pipeline.features.extractor import Extracted, ExtractError, Extractor, fingerprint_or_blank
 from pipeline.features.plan import Incompatible, exclusive_lock, parts_dir_for, rerun_plan, start_over
 from pipeline.features.provenance import extraction_settings, versions
-from pipeline.features.shards import ClipFeatures, ShardWriter, join, remove_unfinished, shard_paths, temp_path
+from pipeline.features.shards import ClipFeatures, ShardWriter, join, pending_shards, remove_unfinished, temp_path
 from pipeline.progress import progress_bar
 from pipeline.video.folders import discover
 from pipeline.video.workers import GuardedThread
 
 __all__ = ["ExtractError", "ExtractSummary", "exclusive_lock", "parts_dir_for", "run"]
 RESUME = "finished clips are kept, rerun to resume"
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ExtractSummary:
     changed: int = 0  # clips and failures dropped because their file changed; extracted again
     unverified: int = 0  # clips in the cache with no source fingerprint (made before fingerprints existed)
     redecoded: list[tuple[str, str]] = field(default_factory=list)  # (key, why): decoded by PyAV, not decord
+    startup_seconds: float | None = None  # --engine ray only: ray.init + dataset plan + first backbone actor
 
     @property
     def frames_per_second(self) -> float:
@@ -52,8 +55,14 @@ class ExtractSummary:
 
 
 def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = False, strict: bool = False,
-        retry_failed: bool = False, progress: bool = True) -> ExtractSummary:
-    """Extract every clip of `videos` that `cache` does not hold yet; return what happened."""
+        retry_failed: bool = False, progress: bool = True, engine: str = "local",
+        address: str | None = None) -> ExtractSummary:
+    """Extract every clip of `videos` that `cache` does not hold yet; return what happened.
+
+    `engine` "ray" runs the same plan on Ray Data (pipeline/engines/ray_extract.py; `address` joins a cluster).
+    """
+    if engine not in ENGINES:
+        raise ExtractError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     from pipeline.features.backbone import Backbone
 
     videos, cache, cfg = Path(videos), Path(cache), check(cfg)
@@ -84,12 +93,15 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
             summary.failed.append((key, "class folder holds no video files"))
         try:
             if todo:
-                _extract(todo, backbone, cfg, writer, summary, strict, progress)
+                if engine == "ray":
+                    _extract_ray(todo, cfg, parts, settings, summary, strict, progress, address)
+                else:
+                    _extract(todo, backbone, cfg, writer, summary, strict, progress)
         except BaseException:
             _flush_kept(writer)  # finished clips survive an interruption, a --strict stop or a dead thread
             raise
         _flush_kept(writer, strict=True)
-        if shard_paths(parts) or plan.drop or not cache.exists():
+        if pending_shards(cache) or plan.drop or not main_file(cache).exists():  # else the cache stays untouched
             attrs = dict(settings, precision=backbone.precision, dataset_root=str(videos.resolve()),
                          created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          versions=versions())
@@ -156,3 +168,19 @@ def _extract(todo, backbone, cfg: ExtractConfig, writer: ShardWriter, summary: E
                 writing.put(writes, None)
             writing.thread.join()
     writing.raise_if_failed()
+
+
+def _extract_ray(todo, cfg: ExtractConfig, parts: Path, settings: dict, summary: ExtractSummary, strict: bool,
+                 progress: bool, address: str | None) -> None:
+    """The same `todo` on Ray Data, into the same `parts` shards (joined by run() as always)."""
+    from pipeline.engines import ray_extract
+
+    out = ray_extract.extract(todo, cfg, parts, settings, address=address, progress=progress)
+    summary.extracted, summary.frames = out.extracted, out.frames
+    summary.failed += out.failed
+    summary.redecoded += out.redecoded
+    summary.extract_seconds, summary.steady_frames_per_second = out.extract_seconds, out.steady_frames_per_second
+    summary.startup_seconds = out.startup_seconds
+    if strict and out.failed:  # Ray runs clips in parallel: the shards hold every clip, the run still fails
+        video, reason = out.failed[0]
+        raise ExtractError(f"{video}: {reason} (--strict: {len(out.failed)} clips failed; {RESUME})")

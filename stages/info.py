@@ -1,10 +1,12 @@
-"""`info`: what a feature cache holds and how it was made (provenance, counts per class, failures, size)."""
+"""`info`: what a feature cache holds and how it was made (provenance, counts per class, failures, size).
+
+The same report for both forms of the cache; the size of a folder cache is all of its files."""
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
-from pipeline.features.cache import FeatureCache
+from pipeline.features.cache import FeatureCache, size_on_disk
 
 
 def run(cache_path: Path, show_failed: int = 20) -> dict:
@@ -19,7 +21,7 @@ def run(cache_path: Path, show_failed: int = 20) -> dict:
         described = {
             "path": str(cache_path), "clips": len(cache), "classes": len(cache.classes),
             "failed": len(cache.failed), "feature_shape": list(cache.feature_shape),
-            "bytes": Path(cache_path).stat().st_size, "attrs": cache.attrs,
+            "bytes": size_on_disk(cache_path), "attrs": cache.attrs,
             "per_class": {c: counts.get(c, 0) for c in cache.classes},
         }
         failed = list(cache.failed)

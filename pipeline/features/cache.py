@@ -2,6 +2,10 @@
 metadata eagerly and features on demand. How it is written without ever being modified in place:
 pipeline/features/shards.py. The format: DESIGN.md, "Cache format".
 
+A cache has two forms, chosen by its path alone (`is_folder`): one self-contained file (`features.h5`), or a
+folder of immutable shards plus `index.h5` (DESIGN.md, "Past one machine"). `FeatureCache(path)` reads
+either with the same attributes and methods; the folder's reader is pipeline/features/folder.py.
+
 Every row and every failure records a fingerprint of its source file (`source`, `failed_source`), so a rerun
 over a changed dataset can drop what is gone and redo what was replaced.
 """
@@ -17,11 +21,34 @@ from pipeline.errors import UserError
 from pipeline.features.provenance import SETTINGS_KEYS, jsonable, precision_summary
 
 FORMAT_VERSION = 1
+FILE_SUFFIXES = (".h5", ".hdf5")
+INDEX_NAME = "index.h5"
 _STR = None  # h5py string dtype, created lazily so importing this module stays cheap
 
 
 class CacheError(UserError):
     """A cache that cannot be used as asked; the message says what to do."""
+
+
+def is_folder(path: str | Path) -> bool:
+    """The form rule, the one place it is decided: an existing folder, or a path that does not exist and does
+    not end in .h5/.hdf5, is a folder cache (shards + index.h5); anything else is one file. Never the size."""
+    path = Path(path)
+    return path.is_dir() or (not path.exists() and path.suffix.lower() not in FILE_SUFFIXES)
+
+
+def main_file(path: str | Path) -> Path:
+    """The file whose presence makes `path` a complete cache: the file itself, or the folder's index.h5."""
+    path = Path(path)
+    return path / INDEX_NAME if is_folder(path) else path
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of the cache: the file, or every file of the folder (shards, index, leftovers)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def str_dtype():
@@ -52,48 +79,74 @@ def _unattr(value: Any) -> Any:
 
 
 class FeatureCache:
-    """Read access to a joined cache (or a shard): metadata eagerly, features on demand.
+    """Read access to a joined cache, a shard or a folder cache: metadata eagerly, features on demand.
 
     >>> with FeatureCache("cache/features.h5") as cache:
     ...     x = cache.load(cache.indices(["brush_hair/a.avi"]))   # (n, T, C, h, w) float16
     """
 
+    _TABLE = "features"  # the dataset that marks a file of this form (the folder's index: "shard")
+
+    def __new__(cls, path: str | Path):
+        if cls is FeatureCache and is_folder(path):
+            from pipeline.features.folder import FolderCache
+
+            cls = FolderCache
+        return super().__new__(cls)
+
     def __init__(self, path: str | Path):
         import h5py
 
         self.path = Path(path)
-        if not self.path.exists():
-            raise CacheError(f"{self.path}: no such cache; run `python -m pipeline extract` first")
+        file = main_file(self.path)
+        if not file.exists():
+            raise CacheError(self._missing())
         try:
-            self._h5 = h5py.File(self.path, "r")
+            h5 = h5py.File(file, "r")
         except OSError:
-            raise CacheError(f"{self.path}: not an HDF5 file (damaged or not a feature cache)") from None
+            raise CacheError(f"{file}: not an HDF5 file (damaged or not a feature cache)") from None
+        self._h5 = h5
         try:
-            self.attrs = {k: _unattr(v) for k, v in self._h5.attrs.items()}
-            if self.attrs.get("format_version") != FORMAT_VERSION or "features" not in self._h5:
+            self.attrs = {k: _unattr(v) for k, v in h5.attrs.items()}
+            if self.attrs.get("format_version") != FORMAT_VERSION or self._TABLE not in h5:
                 raise CacheError(f"{self.path}: not a feature cache of format_version {FORMAT_VERSION}")
             self.classes: list[str] = list(self.attrs["classes"])
-            self.videos: list[str] = [v.decode() if isinstance(v, bytes) else v for v in self._h5["video"][()]]
-            self.labels = self._h5["label"][()].astype(np.int64)
-            self.frame_index = self._h5["frame_index"][()]
-            self.num_frames = self._h5["num_frames"][()]
-            self.fps = self._h5["fps"][()]
-            self.height = self._h5["height"][()]
-            self.width = self._h5["width"][()]
-            raw_failed = self._h5["failed"][()] if "failed" in self._h5 else np.empty((0, 2))
+            self.videos: list[str] = [v.decode() if isinstance(v, bytes) else v for v in h5["video"][()]]
+            self.labels = h5["label"][()].astype(np.int64)
+            self.frame_index = h5["frame_index"][()]
+            self.num_frames = h5["num_frames"][()]
+            self.fps = h5["fps"][()]
+            self.height = h5["height"][()]
+            self.width = h5["width"][()]
+            raw_failed = h5["failed"][()] if "failed" in h5 else np.empty((0, 2))
             self.failed = [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in raw_failed]
             self.source = self._fingerprints("source", len(self.videos))
             self.failed_source = self._fingerprints("failed_source", len(self.failed))
             # caches from before these were recorded: decord made every frame, at the one recorded precision
             self.decoder = self._per_row("decoder", len(self.videos), "decord")
             self.precision = self._per_row("precision", len(self.videos), str(self.attrs.get("precision") or ""))
+            self._read_more(h5)
         except CacheError:
-            self._h5.close()
+            h5.close()
             raise
         except (KeyError, ValueError) as exc:
-            self._h5.close()
+            h5.close()
             raise CacheError(f"{self.path}: incomplete feature cache ({exc})") from None
         self._position = {v: i for i, v in enumerate(self.videos)}
+
+    def _missing(self) -> str:
+        return f"{self.path}: no such cache; run `python -m pipeline extract` first"
+
+    def _read_more(self, h5) -> None:
+        """What a form reads besides the shared per-row metadata (the folder: where each row lives)."""
+
+    def location(self, row: int) -> tuple[Path, int]:
+        """(file, row in that file) holding the features of `row`."""
+        return self.path, row
+
+    def failure_location(self, i: int) -> Path:
+        """The file that recorded failure `i`."""
+        return self.path
 
     def _fingerprints(self, name: str, count: int) -> list[str]:
         """Source fingerprints per row; "" for each row of a cache written before they were recorded."""
@@ -110,7 +163,8 @@ class FeatureCache:
 
     @property
     def features(self):
-        """The (N, T, C, h, w) float16 HDF5 dataset itself, for streaming reads."""
+        """The (N, T, C, h, w) float16 rows, for streaming reads: the HDF5 dataset itself (the folder form: an
+        object with the same `.shape`, `.dtype`, `[i]`, `[lo:hi]` and `[()]`)."""
         return self._h5["features"]
 
     @property

@@ -2,11 +2,12 @@
 
 A rerun follows the dataset: entries whose file is gone are dropped, entries whose file changed (by content
 fingerprint) are dropped and extracted again, and an unchanged dataset costs one stat per clip and leaves the
-cache file untouched.
+cache file (or a folder cache's index) untouched.
 
-The lock is `flock(2)` on `<cache>.lock`: it holds between processes of one machine and on local
-filesystems; on NFS it depends on the server's lock manager (NLM / NFSv4 locks), and on Lustre on the
-`flock` mount option, so two machines sharing a cache must not both extract into it.
+The lock is `flock(2)` on `<cache>.lock`, beside the cache in both forms (never inside a folder cache, which
+is a DVC output): it holds between processes of one machine and on local filesystems; on NFS it depends on
+the server's lock manager (NLM / NFSv4 locks), and on Lustre on the `flock` mount option, so two machines
+sharing a cache (a file or a folder) must not both extract into it.
 """
 from __future__ import annotations
 
@@ -18,15 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.features.cache import CacheError, FeatureCache
+from pipeline.features.cache import INDEX_NAME, CacheError, FeatureCache, is_folder, main_file
 from pipeline.features.extractor import ExtractError
 from pipeline.features.provenance import settings_mismatch, source_changed
-from pipeline.features.shards import shard_paths
+from pipeline.features.shards import parts_dir_for, pending_shards, shard_paths
 from pipeline.video.folders import Discovery
-
-
-def parts_dir_for(cache: Path) -> Path:
-    return cache.with_name(cache.name + ".parts")
 
 
 @contextmanager
@@ -57,7 +54,12 @@ class Incompatible(ExtractError):
 
 
 def start_over(cache: Path) -> None:
-    """--overwrite on an incompatible cache: the cache and its unjoined shards go."""
+    """--overwrite on an incompatible cache: the cache and its unjoined shards go (a folder cache: its index,
+    shards and leftovers; the folder itself stays)."""
+    if is_folder(cache):
+        for path in [cache / INDEX_NAME, *shard_paths(cache), *cache.glob("*.tmp")]:
+            path.unlink(missing_ok=True)
+        return
     cache.unlink(missing_ok=True)
     shutil.rmtree(parts_dir_for(cache), ignore_errors=True)
 
@@ -81,7 +83,8 @@ class Plan:
 
 
 def rerun_plan(cache: Path, found: Discovery, settings: dict, retry_failed: bool) -> Plan:
-    """Check every row and failure of the cache and its shards against the dataset as it is now.
+    """Check every row and failure of the cache (a folder: its index) and of the shards it does not hold yet
+    against the dataset as it is now.
 
     Each file is opened once: its settings must match `settings` (else ExtractError), then its entries
     are read.
@@ -96,7 +99,7 @@ def rerun_plan(cache: Path, found: Discovery, settings: dict, retry_failed: bool
     paths.update((f"{name}/", None) for name in found.empty_classes)
     verdicts: dict[tuple[str, str], str] = {}  # the same entry in the cache and a shard is checked once
     plan = Plan()
-    for source in ([cache] if cache.exists() else []) + shard_paths(parts_dir_for(cache)):
+    for source in _sources(cache):
         entries = _entries(source, cache, settings)
         for video, fingerprint, is_failure in entries:
             entry = (video, fingerprint)
@@ -109,6 +112,15 @@ def rerun_plan(cache: Path, found: Discovery, settings: dict, retry_failed: bool
             plan.drop.add(entry)
             (plan.removed if verdicts[entry] == "gone" else plan.changed).add(video)
     return plan
+
+
+def _sources(cache: Path) -> list[Path]:
+    """The complete cache (when there is one), then the shards written for it that it does not hold yet."""
+    try:
+        pending = pending_shards(cache)
+    except CacheError as exc:
+        raise Incompatible(f"{exc}; pass --overwrite to start a new cache") from None
+    return ([cache] if main_file(cache).exists() else []) + pending
 
 
 def _entries(source: Path, cache: Path, settings: dict) -> list[tuple[str, str, bool]]:

@@ -1,11 +1,19 @@
-"""Writing the cache without ever modifying it in place: shards of finished clips, and the join.
+"""Writing the cache without ever modifying it in place: shards of finished clips, the join, the index.
 
-Extraction appends finished clips to small shard files in `<cache>.parts/` (each written under a temporary
-name and renamed when complete); the join copies the previous cache and all shards into `<cache>.tmp` and
-renames it over the cache. After `kill -9` at any moment the cache path holds the previous complete cache
-(or nothing) and the shards hold the work since, so a rerun resumes. Both go through the one atomic writer
+Extraction appends finished clips to small shard files (each written under a temporary name and renamed when
+complete): in `<cache>.parts/` for a one-file cache, straight into the folder for a folder cache
+(`parts_dir_for`). The run then ends with one of two steps over the previous cache and the new shards, which
+share the choice of rows (`collect`: later sources win, stale entries are dropped):
+
+* `join` (one file) copies them all into `<cache>.tmp` and renames it over the cache, then deletes the shards;
+* `write_index` (folder) writes a new `index.h5` naming which shard and row holds each clip (temporary
+  `index.h5.tmp`, then rename), then deletes the shards it no longer references. Old shards are never
+  rewritten: adding clips costs their shards and a new index.
+
+After `kill -9` at any moment the cache path holds the previous complete cache or index (or nothing) and
+the shards hold the work since, so a rerun resumes. Both go through the one atomic writer
 (`pipeline.files.atomic_path`) with fixed temporary names, so the next run finds and deletes what a crash
-left (`remove_unfinished`, and extract's removal of `<cache>.tmp`).
+left (`remove_unfinished`, and extract's removal of `temp_path`).
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from typing import Any, Collection, Sequence
 
 import numpy as np
 
-from pipeline.features.cache import FORMAT_VERSION, FeatureCache, attr, str_dtype
+from pipeline.features.cache import FORMAT_VERSION, INDEX_NAME, FeatureCache, attr, is_folder, main_file, str_dtype
 from pipeline.features.provenance import precision_summary
 from pipeline.files import atomic_path
 
@@ -25,8 +33,16 @@ SHARD_GLOB = "shard-*.h5"
 
 
 def temp_path(cache_path: Path) -> Path:
-    """Where the join writes before the rename; a run that finds it there deletes it (a crashed join)."""
-    return cache_path.with_name(cache_path.name + ".tmp")
+    """Where the join (or the index writer) writes before the rename: `<cache>.tmp`, or the folder's
+    `index.h5.tmp`; a run that finds it there deletes it (a crashed join)."""
+    target = main_file(cache_path)
+    return target.with_name(target.name + ".tmp")
+
+
+def parts_dir_for(cache: Path) -> Path:
+    """Where the shards of `cache` are written: `<cache>.parts/` beside a file, the folder itself."""
+    cache = Path(cache)
+    return cache if is_folder(cache) else cache.with_name(cache.name + ".parts")
 
 
 @dataclass
@@ -132,11 +148,28 @@ def shard_paths(parts_dir: Path) -> list[Path]:
     return sorted(parts_dir.glob(SHARD_GLOB)) if parts_dir.is_dir() else []
 
 
+def pending_shards(cache: Path) -> list[Path]:
+    """Shards written for `cache` that it does not hold yet (oldest first): all of `<cache>.parts/`, or the
+    folder's shards that its index neither references nor retired."""
+    from pipeline.features.folder import indexed_names
+
+    parts = parts_dir_for(cache)
+    if not is_folder(cache):
+        return shard_paths(parts)
+    taken = indexed_names(cache)
+    return [p for p in shard_paths(parts) if p.name not in taken]
+
+
 def remove_unfinished(parts_dir: Path) -> int:
-    """Delete shards and joins that a crash left half-written; returns how many."""
+    """Delete shards and joins that a crash left half-written, and the shards a folder's index retired but a
+    crash kept from being deleted; returns how many."""
     if not parts_dir.is_dir():
         return 0
     stale = list(parts_dir.glob("*.tmp"))
+    if (parts_dir / INDEX_NAME).exists():
+        from pipeline.features.folder import retired_names
+
+        stale += [parts_dir / name for name in retired_names(parts_dir) if (parts_dir / name).exists()]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
@@ -149,6 +182,77 @@ class JoinResult:
     classes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Collected:
+    """The rows and failures a new cache keeps, picked from its sources (previous cache first, then shards)."""
+
+    sources: list[FeatureCache]
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # video -> (source number, row)
+    labels: dict[str, str] = field(default_factory=dict)  # video -> class name
+    failed: dict[str, tuple[str, str, int, int]] = field(default_factory=dict)  # video -> (reason, fingerprint,
+    #                                                                               source number, failure number)
+
+    @property
+    def videos(self) -> list[str]:
+        return sorted(self.rows)
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.labels.values()))
+
+    def meta(self, videos: Sequence[str]) -> dict[str, list]:
+        """The eagerly read per-row metadata of `videos`, from whichever source holds each."""
+        meta: dict[str, list] = {k: [] for k in ("frame_index", "num_frames", "fps", "height", "width", "source",
+                                                 "decoder", "precision")}
+        for video in videos:
+            s, r = self.rows[video]
+            for key in meta:
+                meta[key].append(getattr(self.sources[s], key)[r])
+        return meta
+
+    def feature_shape(self) -> tuple[int, ...]:
+        videos = self.videos
+        return self.sources[self.rows[videos[0]][0]].feature_shape if videos else (0, 0, 0, 0)
+
+
+def collect(sources: Sequence[FeatureCache], drop: Collection[tuple[str, str]] = frozenset()) -> Collected:
+    """Pick rows and failures from `sources` in order: a later source wins over earlier data for the same video
+    (a retried failure becomes a success), and entries named in `drop` as (video, fingerprint) are left out."""
+    drop = set(drop)
+    picked = Collected(list(sources))
+    for s, src in enumerate(picked.sources):
+        for r, video in enumerate(src.videos):
+            if (video, src.source[r]) in drop:
+                continue
+            picked.rows[video] = (s, r)
+            picked.labels[video] = src.classes[src.labels[r]]
+            picked.failed.pop(video, None)
+        for i, ((video, reason), source) in enumerate(zip(src.failed, src.failed_source)):
+            if video not in picked.rows and (video, source) not in drop:
+                picked.failed[video] = (reason, source, s, i)
+    return picked
+
+
+def _write_rows(h5, picked: Collected, videos: list[str], classes: list[str], attrs: dict[str, Any]) -> None:
+    """The per-row metadata and failures that a joined file and a folder's index both hold, and the attrs."""
+    for key, value in attrs.items():
+        h5.attrs[key] = attr(value)
+    h5.attrs["format_version"] = FORMAT_VERSION
+    h5.attrs["classes"] = attr(classes)
+    meta, n = picked.meta(videos), len(videos)
+    h5.create_dataset("label", data=np.array([classes.index(picked.labels[v]) for v in videos], dtype=np.int16))
+    h5.create_dataset("video", data=videos, dtype=str_dtype())
+    frames = int(attrs.get("frames", 0))
+    h5.create_dataset("frame_index", data=np.array(meta["frame_index"], dtype=np.int32).reshape(n, frames))
+    for key, dtype in (("num_frames", np.int32), ("fps", np.float32), ("height", np.int16), ("width", np.int16)):
+        h5.create_dataset(key, data=np.array(meta[key], dtype=dtype))
+    for key in ("source", "decoder", "precision"):
+        h5.create_dataset(key, data=meta[key], dtype=str_dtype())
+    h5.attrs["precision"] = precision_summary(meta["precision"])  # of the rows, whatever run made them
+    failed_keys = sorted(picked.failed)
+    _write_failed(h5, [(v, picked.failed[v][0]) for v in failed_keys], [picked.failed[v][1] for v in failed_keys])
+
+
 def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any],
          drop: Collection[tuple[str, str]] = frozenset()) -> JoinResult:
     """Write previous cache + shards as one new cache beside `cache_path`, then rename it into place.
@@ -157,59 +261,64 @@ def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any],
     shards are removed only after the rename, and a rerun after a crash in between deduplicates.
     `drop` names stale entries as (video, source fingerprint): rows and failures matching one are left out,
     while a re-extraction of the same video (a new fingerprint) is kept. Classes left without a clip vanish
-    and labels are renumbered.
+    and labels are renumbered. A folder cache gets a new index instead (`write_index`).
     """
     import h5py
 
-    drop = set(drop)
+    if is_folder(cache_path):
+        return write_index(cache_path, attrs, drop)
     sources: list[Path] = ([cache_path] if cache_path.exists() else []) + shard_paths(parts_dir)
-    rows: dict[str, tuple[int, int]] = {}  # video -> (source number, row)
-    labels: dict[str, str] = {}
-    failed: dict[str, tuple[str, str]] = {}  # video -> (reason, source fingerprint)
     handles = [FeatureCache(p) for p in sources]
     try:
-        for s, src in enumerate(handles):
-            for r, video in enumerate(src.videos):
-                if (video, src.source[r]) in drop:
-                    continue
-                rows[video] = (s, r)
-                labels[video] = src.classes[src.labels[r]]
-                failed.pop(video, None)
-            for (video, reason), source in zip(src.failed, src.failed_source):
-                if video not in rows and (video, source) not in drop:
-                    failed[video] = (reason, source)
-        videos = sorted(rows)
-        classes = sorted({labels[v] for v in videos})
+        picked = collect(handles, drop)
+        videos, classes = picked.videos, picked.classes
         with atomic_path(cache_path, temp_path(cache_path)) as tmp, h5py.File(tmp, "w") as h5:
-            for key, value in attrs.items():
-                h5.attrs[key] = attr(value)
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["classes"] = attr(classes)
-            shape = handles[rows[videos[0]][0]].feature_shape if videos else (0, 0, 0, 0)
-            n = len(videos)
+            shape, n = picked.feature_shape(), len(videos)
             feats = h5.create_dataset("features", shape=(n, *shape), dtype="float16", chunks=(1, *shape) if n else None)
-            meta = {k: [] for k in ("frame_index", "num_frames", "fps", "height", "width", "source", "decoder",
-                                    "precision")}
             for i, video in enumerate(videos):
-                s, r = rows[video]
-                src = handles[s]
-                feats[i] = src.features[r]
-                for key in meta:
-                    meta[key].append(getattr(src, key)[r])
-            h5.create_dataset("label", data=np.array([classes.index(labels[v]) for v in videos], dtype=np.int16))
-            h5.create_dataset("video", data=videos, dtype=str_dtype())
-            frames = int(attrs.get("frames", 0))
-            h5.create_dataset("frame_index", data=np.array(meta["frame_index"], dtype=np.int32).reshape(n, frames))
-            for key, dtype in (("num_frames", np.int32), ("fps", np.float32), ("height", np.int16), ("width", np.int16)):
-                h5.create_dataset(key, data=np.array(meta[key], dtype=dtype))
-            for key in ("source", "decoder", "precision"):
-                h5.create_dataset(key, data=meta[key], dtype=str_dtype())
-            h5.attrs["precision"] = precision_summary(meta["precision"])  # of the rows, whatever run made them
-            failed_keys = sorted(failed)
-            _write_failed(h5, [(v, failed[v][0]) for v in failed_keys], [failed[v][1] for v in failed_keys])
+                s, r = picked.rows[video]
+                feats[i] = handles[s].features[r]
+            _write_rows(h5, picked, videos, classes, attrs)
     finally:
         for handle in handles:
             handle.close()
     for shard in sources[1 if sources and sources[0] == cache_path else 0:]:
         shard.unlink(missing_ok=True)
-    return JoinResult(len(videos), len(failed), classes)
+    return JoinResult(len(videos), len(picked.failed), classes)
+
+
+def write_index(folder: Path, attrs: dict[str, Any], drop: Collection[tuple[str, str]] = frozenset()) -> JoinResult:
+    """Write the folder's new `index.h5` over its previous index and the shards not indexed yet; never touch a
+    shard. Then delete the shards the new index no longer references (rows all dropped or superseded); they
+    are listed in its `retired` until then, so a crash in between is finished by the next run.
+    """
+    import h5py
+
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    handles: list[FeatureCache] = [FeatureCache(folder)] if index.exists() else []
+    try:
+        handles += [FeatureCache(p) for p in pending_shards(folder)]
+        picked = collect(handles, drop)
+        videos, classes = picked.videos, picked.classes
+        places = [handles[s].location(r) for s, r in (picked.rows[v] for v in videos)]
+        failed_keys = sorted(picked.failed)
+        failed_files = [handles[s].failure_location(i) for _, _, s, i in (picked.failed[v] for v in failed_keys)]
+        shards = sorted({p.name for p, _ in places} | {p.name for p in failed_files if p.name != INDEX_NAME})
+        number = {name: i for i, name in enumerate(shards)}
+        retired = sorted(p.name for p in shard_paths(folder) if p.name not in number)
+        with atomic_path(index, temp_path(folder)) as tmp, h5py.File(tmp, "w") as h5:
+            _write_rows(h5, picked, videos, classes, attrs)
+            h5.attrs["feature_shape"] = attr(list(picked.feature_shape()))
+            h5.create_dataset("shards", data=shards, dtype=str_dtype())
+            h5.create_dataset("retired", data=retired, dtype=str_dtype())
+            h5.create_dataset("shard", data=np.array([number[p.name] for p, _ in places], dtype=np.int32))
+            h5.create_dataset("row", data=np.array([r for _, r in places], dtype=np.int64))
+            h5.create_dataset("failed_shard", data=np.array([number.get(p.name, -1) for p in failed_files],
+                                                            dtype=np.int32))
+    finally:
+        for handle in handles:
+            handle.close()
+    for name in retired:
+        (folder / name).unlink(missing_ok=True)
+    return JoinResult(len(videos), len(picked.failed), classes)

@@ -1,0 +1,1 @@
+"""Running stage one or two past one process: Ray Data extraction, torchrun training (optional extras)."""

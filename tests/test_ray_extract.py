@@ -1,0 +1,180 @@
+"""`extract --engine ray` (pipeline/features/ray_extract.py) against the local engine, on the 2-core CI box.
+
+One Ray for the module (`ray.init(num_cpus=2)`, ~5 s); each run still starts its backbone actor (~5-8 s: a
+worker process importing torch). The CLI test starts its own Ray in the subprocess (PIPELINE_RAY_CPUS=2).
+Skipped when Ray is not installed (the `[ray]` extra).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+
+from pipeline.config import ExtractConfig  # noqa: E402
+from pipeline.features.cache import FeatureCache  # noqa: E402
+from pipeline.engines.ray_extract import PID_FILE_ENV, plan_resources  # noqa: E402
+from stages import extract  # noqa: E402
+from tests.cli_helpers import run_cli  # noqa: E402
+
+# Ray's own DataContext copies touch its deprecated fields (ray/data/context.py warns on every set): not ours
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")]
+TINY = dict(weights="random:0", frames=4, image_size=32, layer="conv5_3", workers=1, device="cpu", batch_size=8,
+            timeout=30.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+    yield
+    ray.shutdown()
+
+
+def cfg() -> ExtractConfig:
+    return ExtractConfig(**TINY)
+
+
+def contents(cache: Path) -> dict:
+    with FeatureCache(cache) as c:
+        feats = c.load()
+        return {v: dict(label=c.classes[c.labels[i]], frame_index=c.frame_index[i].tolist(),
+                        num_frames=int(c.num_frames[i]), source=c.source[i], decoder=c.decoder[i],
+                        features=feats[i]) for i, v in enumerate(c.videos)} | {"failed": sorted(c.failed)}
+
+
+def assert_same_cache(got: Path, want: Path) -> bool:
+    """Same clips, labels, indices, metadata; features within float16 tolerance. Returns bitwise equality."""
+    a, b = contents(got), contents(want)
+    assert a.pop("failed") == b.pop("failed")
+    assert sorted(a) == sorted(b)
+    bitwise = True
+    for video in b:
+        fa, fb = a[video].pop("features"), b[video].pop("features")
+        assert a[video] == b[video], video
+        np.testing.assert_allclose(fa.astype(np.float32), fb.astype(np.float32), rtol=1e-2, atol=1e-3)
+        bitwise &= np.array_equal(fa, fb)
+    return bitwise
+
+
+def test_sizing_never_gives_the_actors_every_cpu():
+    for cpus in (1, 2, 3, 4, 8, 16, 64):
+        r = plan_resources(cpus)
+        assert r.actors * r.actor_cpus + r.decode_cpus <= cpus and r.decoders >= 1, (cpus, r)
+    assert plan_resources(2) == plan_resources(2.0) and plan_resources(2).actor_cpus == 1
+    g = plan_resources(16, gpus=4)
+    assert (g.actors, g.actor_gpus, g.decoders) == (4, 1, 12)
+
+
+def test_a_clip_the_backbone_cannot_take_is_its_own_failure_not_the_batchs():
+    from pipeline.engines.ray_extract import BackboneActor, _column
+
+    actor = BackboneActor("random:0", "conv5_3", 32, "cpu", "auto", batch_size=8, threads=1)
+    good = np.random.default_rng(0).integers(0, 255, size=(4, 48, 64, 3), dtype=np.uint8)
+    batch = {"key": np.array(["a", "b", "c"]), "ok": np.array([True, True, False]),
+             "error": np.array(["", "", "decoder process died"]),
+             "frames": _column([good, good.astype(np.float32), np.zeros((0, 0, 0, 3), np.uint8)])}
+    out = actor(batch)
+    assert out["ok"].tolist() == [True, False, False] and "frames" not in out
+    assert out["error"][1].startswith("backbone failed: frames must be uint8") and out["error"][2] == batch["error"][2]
+    assert out["features"][0].shape == (4, 512, 2, 2) and out["features"][0].dtype == np.float16
+    assert out["features"][1].shape == (0, 512, 2, 2)  # same rank in every row: one Arrow tensor column
+    import torch
+
+    want = actor.backbone.embed(torch.from_numpy(good)).to(torch.float16).numpy()
+    assert np.array_equal(out["features"][0], want)
+
+
+def test_ray_cache_equals_the_local_engines(mini_dataset, tmp_path):
+    local = extract.run(mini_dataset, tmp_path / "local.h5", cfg(), progress=False)
+    ray_run = extract.run(mini_dataset, tmp_path / "ray.h5", cfg(), progress=False, engine="ray")
+    assert (ray_run.extracted, ray_run.frames, ray_run.failed) == (local.extracted, local.frames, [])
+    assert ray_run.total_clips == 6 and ray_run.startup_seconds > 0 and ray_run.extract_seconds > 0
+    bitwise = assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
+    assert bitwise  # same frames per backbone batch (8 = 2 clips) in both engines: identical cubes
+    assert not list(extract.parts_dir_for(tmp_path / "ray.h5").glob("*.h5"))  # joined, shards gone
+
+
+def test_a_corrupt_clip_is_one_failure_and_the_others_complete(mini_dataset, tmp_path):
+    (mini_dataset / "jump" / "broken.avi").write_bytes(os.urandom(4096))
+    summary = extract.run(mini_dataset, tmp_path / "f.h5", cfg(), progress=False, engine="ray")
+    assert summary.extracted == 6 and [v for v, _ in summary.failed] == ["jump/broken.avi"]
+    with FeatureCache(tmp_path / "f.h5") as c:
+        assert len(c) == 6 and [v for v, _ in c.failed] == ["jump/broken.avi"]
+        assert c.failed_source[0].startswith("sha256:")  # fingerprinted, so a fixed file is retried
+
+
+def test_a_killed_backbone_actor_loses_nothing_and_duplicates_nothing(mini_dataset, tmp_path, monkeypatch):
+    pid_file = tmp_path / "actor.pid"
+    monkeypatch.setenv(PID_FILE_ENV, str(pid_file))  # the actor waits to be killed on its second batch
+    monkeypatch.setenv("PIPELINE_SHARD_CLIPS", "2")  # several shards: some written before the kill
+    killed = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 90
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = extract.run(mini_dataset, tmp_path / "ray.h5", cfg(), progress=False, engine="ray")
+    thread.join(5)
+    assert killed, "the actor never reached its second batch"
+    assert (summary.extracted, summary.failed, summary.total_clips) == (6, [], 6)  # each clip written once
+    monkeypatch.delenv(PID_FILE_ENV)
+    extract.run(mini_dataset, tmp_path / "local.h5", cfg(), progress=False)
+    assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
+
+
+def test_a_rerun_extracts_only_the_missing_clips(mini_dataset, tmp_path):
+    from pipeline.video.encode import Encoding, write_video
+
+    cache = tmp_path / "f.h5"
+    extract.run(mini_dataset, cache, cfg(), progress=False)  # the local engine made the cache
+    frames = np.random.default_rng(1).integers(0, 255, size=(12, 48, 64, 3), dtype=np.uint8)
+    write_video(mini_dataset / "run" / "extra.mp4", frames, enc=Encoding("libx264", "mp4", 2))
+    summary = extract.run(mini_dataset, cache, cfg(), progress=False, engine="ray")
+    assert (summary.extracted, summary.skipped, summary.total_clips) == (1, 6, 7)
+
+
+def test_the_cli_as_typed_with_its_progress_bar(mini_dataset, tmp_path):
+    from tests.project_copy import run_in_pty
+
+    env = {**os.environ, "PIPELINE_RAY_CPUS": "2"}
+    argv = [sys.executable, "-m", "pipeline", "extract", str(mini_dataset), str(tmp_path / "f.h5"), "--engine", "ray",
+            "--weights", "random:0", "--frames", "4", "--image-size", "32", "--layer", "conv5_3",
+            "--params", "/nonexistent/params.yaml"]
+    status, out, _seconds = run_in_pty(argv, tmp_path, env, timeout=150)
+    text = out.decode(errors="replace")
+    assert status == 0, text[-3000:]
+    assert "Traceback" not in text and "extract (ray)" in text and "━" in text
+    assert "extract ->" in text and "ray: start-up" in text
+    assert " E " not in text and "WARNING" not in text and "INFO" not in text  # Ray's own logs stay out
+
+
+def test_without_ray_installed_it_is_one_line(monkeypatch):
+    from pipeline.errors import UserError
+    from pipeline.engines import ray_extract
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as without the extra
+    with pytest.raises(UserError) as err:
+        ray_extract.import_ray()
+    assert str(err.value) == "--engine ray needs Ray: pip install -e '.[ray]'"
+
+
+def test_a_wrong_engine_is_one_line(tmp_path):
+    result = run_cli("extract", str(tmp_path), str(tmp_path / "f.h5"), "--engine", "nonsense")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "unknown --engine 'nonsense'" in lines[0], result.stderr
