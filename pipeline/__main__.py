@@ -5,6 +5,8 @@ torch and the heavy modules are imported inside the commands so `--help` is inst
 """
 from __future__ import annotations
 
+import os
+
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -42,7 +44,8 @@ def _user_errors() -> Iterator[None]:
         _err("interrupted; finished work is kept and a rerun resumes")
         raise typer.Exit(130)
     except UserError as exc:
-        _err(str(exc))
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+        _err(str(exc) if rank == "0" else f"rank {rank}: {exc}")  # torchrun: each rank says it, rank 0 plainly
         raise typer.Exit(2)
 
 
@@ -213,6 +216,8 @@ def train(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (bf16 autocast on CUDA)."),
     max_memory_gb: Optional[float] = typer.Option(None, help="Load a split into memory when it fits under this; "
                                                   "else stream it from the cache."),
+    loader_workers: Optional[int] = typer.Option(None, help="A streamed split: data-loader processes reading "
+                                                 "ahead, each with its own handle on the cache (0: a thread)."),
     metrics: Path = typer.Option(Path("metrics/train.json"), help="Metrics of the selected epoch (JSON)."),
     plots: Path = typer.Option(Path("plots/train"), help="Folder for the per-epoch loss/accuracy curves (TSV)."),
     resume: bool = typer.Option(False, help="Continue from <model>.resume, the state after the last epoch."),
@@ -229,10 +234,12 @@ def train(
                             dropout=dropout, feature_dropout=feature_dropout)
         cfg = load_section("train", params, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, schedule=schedule, attention_reg=attention_reg,
-                           patience=patience, device=device, max_memory_gb=max_memory_gb)
+                           patience=patience, device=device, max_memory_gb=max_memory_gb,
+                           loader_workers=loader_workers)
         summary = stage.run(cache, splits, model, head, cfg, metrics_path=metrics, plots_dir=plots, resume=resume,
                             progress=progress)
-        _print_train_summary(summary)
+        if summary.main:  # under torchrun the other ranks trained alike and report nothing
+            _print_train_summary(summary)
 
 
 def _print_train_summary(summary) -> None:

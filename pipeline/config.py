@@ -111,6 +111,7 @@ class TrainConfig:
     patience: int = _setting(8, at_least=1)
     device: str = _setting("auto", choices=DEVICES)
     max_memory_gb: float = _setting(8.0, at_least=0)  # load the split into memory when it fits under this
+    loader_workers: int = _setting(2, at_least=0)  # a streamed split: reader processes, each its own handle
 
 
 @dataclass

@@ -45,6 +45,8 @@ class TrainSummary(FitState):
     train_clips: int
     val_clips: int
     seconds: float = 0.0
+    ranks: int = 1  # processes that trained together (torchrun)
+    main: bool = True  # this process is rank 0: it wrote the outputs and reports them
 
 
 def resume_path(model: Path) -> Path:
@@ -54,7 +56,22 @@ def resume_path(model: Path) -> Path:
 def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, cfg: TrainConfig, *,
         metrics_path: Path = Path("metrics/train.json"), plots_dir: Path = Path("plots/train"),
         resume: bool = False, progress: bool = True) -> TrainSummary:
-    """Train the head `head` on `cache_path` with the lists in `splits_dir`; write model, metrics, curves."""
+    """Train the head `head` on `cache_path` with the lists in `splits_dir`; write model, metrics, curves.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this alike: DDP, each rank its share of each batch
+    (pipeline/engines/torchrun.py, pipeline/head/ranks.py); rank 0 writes and reports (`summary.main`).
+    """
+    from pipeline.engines.torchrun import device_for, join_ranks
+
+    head, cfg = check(head), check(cfg)
+    with join_ranks(cfg.device) as ranks:
+        return _train(cache_path, splits_dir, Path(model_path), head, cfg, Path(metrics_path), Path(plots_dir),
+                      resume, progress, ranks, device_for)
+
+
+def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, cfg: TrainConfig,
+           metrics_path: Path, plots_dir: Path, resume: bool, progress: bool, ranks, device_for) -> TrainSummary:
+    """run() on this rank: every rank reads its own handle on the cache and trains its share; rank 0 writes."""
     from rich.console import Console
 
     from pipeline.head.fit import fit, resume_identity
@@ -62,24 +79,25 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
     from pipeline.head.runtime import pick_device, seed_everything
 
     console = Console(stderr=True)
-    head, cfg = check(head), check(cfg)
-    device = pick_device(cfg.device)
-    model_path, started = Path(model_path), time.monotonic()
-    check_outputs(model_path, Path(metrics_path), Path(plots_dir))
+    device = device_for(ranks, pick_device(cfg.device))
+    started = time.monotonic()
+    check_outputs(model_path, metrics_path, plots_dir)
     with FeatureCache(cache_path) as cache:
-        train_set = open_split(cache, splits_dir, "train", cfg.max_memory_gb)
-        val_set = open_split(cache, splits_dir, "val", cfg.max_memory_gb)
+        train_set = open_split(cache, splits_dir, "train", cfg.max_memory_gb, cfg.loader_workers)
+        val_set = open_split(cache, splits_dir, "val", cfg.max_memory_gb, cfg.loader_workers)
         extraction, origin = ck.cache_provenance(cache)
         classes, shape = list(cache.classes), list(cache.feature_shape)
         seed_everything(cfg.seed)
         model = build_head(head, shape[1], len(classes)).to(device)
         summary = TrainSummary(model=model_path, parameters=count_parameters(model), device=str(device),
-                               in_memory=train_set.in_memory, train_clips=len(train_set), val_clips=len(val_set))
+                               in_memory=train_set.in_memory, train_clips=len(train_set), val_clips=len(val_set),
+                               ranks=ranks.world, main=ranks.main)
 
         def started_at(_: FitState) -> None:
+            on = f"{ranks.world} ranks ({device.type})" if ranks.distributed else str(device)
             console.print(f"[bold]train[/] {head.label} head, {summary.parameters:,} parameters, "
                           f"{len(train_set)} train / {len(val_set)} val clips "
-                          f"({'in memory' if train_set.in_memory else 'streamed from the cache'}), {device}",
+                          f"({'in memory' if train_set.in_memory else 'streamed from the cache'}), {on}",
                           highlight=False)
 
         def save_best(epoch: Epoch) -> None:
@@ -87,14 +105,18 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
                         val_accuracy=epoch.val_accuracy, train_clips=len(train_set), val_clips=len(val_set))
             ck.save(model_path, ck.Checkpoint(model.state_dict(), head, classes, shape, extraction, origin, info))
 
+        main = ranks.main  # the other ranks train alike and write nothing
         fit(model, train_set, val_set, cfg, device, resume_from=resume_path(model_path) if resume else None,
-            save_to=resume_path(model_path), identity=resume_identity(head, cfg, extraction), on_start=started_at,
-            on_best=save_best, on_epoch=lambda _: write_outputs(summary, metrics_path, plots_dir), state=summary,
-            bar=progress_bar("train", len(train_set), "clips", enabled=progress, label=""))
+            save_to=resume_path(model_path), identity=resume_identity(head, cfg, extraction),
+            on_start=started_at if main else None, on_best=save_best if main else None,
+            on_epoch=(lambda _: write_outputs(summary, metrics_path, plots_dir)) if main else None, state=summary,
+            bar=progress_bar("train", len(train_set), "clips", enabled=progress, label="") if main else None,
+            ranks=ranks)
     summary.seconds = time.monotonic() - started
     if summary.diverged is not None:
         _report_divergence(summary, console)
-    write_outputs(summary, metrics_path, plots_dir)
+    if main:
+        write_outputs(summary, metrics_path, plots_dir)
     return summary
 
 
@@ -110,8 +132,9 @@ def _report_divergence(summary: TrainSummary, console) -> None:
     if not summary.best_epoch:
         earlier = f" ({summary.model} is an earlier run's model)" if summary.model.exists() else ""
         raise TrainError(f"training diverged: {what}; lower --lr (train.lr). Nothing was written{earlier}")
-    console.print(f"[yellow]note[/] training diverged: {what}; stopped and kept epoch {summary.best_epoch} in "
-                  f"{escape(str(summary.model))}; a lower --lr (train.lr) may do better", highlight=False)
+    if summary.main:
+        console.print(f"[yellow]note[/] training diverged: {what}; stopped and kept epoch {summary.best_epoch} in "
+                      f"{escape(str(summary.model))}; a lower --lr (train.lr) may do better", highlight=False)
 
 
 def check_outputs(model_path: Path, metrics_path: Path, plots_dir: Path) -> None:
@@ -145,5 +168,5 @@ def write_outputs(summary: TrainSummary, metrics_path: Path, plots_dir: Path) ->
         metrics[key] = round(value, 6) if math.isfinite(value) else None
     metrics.update(parameters=summary.parameters, train_clips=summary.train_clips, val_clips=summary.val_clips,
                    seconds_per_epoch=round(sum(e.seconds for e in rows) / len(rows), 3) if rows else None,
-                   device=summary.device)
+                   device=summary.device, ranks=summary.ranks)
     write_json_atomic(metrics_path, metrics)

@@ -213,10 +213,10 @@ def test_resume_after_an_interruption_equals_training_straight_through(tiny_proj
     _, ref = reference
     real_epoch = fitting.train_epoch
 
-    def interrupted(model, clips, optimiser, cfg, device, epoch, on_batch=None):
+    def interrupted(model, clips, optimiser, cfg, device, epoch, on_batch=None, **kwargs):
         if epoch == 2:  # the third epoch: as if Ctrl-C arrived during it
             raise KeyboardInterrupt
-        return real_epoch(model, clips, optimiser, cfg, device, epoch, on_batch)
+        return real_epoch(model, clips, optimiser, cfg, device, epoch, on_batch, **kwargs)
 
     monkeypatch.setattr(fitting, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -296,9 +296,11 @@ def test_early_stopping_keeps_the_best_val_epoch(tiny_project, tmp_path):
     assert resume_state_of(paths["model"])["next_epoch"] == metrics["epochs_run"]
 
 
-def test_streaming_from_the_file_trains_the_same_model_as_in_memory(tiny_project, reference, tmp_path):
+@pytest.mark.parametrize("loader_workers", [2, 0])  # data-loader processes with their own handles; a thread
+def test_streaming_from_the_file_trains_the_same_model_as_in_memory(tiny_project, reference, tmp_path,
+                                                                    loader_workers):
     _, ref = reference
-    summary, paths = train_into(tiny_project, tmp_path, max_memory_gb=0.0)
+    summary, paths = train_into(tiny_project, tmp_path, max_memory_gb=0.0, loader_workers=loader_workers)
     assert summary.in_memory is False
     assert same_tensors(state_of(paths["model"]), state_of(ref["model"]))
     assert same_tensors(resume_state_of(paths["model"])["model"], resume_state_of(ref["model"])["model"])
@@ -423,8 +425,8 @@ def test_a_diverging_run_fails_instead_of_leaving_a_stale_model(tiny_project, re
 def test_a_run_that_diverges_later_keeps_its_best_epoch_and_stops(tiny_project, tmp_path, monkeypatch):
     real_epoch = fitting.train_epoch
 
-    def diverging(model, clips, optimiser, cfg, device, epoch, on_batch=None):
-        result = real_epoch(model, clips, optimiser, cfg, device, epoch, on_batch)
+    def diverging(model, clips, optimiser, cfg, device, epoch, on_batch=None, **kwargs):
+        result = real_epoch(model, clips, optimiser, cfg, device, epoch, on_batch, **kwargs)
         return dataclasses.replace(result, loss=math.nan) if epoch == 1 else result  # the second epoch
 
     monkeypatch.setattr(fitting, "train_epoch", diverging)
@@ -450,3 +452,17 @@ def test_paths_with_square_brackets_are_printed_verbatim(tiny_project, tmp_path,
         assert_one_line_error(result, str(cache))
     else:
         assert result.exit_code == 0 and str(model) in result.stdout, (result.exception, result.output)
+
+
+def test_a_streamed_split_is_read_by_loader_processes_with_their_own_handles(tiny_project):
+    with FeatureCache(tiny_project["cache"]) as cache:
+        clips = open_split(cache, tiny_project["splits"], "train", max_memory_gb=0.0, loader_workers=2)
+        want = cache.load(clips.index)
+        for _ in range(2):  # two passes (epochs) through the same persistent workers, in a new order each
+            order = np.random.default_rng(_).permutation(len(clips))
+            got = {int(r): f.numpy() for b in clips.batches(4, order) for r, f in zip(b.rows, b.features)}
+            assert sorted(got) == list(range(len(clips)))
+            for r, f in got.items():
+                np.testing.assert_array_equal(f, want[r])
+        loader, _passes = clips._loader
+        assert loader.num_workers == 2 and loader.dataset._cache is None  # this process never read through it

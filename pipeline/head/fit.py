@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from pipeline.config import HeadConfig, TrainConfig
 from pipeline.files import atomic_file
 from pipeline.head.batches import ClipSet
 from pipeline.head.checkpoint import CheckpointError
-from pipeline.head.infer import accuracies, infer, loss_of
+from pipeline.head.infer import Outputs, accuracies, infer, interleave, loss_of
+from pipeline.head.ranks import ALONE, Ranks
 from pipeline.head.runtime import autocast
 
 RESUME_FORMAT = "videoattn-train-state"
@@ -56,9 +59,23 @@ class EpochResult:
     seconds: float
 
 
+def clip_noise(seed: int, epoch: int, rows: np.ndarray) -> "torch.Tensor":  # noqa: F821
+    """(B,) int64 dropout seeds of the clips at positions `rows` in epoch `epoch`: a function of the clip, not
+    of its batch or rank (model.ClipDropout)."""
+    import torch
+
+    base = (seed * 1_000_003 + epoch) * 1_000_000_007
+    return torch.tensor([(base + int(r)) % 2**63 for r in rows], dtype=torch.int64)
+
+
 def train_epoch(model, clips: ClipSet, optimiser, cfg: TrainConfig, device, epoch: int,
-                on_batch: Callable[[int], None] | None = None) -> EpochResult:
-    """One pass over `clips` in a seeded random order (seed, epoch), updating `model` in place."""
+                on_batch: Callable[[int], None] | None = None, ranks: Ranks = ALONE) -> EpochResult:
+    """One pass over `clips` in a seeded random order (seed, epoch), updating `model` in place.
+
+    With several `ranks` each takes its share of every global batch (pipeline/head/ranks.py) and `model` is
+    DDP-wrapped; the loss is scaled so the averaged gradient is the global batch's mean, and the returned
+    figures are summed over the ranks.
+    """
     import time
 
     import torch
@@ -68,26 +85,44 @@ def train_epoch(model, clips: ClipSet, optimiser, cfg: TrainConfig, device, epoc
     start = time.perf_counter()
     model.train()
     order = torch.randperm(len(clips), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)).numpy()
+    chunks = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]  # the global batches
+    shares = [ranks.share(c) for c in chunks]
+    # a rank whose share of the last batch is empty runs the batch's first clip at weight 0: DDP needs every
+    # rank in every forward and backward, and a zero weight adds nothing to the averaged gradient
+    stand_in = [len(share) == 0 for share in shares]
+    shares = [c[:1] if empty else share for c, share, empty in zip(chunks, shares, stand_in)]
     total = correct = frame_correct = frames = 0.0
-    for batch in clips.batches(cfg.batch_size, order):
+    for whole, empty, batch in zip(chunks, stand_in, clips.batches_of(shares)):
+        n = len(batch.rows)
         x = batch.features.to(device, non_blocking=True)
         y = batch.labels.to(device)
         with autocast(device):
-            out = model(x)
+            out = model(x, clip_noise(cfg.seed, epoch, batch.rows))
             loss, _ = head_loss(out, y, cfg.attention_reg)
+        # DDP averages over the ranks: N * (n / B) makes that average the global batch's mean loss
+        step_loss = loss * (0.0 if empty else n * ranks.world / len(whole)) if ranks.distributed else loss
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss.backward()
         optimiser.step()
-        with torch.no_grad():
-            n = len(y)
-            total += float(loss) * n
-            correct += float((video_probabilities(out.logits).argmax(1) == y).sum())
-            frame_correct += float((out.logits.argmax(2) == y[:, None]).sum())
-            frames += out.logits.shape[0] * out.logits.shape[1]
+        if not empty:
+            with torch.no_grad():
+                total += float(loss) * n
+                correct += float((video_probabilities(out.logits).argmax(1) == y).sum())
+                frame_correct += float((out.logits.argmax(2) == y[:, None]).sum())
+                frames += out.logits.shape[0] * out.logits.shape[1]
         if on_batch is not None:
-            on_batch(len(y))
+            on_batch(len(whole))
+    total, correct, frame_correct, frames = ranks.sum([total, correct, frame_correct, frames])
     n = max(len(clips), 1)
     return EpochResult(total / n, correct / n, frame_correct / max(frames, 1), time.perf_counter() - start)
+
+
+def validate(model, val_set: ClipSet, cfg: TrainConfig, device, ranks: Ranks = ALONE) -> Outputs:
+    """The head's outputs over the whole validation set, the same on every rank: each rank infers its share,
+    and the shares are gathered."""
+    rows = np.arange(len(val_set))
+    mine = infer(model, val_set, cfg.batch_size, device, rows=ranks.share(rows) if ranks.distributed else None)
+    return interleave(ranks.gather(mine))
 
 
 @dataclass
@@ -122,7 +157,8 @@ class FitState:
 def fit(model, train_set: ClipSet, val_set: ClipSet, cfg: TrainConfig, device, *,
         resume_from: Path | None = None, save_to: Path | None = None, identity: dict | None = None,
         on_start: Callable[[FitState], None] | None = None, on_best: Callable[[Epoch], None] | None = None,
-        on_epoch: Callable[[FitState], None] | None = None, bar=None, state: FitState | None = None) -> FitState:
+        on_epoch: Callable[[FitState], None] | None = None, bar=None, state: FitState | None = None,
+        ranks: Ranks = ALONE) -> FitState:
     """Train `model` in place for up to `cfg.epochs` epochs, selecting on the validation loss.
 
     `resume_from`: a state file written by an earlier run with `save_to`; it must carry the same `identity`
@@ -132,6 +168,8 @@ def fit(model, train_set: ClipSet, val_set: ClipSet, cfg: TrainConfig, device, *
     recorded epoch, once the state file is written. `bar`: a progress bar's context manager (its bar has
     `restart`, `advance`, `note`), entered after `on_start` so nothing is drawn before a resume has loaded.
     `state`: the state to fill in (a caller's subclass can carry its own fields along); a fresh one if None.
+    `ranks`: this process among several (torchrun): every rank calls fit() alike and trains its share under
+    DDP; only the main rank writes `save_to` (pass callbacks and `bar` on the main rank only).
     """
     optimiser = make_optimiser(model, cfg)
     schedule = make_schedule(optimiser, cfg)
@@ -140,28 +178,29 @@ def fit(model, train_set: ClipSet, val_set: ClipSet, cfg: TrainConfig, device, *
         load_state(resume_from, model, optimiser, schedule, identity or {}, state)
     if on_start is not None:
         on_start(state)
+    net = ranks.wrap(model)  # what trains (DDP across ranks); `model` itself validates and is saved
     with bar if bar is not None else contextlib.nullcontext() as live:
         for index in range(state.resumed_from, cfg.epochs):
             if state.bad_epochs >= cfg.patience:
                 state.stopped_early = True
                 break
-            _run_epoch(model, train_set, val_set, optimiser, schedule, cfg, device, index, state, live,
-                       save_to, identity or {}, on_best, on_epoch)
+            _run_epoch(model, net, train_set, val_set, optimiser, schedule, cfg, device, index, state, live,
+                       save_to if ranks.main else None, identity or {}, on_best, on_epoch, ranks)
             if state.diverged is not None:
                 break
     return state
 
 
-def _run_epoch(model, train_set, val_set, optimiser, schedule, cfg, device, index: int, state: FitState, bar,
-               save_to: Path | None, identity: dict, on_best, on_epoch) -> None:
+def _run_epoch(model, net, train_set, val_set, optimiser, schedule, cfg, device, index: int, state: FitState, bar,
+               save_to: Path | None, identity: dict, on_best, on_epoch, ranks: Ranks) -> None:
     """Epoch `index` (0-based) of `fit()`: train, validate, and record it, or mark the run diverged."""
     if bar is not None:
         bar.restart(len(train_set), label=f"epoch {index + 1}/{cfg.epochs}")
     lr = optimiser.param_groups[0]["lr"]
-    done = train_epoch(model, train_set, optimiser, cfg, device, index,
-                       on_batch=bar.advance if bar is not None else None)
+    done = train_epoch(net, train_set, optimiser, cfg, device, index,
+                       on_batch=bar.advance if bar is not None else None, ranks=ranks)
     schedule.step()
-    val = infer(model, val_set, cfg.batch_size, device)
+    val = validate(model, val_set, cfg, device, ranks)
     val_loss = loss_of(val, cfg.attention_reg)
     val_acc, val_frame_acc = accuracies(val)
     epoch = Epoch(index + 1, done.loss, done.accuracy, val_loss, val_acc, val_frame_acc, lr, done.seconds)
@@ -187,8 +226,9 @@ def _run_epoch(model, train_set, val_set, optimiser, schedule, cfg, device, inde
 
 
 def resume_identity(head: HeadConfig, cfg: TrainConfig, extraction: dict) -> dict:
-    """What must not change between a run and its resumption (patience and device may), as `identity`."""
-    keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("patience", "device")}
+    """What must not change between a run and its resumption (patience, device and how a streamed split is
+    read may), as `identity`."""
+    keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("patience", "device", "loader_workers")}
     return {"head": dataclasses.asdict(head), "train": keep, "weights": extraction.get("weights"),
             "frames": extraction.get("frames"), "layer": extraction.get("layer")}
 

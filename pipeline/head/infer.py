@@ -32,8 +32,9 @@ class Outputs:
 
 
 def infer(model, clips: ClipSet, batch_size: int, device, on_batch: Callable[[int], None] | None = None,
-          keep: np.ndarray | None = None) -> Outputs:
-    """Run `model` (eval mode, no gradients) over every clip of `clips`.
+          keep: np.ndarray | None = None, rows: np.ndarray | None = None) -> Outputs:
+    """Run `model` (eval mode, no gradients) over every clip of `clips` (or the positions `rows` of it, in
+    that order: one rank's share).
 
     `keep` (N, T, h, w) in the set's order multiplies each feature cell (all channels) before the head: the
     deletion test zeroes cells of X this way, the attention itself left to the model.
@@ -43,7 +44,7 @@ def infer(model, clips: ClipSet, batch_size: int, device, on_batch: Callable[[in
     model.eval()
     logits, maps = [], []
     with torch.inference_mode():
-        for batch in clips.batches(batch_size):
+        for batch in clips.batches(batch_size, rows):
             x = batch.features
             if keep is not None:
                 x = x * torch.from_numpy(keep[batch.rows]).to(x.dtype)[:, :, None]  # (B, T, 1, h, w)
@@ -56,7 +57,22 @@ def infer(model, clips: ClipSet, batch_size: int, device, on_batch: Callable[[in
     t, _, h, w = clips.cache.feature_shape
     return Outputs(np.concatenate(logits) if logits else np.zeros((0, t, 0), np.float32),
                    np.concatenate(maps) if maps else np.zeros((0, t, h, w), np.float32),
-                   clips.labels.numpy())
+                   clips.labels.numpy() if rows is None else clips.labels.numpy()[rows])
+
+
+def interleave(parts: list[Outputs]) -> Outputs:
+    """The outputs of a whole set from its ranks' shares (rank r held positions r, r + N, ...: Ranks.share)."""
+    if len(parts) == 1:
+        return parts[0]
+    n = sum(len(p.labels) for p in parts)
+    whole = [np.empty((n, *getattr(parts[0], name).shape[1:]), getattr(parts[0], name).dtype)  # rank 0 has the most
+             for name in ("logits", "attention", "labels")]
+    for r, part in enumerate(parts):
+        if not len(part.labels):  # fewer clips than ranks: nothing here (and its logits have no class axis)
+            continue
+        for out, name in zip(whole, ("logits", "attention", "labels")):
+            out[r::len(parts)] = getattr(part, name)
+    return Outputs(*whole)
 
 
 def loss_of(outputs: Outputs, attention_reg: float) -> float:

@@ -75,7 +75,37 @@ def features_hwc(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.permute(0, 1, 3, 4, 2).to(dtype, memory_format=torch.contiguous_format)
 
 
-class FeatureDropout(nn.Module):
+class ClipDropout(nn.Module):
+    """Dropout (x (B, ...) -> x * mask / (1 - p) in training, identity in eval) whose mask for clip i is drawn
+    from a generator seeded by `noise[i]` when `noise` is given.
+
+    Why per clip: training on N ranks must be the training on one (pipeline/head/ranks.py), and a batch's
+    mask drawn from one generator depends on which clips share the batch; seeded by the clip, a clip gets
+    the same mask whichever rank and batch it lands in. `salt` keeps two dropouts of one clip apart.
+    Without `noise` (a caller outside fit()) the mask comes from torch's global generator.
+    """
+
+    def __init__(self, p: float, salt: int):
+        super().__init__()
+        self.p, self.salt = p, salt
+
+    def mask_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The shape of one clip's mask: every element of the clip."""
+        return tuple(x.shape[1:])
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        shape = self.mask_shape(x)
+        if noise is None:
+            u = torch.rand(x.shape[0], *shape, device=x.device)
+        else:  # (B,) int64 seeds
+            u = torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed((int(s) * 2 + self.salt) % 2**63))
+                             for s in noise.tolist()]).to(x.device)
+        return x * ((u >= self.p).to(x.dtype) / (1.0 - self.p))
+
+
+class FeatureDropout(ClipDropout):
     """Training-time dropout of whole input channels: one mask per clip, shared by all frames and positions.
 
     The cached VGG features are 512 sparse channels; a head fitted on a few hundred clips otherwise learns
@@ -84,14 +114,10 @@ class FeatureDropout(nn.Module):
     """
 
     def __init__(self, p: float):
-        super().__init__()
-        self.p = p
+        super().__init__(p, salt=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C, H, W)
-        if not self.training or self.p == 0.0:
-            return x
-        keep = torch.rand(x.shape[0], 1, x.shape[2], 1, 1, device=x.device) >= self.p  # (B, 1, C, 1, 1)
-        return x * (keep.to(x.dtype) / (1.0 - self.p))
+    def mask_shape(self, x: torch.Tensor) -> tuple[int, ...]:  # x (B, T, C, H, W) -> (1, C, 1, 1)
+        return (1, x.shape[2], 1, 1)
 
 
 # --- attention -------------------------------------------------------------------------------------------
@@ -231,7 +257,7 @@ class RecurrentHead(nn.Module):
         self.attention = make_attention(attention, channels)
         self.init_state = init_state
         self.cell = cell
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ClipDropout(dropout, salt=1)
         self.w_c = nn.Linear(channels, num_classes)
 
     # the three places the two heads differ
@@ -251,9 +277,10 @@ class RecurrentHead(nn.Module):
         """The (B, d) vector the classifier sees at step t, from H_t and (H*W) * A_t (B, H, W, 1)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> HeadOutput:
-        b, t, _, h, w = x.shape  # (B, T, C, H, W)
-        x = features_hwc(self.feature_dropout(x), self.w_p.weight.dtype)  # (B, T, H, W, C)
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> HeadOutput:
+        """x (B, T, C, H, W); `noise` (B,) int64: each clip's dropout seed in training (see ClipDropout)."""
+        b, t, _, h, w = x.shape
+        x = features_hwc(self.feature_dropout(x, noise), self.w_p.weight.dtype)  # (B, T, H, W, C)
         p = self.w_p(x)  # (B, T, H, W, d)
         p_term = self.attention.input_term(p)  # (B, T, H, W, d)
         state = self.init_state(self.state_input(p), x.dtype)  # H_0, C_0
@@ -264,7 +291,7 @@ class RecurrentHead(nn.Module):
             state = self.cell(self.cell_input(x_att), state)
             outputs.append(self.readout(state[0], scale))  # (B, d)
             maps.append(a)
-        logits = self.w_c(self.dropout(torch.stack(outputs, dim=1)))  # (B, T, K)
+        logits = self.w_c(self.dropout(torch.stack(outputs, dim=1), noise))  # (B, T, K)
         return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, h, w))
 
 
@@ -319,14 +346,14 @@ class MeanHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, dropout: float, feature_dropout: float = 0.0):
         super().__init__()
         self.feature_dropout = FeatureDropout(feature_dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ClipDropout(dropout, salt=1)
         self.w_c = nn.Linear(in_channels, num_classes)
 
-    def forward(self, x: torch.Tensor) -> HeadOutput:
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> HeadOutput:
         b, t, _, h, w = x.shape  # (B, T, C, H, W)
         dtype = self.w_c.weight.dtype
-        pooled = self.feature_dropout(x).mean(dim=(3, 4), dtype=dtype)  # avgpool(X_t): (B, T, C)
-        logits = self.w_c(self.dropout(pooled))  # (B, T, K)
+        pooled = self.feature_dropout(x, noise).mean(dim=(3, 4), dtype=dtype)  # avgpool(X_t): (B, T, C)
+        logits = self.w_c(self.dropout(pooled, noise))  # (B, T, K)
         attention = torch.full((b, t, h, w), 1.0 / (h * w), dtype=dtype, device=x.device)
         return HeadOutput(logits, attention)
 
