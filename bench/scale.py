@@ -41,7 +41,8 @@ defaults: head channels 48, batch 16), on one synthetic cache of `--clips` (defa
 train split) clips of (T=30, 512, 7, 7) float16 plus 64 validation clips, in memory; `--epochs` epochs a run,
 `--repeat` interleaved rounds. Reported: the mean training epoch (metrics/train.json `seconds_per_epoch`:
 the training pass, validation not included) and the whole command's wall time (start-up included). The one
-process gets torch's default threads (all cores); torchrun gives each rank OMP_NUM_THREADS=1.
+process runs with torch's default threads (all cores) and again with OMP_NUM_THREADS=1; torchrun gives each
+rank OMP_NUM_THREADS=1.
 
     python bench/scale.py --part ddp [--clips 730] [--epochs 3] [--repeat 2]
 """
@@ -389,6 +390,7 @@ def ddp_part(args) -> dict:
         (splits / "val.txt").write_text("".join(c.video + "\n" for c in every[clips:]))
         torchrun = Path(sys.executable).parent / "torchrun"
         runners = {"1 process": [sys.executable, "-m", "pipeline"],
+                   "1 process, 1 thread": ["env", "OMP_NUM_THREADS=1", sys.executable, "-m", "pipeline"],
                    "2 ranks": [str(torchrun) if torchrun.is_file() else sys.executable,
                                *([] if torchrun.is_file() else ["-m", "torch.distributed.run"]),
                                "--nproc-per-node", "2", "-m", "pipeline"]}

@@ -1,13 +1,16 @@
 """`extract --engine ray` (pipeline/features/ray_extract.py) against the local engine, on the 2-core CI box.
 
 One Ray for the module (`ray.init(num_cpus=2)`, ~5 s); each run still starts its backbone actor (~5-8 s: a
-worker process importing torch). The CLI test starts its own Ray in the subprocess (PIPELINE_RAY_CPUS=2).
+worker process importing torch). The CLI tests start their own Ray in the subprocess (PIPELINE_RAY_CPUS=2); the
+kill -9 test also checks what a killed driver leaves running, and kills whatever it left at the end.
 Skipped when Ray is not installed (the `[ray]` extra).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +22,8 @@ import pytest
 pytest.importorskip("ray")
 
 from pipeline.config import ExtractConfig  # noqa: E402
-from pipeline.features.cache import FeatureCache  # noqa: E402
+from pipeline.features.cache import FeatureCache, main_file  # noqa: E402
+from pipeline.features.shards import pending_shards  # noqa: E402
 from pipeline.engines.ray_extract import PID_FILE_ENV, plan_resources  # noqa: E402
 from stages import extract  # noqa: E402
 from tests.cli_helpers import run_cli  # noqa: E402
@@ -162,6 +166,113 @@ def test_the_cli_as_typed_with_its_progress_bar(mini_dataset, tmp_path):
     assert "Traceback" not in text and "extract (ray)" in text and "━" in text
     assert "extract ->" in text and "ray: start-up" in text
     assert " E " not in text and "WARNING" not in text and "INFO" not in text  # Ray's own logs stay out
+
+
+RAY_AGENTS = {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}  # see the kill -9 test
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """Live processes (zombies excluded) of session `sid`, pid -> name: a run started with start_new_session and
+    everything it started, even once re-parented to init (Ray's processes keep their session)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        state, _ppid, _pgid, session = text.rsplit(")", 1)[1].split()[:4]
+        if int(session) == sid and state != "Z":
+            found[int(stat.parent.name)] = cmdline[0].decode(errors="replace")
+    return found
+
+
+def kill_session(sid: int) -> None:
+    for pid in session_processes(sid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def summary_row(out: str) -> dict[str, str]:
+    """The CLI's summary table (`extract -> CACHE`) as {column: cell}."""
+    rows = [[cell.strip() for cell in line.strip().strip("│┃").split("│" if "│" in line else "┃")]
+            for line in out.splitlines() if line.strip().startswith(("│", "┃"))]
+    header = next(r for r in rows if "extracted" in r)
+    return dict(zip(header, rows[rows.index(header) + 1]))
+
+
+@pytest.mark.parametrize("form", ["folder", "file"])
+def test_kill_9_of_the_driver_loses_nothing_leaves_no_ray_behind_and_a_rerun_resumes(mini_dataset, tmp_path, form):
+    """`kill -9` of the driver (the one pid, as a user does) while its backbone actor is mid-batch, after a shard
+    was written: Ray's processes die with it (its fate-sharing: gcs, raylet, workers, the decoder children), but
+    for its two per-node agents, which notice at once but then wait up to 60 s to report the raylet's death to the
+    dead GCS (Ray 2.60's publish_error_to_driver), idle, and exit by themselves. The shards stay; the same command
+    again extracts only the clips they lack, and the cache equals an uninterrupted local run's."""
+    cache = tmp_path / ("features" if form == "folder" else "f.h5")
+    pid_file = tmp_path / "actor.pid"
+    # the backbone actor's second batch waits to be killed (the test hook), so the kill lands mid-run after the first
+    # batch's shard: 8 clips are 2 input blocks of 4 (CLIPS_PER_BLOCK), a backbone batch is 4 clips (--batch-size 16
+    # / --frames 4), so each batch is one Ray task and the first one's rows leave it (a task's output leaves it
+    # only when it ends) while the second waits
+    from pipeline.video.encode import Encoding, write_video
+
+    rng = np.random.default_rng(2)
+    for name in ("jump/clip2.mp4", "walk/clip2.mp4"):
+        write_video(mini_dataset / name, rng.integers(0, 255, size=(12, 48, 64, 3), dtype=np.uint8),
+                    enc=Encoding("libx264", "mp4", 2))
+    env = {**os.environ, "PIPELINE_RAY_CPUS": "2", "PIPELINE_SHARD_CLIPS": "1", "COLUMNS": "250",
+           PID_FILE_ENV: str(pid_file)}
+    argv = [sys.executable, "-m", "pipeline", "extract", str(mini_dataset), str(cache), "--engine", "ray",
+            "--weights", "random:0", "--frames", "4", "--image-size", "32", "--layer", "conv5_3", "--batch-size", "16",
+            "--no-progress", "--params", "/nonexistent/params.yaml"]
+    sessions = []
+    try:
+        with open(tmp_path / "first.log", "wb") as log:
+            first = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        sessions.append(first.pid)
+        deadline = time.monotonic() + 120
+        while (first.poll() is None and time.monotonic() < deadline
+               and not (pid_file.exists() and pending_shards(cache))):
+            time.sleep(0.05)
+        log_text = (tmp_path / "first.log").read_text(errors="replace")
+        assert first.poll() is None and pid_file.exists() and pending_shards(cache), log_text[-3000:]
+        running = session_processes(first.pid)
+        assert {"gcs_server", "raylet"} <= {Path(name).name for name in running.values()}, running
+        os.kill(first.pid, signal.SIGKILL)  # the driver only
+        assert first.wait(10) == -signal.SIGKILL
+        deadline = time.monotonic() + 20
+        while set((left := session_processes(first.pid)).values()) - RAY_AGENTS and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert set(left.values()) <= RAY_AGENTS, f"left running after kill -9: {left}"
+        assert not main_file(cache).exists() and not list(extract.parts_dir_for(cache).glob("*.tmp"))
+        kept = set()
+        for shard in pending_shards(cache):
+            with FeatureCache(shard) as c:
+                kept |= set(c.videos)
+        assert len(kept) == 4, kept  # the first batch's clips, and only those: its second batch never finished
+
+        del env[PID_FILE_ENV]  # the same command again, while the agents may still be there
+        second = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        sessions.append(second.pid)
+        out, _ = second.communicate(timeout=150)
+        assert second.returncode == 0, out[-3000:]
+        row = summary_row(out)
+        assert (row["extracted"], row["skipped (cached)"], row["failed"], row["clips in cache"]) == \
+               ("4", "4", "0", "8"), out
+        deadline = time.monotonic() + 20  # a run that ends normally shuts its Ray down: nothing stays
+        while session_processes(second.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not session_processes(second.pid)
+    finally:
+        for sid in sessions:
+            kill_session(sid)
+    extract.run(mini_dataset, tmp_path / "local.h5", ExtractConfig(**TINY | dict(batch_size=16)), progress=False)
+    assert_same_cache(cache, tmp_path / "local.h5")
+    assert pending_shards(cache) == []
+    if form == "folder":
+        with FeatureCache(cache) as c:
+            assert set(c.shards) == {p.name for p in extract.parts_dir_for(cache).glob("shard-*.h5")}
 
 
 def test_without_ray_installed_it_is_one_line(monkeypatch):
