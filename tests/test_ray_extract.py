@@ -24,7 +24,8 @@ pytest.importorskip("ray")
 from pipeline.config import ExtractConfig  # noqa: E402
 from pipeline.features.cache import FeatureCache, main_file  # noqa: E402
 from pipeline.features.shards import pending_shards  # noqa: E402
-from pipeline.engines.ray_extract import PID_FILE_ENV, plan_resources  # noqa: E402
+from pipeline.engines.ray_extract import plan_resources  # noqa: E402
+from pipeline.engines.ray_operators import PID_FILE_ENV  # noqa: E402
 from stages import extract  # noqa: E402
 from tests.cli_helpers import run_cli  # noqa: E402
 
@@ -79,7 +80,7 @@ def test_sizing_never_gives_the_actors_every_cpu():
 
 
 def test_a_clip_the_backbone_cannot_take_is_its_own_failure_not_the_batchs():
-    from pipeline.engines.ray_extract import BackboneActor, _column
+    from pipeline.engines.ray_operators import BackboneActor, _column
 
     actor = BackboneActor("random:0", "conv5_3", 32, "cpu", "auto", batch_size=8, threads=1)
     good = np.random.default_rng(0).integers(0, 255, size=(4, 48, 64, 3), dtype=np.uint8)
