@@ -224,7 +224,12 @@ def train(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Stage two: train the attention head on cached features; keep the epoch with the best val loss."""
+    """Stage two: train the attention head on cached features; keep the epoch with the best val loss.
+
+    Started by torchrun (torchrun --nproc-per-node N -m pipeline train ...) it trains with DDP (gloo on CPU,
+    nccl on GPU): each rank takes its share of every batch, and the model is the one a single process would
+    train; rank 0 writes the checkpoint, metrics and plots.
+    """
     with _user_errors():
         from pipeline.config import load_section
         from stages import train as stage
