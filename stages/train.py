@@ -25,6 +25,7 @@ from pipeline.files import write_json_atomic, write_tsv_atomic
 from pipeline.head import checkpoint as ck
 from pipeline.head.batches import open_split
 from pipeline.head.fit import Epoch, FitState
+from pipeline.head.ranks import Ranks
 from pipeline.progress import progress_bar
 
 RESUME_SUFFIX = ".resume"
@@ -61,16 +62,16 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, 
     Under torchrun (WORLD_SIZE > 1) every process runs this alike: DDP, each rank its share of each batch
     (pipeline/engines/torchrun.py, pipeline/head/ranks.py); rank 0 writes and reports (`summary.main`).
     """
-    from pipeline.engines.torchrun import device_for, join_ranks
+    from pipeline.engines.torchrun import join_ranks
 
     head, cfg = check(head), check(cfg)
     with join_ranks(cfg.device) as ranks:
         return _train(cache_path, splits_dir, Path(model_path), head, cfg, Path(metrics_path), Path(plots_dir),
-                      resume, progress, ranks, device_for)
+                      resume, progress, ranks)
 
 
 def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, cfg: TrainConfig,
-           metrics_path: Path, plots_dir: Path, resume: bool, progress: bool, ranks, device_for) -> TrainSummary:
+           metrics_path: Path, plots_dir: Path, resume: bool, progress: bool, ranks: Ranks) -> TrainSummary:
     """run() on this rank: every rank reads its own handle on the cache and trains its share; rank 0 writes."""
     from rich.console import Console
 
@@ -79,7 +80,7 @@ def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfi
     from pipeline.head.runtime import pick_device, seed_everything
 
     console = Console(stderr=True)
-    device = device_for(ranks, pick_device(cfg.device))
+    device = ranks.place(pick_device(cfg.device))
     started = time.monotonic()
     check_outputs(model_path, metrics_path, plots_dir)
     with FeatureCache(cache_path) as cache:

@@ -59,12 +59,3 @@ def join_ranks(device: str = "auto") -> Iterator[Ranks]:
         yield ranks
     finally:
         dist.destroy_process_group()
-
-
-def device_for(ranks: Ranks, device):
-    """The rank's own GPU when training on CUDA across ranks (`device` as pick_device gave it)."""
-    if ranks.distributed and getattr(device, "type", "") == "cuda":
-        import torch
-
-        return torch.device("cuda", ranks.local_rank)
-    return device

@@ -53,8 +53,6 @@ class ClipSet:
 
     def batches(self, batch_size: int, order: Sequence[int] | np.ndarray | None = None) -> Iterator[Batch]:
         """Batches of `batch_size` clips in `order` (positions into this set; default: as listed)."""
-        import torch
-
         order = np.arange(len(self)) if order is None else np.asarray(order, dtype=np.int64)
         yield from self.batches_of([order[i:i + batch_size] for i in range(0, len(order), batch_size)])
 
@@ -127,7 +125,8 @@ class ClipSet:
 class _Chunks:
     """The data loader's sampler: the row arrays of the current pass (set before each pass)."""
 
-    chunks: list[np.ndarray] = []
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
 
     def __iter__(self):
         return iter(self.chunks)

@@ -71,6 +71,14 @@ class Ranks:
         dist.all_gather_object(out, value)
         return out
 
+    def place(self, device):
+        """The rank's own GPU when several ranks train on CUDA (`device` as pick_device gave it), else `device`."""
+        if self.distributed and getattr(device, "type", "") == "cuda":
+            import torch
+
+            return torch.device("cuda", self.local_rank)
+        return device
+
     def wrap(self, model):
         """`model` under DistributedDataParallel (one process: the model itself)."""
         if not self.distributed:
