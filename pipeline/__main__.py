@@ -119,8 +119,8 @@ def extract(
         cfg = load_section("extract", params, weights=weights, frames=frames, image_size=image_size, layer=layer,
                            batch_size=batch_size, workers=workers, timeout=timeout, device=device,
                            precision=precision)
-        if engine not in ("local", "ray"):
-            raise UserError(f"unknown --engine {engine!r}: choose local or ray")
+        if engine not in stage.ENGINES:
+            raise UserError(f"unknown --engine {engine!r}: choose {' or '.join(stage.ENGINES)}")
         if address and engine != "ray":
             raise UserError("--address needs --engine ray")
         summary = stage.run(videos, cache, cfg, overwrite=overwrite, strict=strict, retry_failed=retry_failed,

@@ -65,6 +65,11 @@ def attr(value: Any) -> Any:
     return json.dumps(jsonable(value)) if isinstance(value, (list, tuple, dict)) else value
 
 
+def texts(values) -> list[str]:
+    """An HDF5 string dataset's values as str (h5py gives bytes for some string types)."""
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+
 def _unattr(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode()
@@ -111,7 +116,7 @@ class FeatureCache:
             if self.attrs.get("format_version") != FORMAT_VERSION or self._TABLE not in h5:
                 raise CacheError(f"{self.path}: not a feature cache of format_version {FORMAT_VERSION}")
             self.classes: list[str] = list(self.attrs["classes"])
-            self.videos: list[str] = [v.decode() if isinstance(v, bytes) else v for v in h5["video"][()]]
+            self.videos: list[str] = texts(h5["video"][()])
             self.labels = h5["label"][()].astype(np.int64)
             self.frame_index = h5["frame_index"][()]
             self.num_frames = h5["num_frames"][()]
@@ -119,7 +124,7 @@ class FeatureCache:
             self.height = h5["height"][()]
             self.width = h5["width"][()]
             raw_failed = h5["failed"][()] if "failed" in h5 else np.empty((0, 2))
-            self.failed = [tuple(x.decode() if isinstance(x, bytes) else x for x in row) for row in raw_failed]
+            self.failed = [tuple(texts(row)) for row in raw_failed]
             self.source = self._fingerprints("source", len(self.videos))
             self.failed_source = self._fingerprints("failed_source", len(self.failed))
             # caches from before these were recorded: decord made every frame, at the one recorded precision
@@ -156,7 +161,7 @@ class FeatureCache:
         """A per-row text dataset; `default` for each row of a cache written before it existed."""
         if name not in self._h5:
             return [default] * count
-        values = [v.decode() if isinstance(v, bytes) else v for v in self._h5[name][()]]
+        values = texts(self._h5[name][()])
         if len(values) != count:
             raise ValueError(f"{name} has {len(values)} entries for {count} rows")
         return values

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.features.cache import INDEX_NAME, CacheError, FeatureCache
+from pipeline.features.cache import INDEX_NAME, CacheError, FeatureCache, texts
 
 
 def _texts(h5, name: str) -> list[str]:
     if name not in h5:
         return []
-    return [v.decode() if isinstance(v, bytes) else v for v in h5[name][()]]
+    return texts(h5[name][()])
 
 
 def indexed_names(folder: Path) -> set[str]:
