@@ -145,9 +145,11 @@ def _print_extract_summary(summary) -> None:
     console = Console()
     console.print(table)
     if getattr(summary, "startup_seconds", None) is not None:  # --engine ray: its start-up, apart from the work
+        steady = summary.steady_frames_per_second
         console.print(f"  ray: start-up {summary.startup_seconds:.1f} s (ray.init, plan, first backbone actor), "
-                      f"extraction {summary.extract_seconds:.1f} s, steady {summary.steady_frames_per_second:.1f} "
-                      "frames/s", highlight=False)
+                      f"extraction {summary.extract_seconds:.1f} s, steady "
+                      f"{f'{steady:.1f} frames/s' if steady > 0 else '- (one backbone batch: no steady state)'}",
+                      highlight=False)
     if summary.removed or summary.changed:
         console.print(f"  stale: {summary.removed} dropped (file gone), {summary.changed} re-extracted (file changed)",
                       highlight=False)
