@@ -48,7 +48,7 @@ def one_run(job: dict) -> dict:
         tmp = Path(tmp)
         summary = train.run(job["cache"], job["splits"], tmp / "head.pt", head, cfg, metrics_path=tmp / "train.json",
                             plots_dir=tmp / "plots", progress=False)
-        report = evaluate.run(job["cache"], job["splits"], tmp / "head.pt", tmp / "eval", EvaluateConfig(),
+        report = evaluate.run(job["cache"], job["splits"], tmp / "head.pt", tmp / "eval", EvaluateConfig(split=job["split"]),
                               plots_dir=tmp / "eplots", device="cpu", progress=False)
     att, deletion = report["attention"], report["deletion"]["k"]
     return {"cell": job["cell"], "readout": job["readout"], "attention_reg": job["reg"], "seed": job["seed"],
@@ -89,12 +89,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", choices=("all", "default"), default="all", help="default: the shipped head only")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="val: where settings are chosen; test: reported once, after")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     variants = VARIANTS[:1] if args.only == "default" else VARIANTS
     threads = max(1, (os.cpu_count() or 2) // max(args.jobs, 1))
     jobs = [{"cache": args.cache, "splits": args.splits, "params": args.params, "cell": c, "readout": ro, "reg": reg,
-             "seed": int(s), "threads": threads} for c, ro, reg in variants for s in args.seeds.split(",")]
+             "seed": int(s), "threads": threads, "split": args.split} for c, ro, reg in variants for s in args.seeds.split(",")]
     start = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(args.jobs) as pool:
