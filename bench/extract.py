@@ -1,15 +1,21 @@
 """Stage-one throughput, three ways in one run, so the ratios compare like with like.
 
-* end to end: `stages.extract.run` (decode workers + backbone + shard writes + join) on HMDB-like clips,
+* end to end: `stages.extract.run` (decode workers + backbone + shard writes + join) on HMDB-like clips, in
+  a fresh process each time as a user's `extract` runs (oneDNN's kernels compiled anew, workers spawned),
   three ways: steady state (after the first backbone batch), the extraction (first clip dispatched to last
-  clip written: worker start-up and the backbone's first call included) and the whole run (backbone build,
-  rerun plan and join included too)
+  clip written: worker start-up and the backbone's first call included) and the whole run (rerun plan, lock,
+  the last shard's write and the join included too; the backbone's build is not); with a timeline of where
+  its time went (the profile)
 * bare backbone: the same frames, pre-decoded and pre-processed, through `Backbone.forward` in batches
 * naive: decode every frame, then push the sampled frames one at a time through an fp32 trunk
 * decode check: seconds per clip of `decode_sampled` checked against PyAV (what extract runs) vs decord
   alone, interleaved clip by clip, so the cost of never trusting decord blindly is a ratio of one run
 
-    python bench/extract.py [--clips 12] [--frames 30] [--image-size 224] [--device cpu] [--threads N]
+End to end and the bare trunk alternate (bare, end to end, bare, ... `--rounds` end-to-end runs) and each run's
+ratio is taken against the mean of the bare runs just before and after it (the bare figure of a shared 2-core
+machine moves by up to 10% from one minute to the next); the median round decides, every round is printed.
+
+    python bench/extract.py [--clips 12] [--rounds 3] [--frames 30] [--image-size 224] [--threads N]
 
 Batch size, precision and threads are pinned (flags) and printed with the figures.
 """
@@ -18,6 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -94,8 +103,12 @@ def main() -> None:
     parser.add_argument("--weights", default="random:0")
     parser.add_argument("--naive-clips", type=int, default=4, help="clips for the (slow) naive baseline")
     parser.add_argument("--read-clips", type=int, default=200, help="clips in the cache-read benchmark")
+    parser.add_argument("--rounds", type=int, default=3, help="end to end / bare trunk pairs; the median decides")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--one-run", help=argparse.SUPPRESS)  # internal: one end-to-end run in this process
     args = parser.parse_args()
+    if args.one_run:
+        return one_end_to_end_run(json.loads(args.one_run))
 
     import os
 
@@ -104,41 +117,50 @@ def main() -> None:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     from pipeline.features.backbone import Backbone
-    from pipeline.config import ExtractConfig
     from pipeline.video.decode import decode_sampled
-    from stages import extract
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "videos"
         paths = make_clips(root, args.clips, args.length, 320, 240)
-        cfg = ExtractConfig(weights=args.weights, frames=args.frames, image_size=args.image_size,
-                            batch_size=args.batch_size, workers=args.workers, device=args.device,
-                            precision=args.precision)
-        summary = extract.run(root, Path(tmp) / "f.h5", cfg, progress=False)
-        end_to_end = summary.frames / summary.extract_seconds  # first clip dispatched -> last clip written
-        steady = summary.steady_frames_per_second  # after the first backbone batch: no spawn, no first call
-        whole = summary.frames / summary.seconds  # the whole run: backbone build, plan, lock, join included
+        cfg = dict(weights=args.weights, frames=args.frames, image_size=args.image_size, batch_size=args.batch_size,
+                   workers=args.workers, device=args.device, precision=args.precision)
         backbone = Backbone(args.weights, "pool5", args.image_size, args.device, args.precision)
         decoded = [decode_sampled(p, args.frames).frames for p in paths]
-        bare = bare_backbone(backbone, decoded, args.batch_size)
+        rounds = []
+        before = bare_backbone(backbone, decoded, args.batch_size)
+        for r in range(args.rounds):  # bare, e2e, bare, e2e, ..., bare: each run against its two neighbours
+            run = end_to_end_run(root, Path(tmp) / f"f{r}.h5", cfg, torch.get_num_threads())
+            after = bare_backbone(backbone, decoded, args.batch_size)
+            run["bare"], run["bare_before"], run["bare_after"], before = (before + after) / 2, before, after, after
+            for name in ("steady", "extraction", "whole"):
+                run[f"{name}_over_bare"] = run[name] / run["bare"]
+            rounds.append(run)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()
+                              if k != "profile"}), flush=True)
         checked, alone = decode_check_cost(paths, args.frames)
         baseline = naive(paths[: args.naive_clips], args.frames, args.image_size, args.weights)
         read = cache_read_rate(Path(tmp) / "read", args.read_clips, args.frames)
 
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    middle = sorted(rounds, key=lambda r: r["extraction_over_bare"])[len(rounds) // 2]
     figures = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"cpu capability {torch.backends.cpu.get_cpu_capability()}",
         "precision": backbone.precision, "device": str(backbone.device),
         "clips": args.clips, "frames": args.frames, "image_size": args.image_size,
         "batch_size": args.batch_size, "threads": torch.get_num_threads(), "workers": args.workers,
-        "end_to_end_fps_steady": round(steady, 2),
-        "end_to_end_fps": round(end_to_end, 2),
-        "end_to_end_fps_whole_run": round(whole, 2),
-        "bare_backbone_fps": round(bare, 2), "naive_fps": round(baseline, 2),
-        "steady_over_bare": round(steady / bare, 3),
-        "end_to_end_over_bare": round(end_to_end / bare, 3),
-        "whole_run_over_bare": round(whole / bare, 3),
-        "end_to_end_over_naive": round(end_to_end / baseline, 2),
+        "rounds": [{k: round(v, 3) for k, v in r.items() if k != "profile"} for r in rounds],
+        "end_to_end_fps_steady": round(median("steady"), 2),
+        "end_to_end_fps": round(median("extraction"), 2),
+        "end_to_end_fps_whole_run": round(median("whole"), 2),
+        "bare_backbone_fps": round(median("bare"), 2), "naive_fps": round(baseline, 2),
+        "steady_over_bare": round(median("steady_over_bare"), 3),
+        "end_to_end_over_bare": round(median("extraction_over_bare"), 3),
+        "whole_run_over_bare": round(median("whole_over_bare"), 3),
+        "end_to_end_over_naive": round(median("extraction") / baseline, 2),
+        "profile_of_the_median_round": middle["profile"],
         "decode_seconds_per_clip_checked": round(checked, 4), "decode_seconds_per_clip_decord": round(alone, 4),
         "decode_checked_over_decord": round(checked / alone, 3),
         "cache_read_clips": args.read_clips, "cache_read_gb_per_s": round(read, 2),
@@ -146,6 +168,82 @@ def main() -> None:
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def end_to_end_run(root: Path, cache: Path, cfg: dict, threads: int) -> dict:
+    """`stages.extract.run` in a fresh process, as `python -m pipeline extract` runs; its figures and profile."""
+    job = {"root": str(root), "cache": str(cache), "cfg": cfg, "threads": threads}
+    out = subprocess.run([sys.executable, __file__, "--one-run", json.dumps(job)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"the end-to-end run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def one_end_to_end_run(job: dict) -> None:
+    """The child of `end_to_end_run`: one extraction, each backbone call timed; prints one JSON line.
+
+    The profile says where the extraction's time went beyond the backbone's steady batches: the start-up
+    (first clip dispatched -> first batch begins: worker spawn, the first decodes, preprocessing), the first
+    call's excess over a steady call (oneDNN compiles its kernels, first-touch memory), the gaps between
+    calls (preprocessing, reassembly, the writer and progress in the same process) and the tail after the
+    last call (the last clips handed to the writer).
+    """
+    import time
+
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from pipeline.config import ExtractConfig
+    from pipeline.features import backbone as bb
+    from stages import extract
+
+    calls: list[tuple[float, float, int]] = []  # (start, end, frames) of every backbone call
+    forward = bb.Backbone.forward
+
+    def timed(self, x):
+        start = time.monotonic()
+        y = forward(self, x)
+        calls.append((start, time.monotonic(), len(x)))
+        return y
+
+    bb.Backbone.forward = timed
+    from pipeline.features import extractor
+
+    timings: list = []
+    run = extractor.Extractor.run
+
+    def keep(self, *a, **k):
+        timing = run(self, *a, **k)
+        timings.append(timing)
+        return timing
+
+    extractor.Extractor.run = keep
+    arrivals: list[float] = []  # when each decoded clip reached the backbone's thread
+    add = extractor._Batcher.add
+
+    def arrived(self, clip):
+        arrivals.append(time.monotonic())
+        return add(self, clip)
+
+    extractor._Batcher.add = arrived
+    summary = extract.run(Path(job["root"]), Path(job["cache"]), ExtractConfig(**job["cfg"]), progress=False)
+    t = timings[0]
+    durations = [end - start for start, end, _ in calls]
+    steady = statistics.median(durations[1:]) if len(durations) > 1 else durations[0]
+    full = [d for (_, _, n), d in zip(calls, durations) if n == job["cfg"]["batch_size"]][1:] or [steady]
+    gaps = sum(calls[i + 1][0] - calls[i][1] for i in range(len(calls) - 1))
+    profile = {
+        "extraction_s": round(t.seconds, 3), "whole_run_s": round(summary.seconds, 3),
+        "outside_extraction_s (plan, lock, last shard, join)": round(summary.seconds - t.seconds, 3),
+        "startup_s (first dispatch -> first call)": round(calls[0][0] - t.started, 3),
+        "first_clip_decoded_s (after dispatch)": round(arrivals[0] - t.started, 3),
+        "second_clip_decoded_s": round(arrivals[1] - t.started, 3) if len(arrivals) > 1 else None,
+        "first_call_s": round(durations[0], 3), "steady_call_s (median)": round(statistics.median(full), 3),
+        "backbone_calls_s": round(sum(durations), 3), "calls": len(calls),
+        "gaps_between_calls_s": round(gaps, 3), "tail_after_last_call_s": round(t.finished - calls[-1][1], 3),
+    }
+    print(json.dumps({"steady": summary.steady_frames_per_second, "extraction": summary.frames / t.seconds,
+                      "whole": summary.frames / summary.seconds, "profile": profile}))
 
 
 def decode_check_cost(paths: list[Path], frames: int, rounds: int = 3) -> tuple[float, float]:

@@ -8,6 +8,7 @@ An interruption loses at most one shard's worth of work.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import queue
@@ -18,7 +19,7 @@ from pathlib import Path
 from pipeline.config import ExtractConfig, check
 from pipeline.errors import describe
 from pipeline.features.cache import FeatureCache, main_file
-from pipeline.features.extractor import Extracted, ExtractError, Extractor, fingerprint_or_blank
+from pipeline.features.extractor import Extracted, ExtractError, Extractor, decode_pool, fingerprint_or_blank
 from pipeline.features.plan import Incompatible, exclusive_lock, parts_dir_for, rerun_plan, start_over
 from pipeline.features.provenance import extraction_settings, versions
 from pipeline.features.shards import ClipFeatures, ShardWriter, join, pending_shards, remove_unfinished, temp_path
@@ -63,10 +64,25 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
     """
     if engine not in ENGINES:
         raise ExtractError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    from pipeline.features.backbone import Backbone
-
     videos, cache, cfg = Path(videos), Path(cache), check(cfg)
     found = discover(videos)
+    with contextlib.ExitStack() as early:
+        pool = None
+        if engine == "local" and found.clips:
+            # the decode workers start while the backbone is built and the cache is read (on 2 cores their
+            # start-up otherwise delays the first batch: docs/BENCHMARKS.md, the extraction's profile)
+            pool = early.enter_context(decode_pool(min(cfg.workers, len(found.clips)), cfg.timeout))
+            try:
+                pool.start()
+            except OSError:  # cannot spawn now (EAGAIN, ENOMEM): the run's own start reports it in one line
+                pool = None
+        return _run(videos, cache, cfg, found, pool, overwrite, strict, retry_failed, progress, engine, address)
+
+
+def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: bool, strict: bool,
+         retry_failed: bool, progress: bool, engine: str, address: str | None) -> ExtractSummary:
+    from pipeline.features.backbone import Backbone
+
     try:
         backbone = Backbone(cfg.weights, cfg.layer, cfg.image_size, cfg.device, cfg.precision)
     except ValueError as exc:  # an option the user gave: layer, device, precision, image size
@@ -96,7 +112,7 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
                 if engine == "ray":
                     _extract_ray(todo, cfg, parts, settings, summary, strict, progress, address)
                 else:
-                    _extract(todo, backbone, cfg, writer, summary, strict, progress)
+                    _extract(todo, backbone, cfg, writer, summary, strict, progress, pool)
         except BaseException:
             _flush_kept(writer)  # finished clips survive an interruption, a --strict stop or a dead thread
             raise
@@ -124,7 +140,7 @@ def _flush_kept(writer: ShardWriter, strict: bool = False) -> None:
 
 
 def _extract(todo, backbone, cfg: ExtractConfig, writer: ShardWriter, summary: ExtractSummary, strict: bool,
-             progress: bool) -> None:
+             progress: bool, pool=None) -> None:
     """The extractor's clips -> shards (writer thread), with progress. A dead writer ends the run with an
     ExtractError (exit 2) rather than a hang; whatever the backbone finished is handed to it first."""
     writes: queue.Queue = queue.Queue(maxsize=64)
@@ -161,7 +177,7 @@ def _extract(todo, backbone, cfg: ExtractConfig, writer: ShardWriter, summary: E
                 raise ExtractError(f"{clip.video}: {done.error} (--strict stops at the first failure)")
 
         try:
-            timing = extractor.run([(c.video, c.path) for c in todo], on_result, lambda: writing.error is None)
+            timing = extractor.run([(c.video, c.path) for c in todo], on_result, lambda: writing.error is None, pool)
             summary.extract_seconds, summary.steady_frames_per_second = timing.seconds, timing.steady_frames_per_second
         finally:
             if writing.error is None:

@@ -44,13 +44,19 @@ class PoolThatDiesAfter:
 
     good = 2
 
-    def __init__(self, fn, workers, timeout):
-        self._real = TimedPool(fn, workers, timeout)
+    def __init__(self, fn, workers, timeout, warm=None):
+        self._real = TimedPool(fn, workers, timeout, warm)
 
     def __enter__(self):
         return self
 
+    def start(self):
+        return self
+
     def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
         self._real.close()
 
     def imap_unordered(self, tasks):

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.features.provenance import source_fingerprint
-from pipeline.video.decode import DecodedClip, VideoError, decode_sampled, enter_decode_worker
+from pipeline.video.decode import DecodedClip, VideoError, decode_sampled, enter_decode_worker, warm_decode_worker
 from pipeline.video.workers import GuardedThread, TimedPool, stop_producer
 
 
@@ -87,6 +87,11 @@ def fingerprint_or_blank(path: Path) -> str:
         return ""
 
 
+def decode_pool(workers: int, timeout: float) -> TimedPool:
+    """The timed pool of decode workers (at least one), not started: `start()` it to spawn them early."""
+    return TimedPool(decode_task, max(1, workers), timeout, warm=warm_decode_worker)
+
+
 class _Batcher:
     """Packs preprocessed frames of consecutive clips into backbone batches and reassembles clips."""
 
@@ -147,25 +152,29 @@ class Extractor:
         self.timing = Timing()
 
     def run(self, clips: Sequence[tuple[str, Path]], on_result: Callable[[Extracted], None],
-            can_flush: Callable[[], bool] = lambda: True) -> Timing:
+            can_flush: Callable[[], bool] = lambda: True, pool: TimedPool | None = None) -> Timing:
         """Extract every (key, path) of `clips`, handing each outcome to `on_result` in completion order.
 
         A clip that fails is one result with its `error`; a decoding pool that dies (cannot spawn: EAGAIN,
         ENOMEM) is an ExtractError. Whatever stops the run (that, or `on_result` raising), clips already
         decoded are still embedded and handed on first, while `can_flush()` says their consumer can take
-        them.
+        them. `pool`: decode workers the caller started early (see `decode_pool`), else the run starts its own;
+        either way the run closes it as soon as the last clip is decoded (workers with FFmpeg and the CUDA
+        libraries loaded take ~1 s to exit: done then, it overlaps the last backbone batches).
         """
         decoded_q: queue.Queue = queue.Queue(maxsize=2 * self.workers + 2)
         stop = threading.Event()
         by_path = {str(path): (key, Path(path)) for key, path in clips}
-        workers = min(self.workers, len(by_path)) or 1
+        pool = pool or decode_pool(min(self.workers, len(by_path)), self.timeout)
 
         def decode_loop() -> None:  # ends with None on success only: a failure is seen through get()
-            with TimedPool(decode_task, workers, self.timeout) as pool:
+            try:
                 for task, result in pool.imap_unordered((path, self.frames) for path in by_path):
                     if stop.is_set():
                         return
                     decoded_q.put((by_path[task[0]], result))
+            finally:
+                pool.close()
             decoded_q.put(None)
 
         decoding = GuardedThread("decoding workers", decode_loop, ExtractError, self.hint)

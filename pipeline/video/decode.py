@@ -94,6 +94,15 @@ def enter_decode_worker() -> None:
         _in_worker = True
 
 
+def warm_decode_worker() -> None:
+    """Enter decoding-worker mode and load both decoders now, before the first clip arrives: decord's import
+    alone is ~0.3-0.6 s (it loads FFmpeg and preloads the CUDA libraries of nvidia-* packages), time that a
+    worker started early spends while its parent builds the backbone instead of after the first dispatch."""
+    enter_decode_worker()
+    _import_decord()
+    import av  # noqa: F401
+
+
 def _import_decord():
     """decord, with torch loaded first in any process that may run torch.
 

@@ -35,7 +35,12 @@ class TaskError(Exception):
         return self.message
 
 
-def _serve(fn: Callable[..., Any], conn: Connection) -> None:
+def _serve(fn: Callable[..., Any], conn: Connection, warm: Callable[[], None] | None = None) -> None:
+    if warm is not None:
+        try:
+            warm()
+        except Exception:  # noqa: BLE001 - the first task meets the same problem and reports it
+            pass
     while True:
         try:
             task = conn.recv()
@@ -60,14 +65,15 @@ class _Worker:
 class TimedPool:
     """Run `fn(task)` in `workers` spawned processes; `imap_unordered` yields (task, result or exception)."""
 
-    def __init__(self, fn: Callable[[Any], Any], workers: int = 2, timeout: float = 60.0):
-        self.fn, self.workers, self.timeout = fn, max(1, workers), timeout
+    def __init__(self, fn: Callable[[Any], Any], workers: int = 2, timeout: float = 60.0,
+                 warm: Callable[[], None] | None = None):
+        self.fn, self.workers, self.timeout, self.warm = fn, max(1, workers), timeout, warm  # warm: run once per worker
         self._ctx = mp.get_context("spawn")  # never fork a process that holds torch's thread pools
         self._pool: list[_Worker] = []
 
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_serve, args=(self.fn, child), daemon=True)
+        process = self._ctx.Process(target=_serve, args=(self.fn, child, self.warm), daemon=True)
         process.start()
         child.close()
         return _Worker(process, parent)
@@ -78,11 +84,17 @@ class TimedPool:
         worker.conn.close()
         self._pool[self._pool.index(worker)] = self._start()
 
+    def start(self) -> "TimedPool":
+        """Spawn the workers now (else the first `imap_unordered` does): their start-up (a fresh interpreter
+        and its imports) can then overlap other work of the caller."""
+        if not self._pool:
+            self._pool = [self._start() for _ in range(self.workers)]
+        return self
+
     def imap_unordered(self, tasks: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
         pending = iter(tasks)
         exhausted = False
-        if not self._pool:
-            self._pool = [self._start() for _ in range(self.workers)]
+        self.start()
         while True:
             for worker in self._pool:
                 if worker.task is None and not exhausted:
