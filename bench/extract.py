@@ -135,8 +135,7 @@ def main() -> None:
             for name in ("steady", "extraction", "whole"):
                 run[f"{name}_over_bare"] = run[name] / run["bare"]
             rounds.append(run)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()
-                              if k != "profile"}), flush=True)
+            print(json.dumps(figures_of(run)), flush=True)
         checked, alone = decode_check_cost(paths, args.frames)
         baseline = naive(paths[: args.naive_clips], args.frames, args.image_size, args.weights)
         read = cache_read_rate(Path(tmp) / "read", args.read_clips, args.frames)
@@ -151,7 +150,7 @@ def main() -> None:
         "precision": backbone.precision, "device": str(backbone.device),
         "clips": args.clips, "frames": args.frames, "image_size": args.image_size,
         "batch_size": args.batch_size, "threads": torch.get_num_threads(), "workers": args.workers,
-        "rounds": [{k: round(v, 3) for k, v in r.items() if k != "profile"} for r in rounds],
+        "rounds": [figures_of(r) for r in rounds],
         "end_to_end_fps_steady": round(median("steady"), 2),
         "end_to_end_fps": round(median("extraction"), 2),
         "end_to_end_fps_whole_run": round(median("whole"), 2),
@@ -168,6 +167,11 @@ def main() -> None:
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def figures_of(run: dict) -> dict:
+    """One round's figures as printed: rounded, without its profile."""
+    return {k: round(v, 3) for k, v in run.items() if k != "profile"}
 
 
 def end_to_end_run(root: Path, cache: Path, cfg: dict, threads: int) -> dict:
@@ -229,8 +233,7 @@ def one_end_to_end_run(job: dict) -> None:
     summary = extract.run(Path(job["root"]), Path(job["cache"]), ExtractConfig(**job["cfg"]), progress=False)
     t = timings[0]
     durations = [end - start for start, end, _ in calls]
-    steady = statistics.median(durations[1:]) if len(durations) > 1 else durations[0]
-    full = [d for (_, _, n), d in zip(calls, durations) if n == job["cfg"]["batch_size"]][1:] or [steady]
+    full = [d for (_, _, n), d in zip(calls, durations) if n == job["cfg"]["batch_size"]][1:] or durations
     gaps = sum(calls[i + 1][0] - calls[i][1] for i in range(len(calls) - 1))
     profile = {
         "extraction_s": round(t.seconds, 3), "whole_run_s": round(summary.seconds, 3),
