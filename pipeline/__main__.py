@@ -201,6 +201,9 @@ def train(
     readout: Optional[str] = typer.Option(None, help="attention: the classifier reads sum_i A_ti H_ti, so evidence "
                                           "reaches it only through the attention | mean: avgpool(H_t), the first "
                                           "design. ConvLSTM only: does not apply to --cell lstm or mean."),
+    motion: Optional[str] = typer.Option(None, help="prior: the clip's own motion map M~_t (from its cached "
+                                         "features) is added to the attention logits as beta * log M~_t, "
+                                         "beta learned | none: no motion term (the head before 2026-12-06)."),
     channels: Optional[int] = typer.Option(None, help="Hidden channels d of the head."),
     kernel: Optional[int] = typer.Option(None, help="ConvLSTM kernel size k (odd)."),
     dropout: Optional[float] = typer.Option(None, help="Dropout before the classifier."),
@@ -215,6 +218,7 @@ def train(
     attention_reg: Optional[float] = typer.Option(None, help="Weight of Sharma et al.'s attention regulariser "
                                                   "(0: off; it spreads attention over every cell)."),
     patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better val loss."),
+    motion_lr: Optional[float] = typer.Option(None, help="Learning rate of the motion prior's weight beta."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (bf16 autocast on CUDA)."),
     max_memory_gb: Optional[float] = typer.Option(None, help="Load a split into memory when it fits under this; "
                                                   "else stream it from the cache."),
@@ -236,12 +240,12 @@ def train(
         from pipeline.config import load_section
         from stages import train as stage
 
-        head = load_section("head", params, cell=cell, attention=attention, readout=readout, channels=channels,
-                            kernel=kernel,
+        head = load_section("head", params, cell=cell, attention=attention, readout=readout, motion=motion,
+                            channels=channels, kernel=kernel,
                             dropout=dropout, feature_dropout=feature_dropout)
         cfg = load_section("train", params, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, schedule=schedule, attention_reg=attention_reg,
-                           patience=patience, device=device, max_memory_gb=max_memory_gb,
+                           patience=patience, motion_lr=motion_lr, device=device, max_memory_gb=max_memory_gb,
                            loader_workers=loader_workers)
         summary = stage.run(cache, splits, model, head, cfg, metrics_path=metrics, plots_dir=plots, resume=resume,
                             progress=progress)
@@ -364,7 +368,8 @@ def _print_predictions(predictions, model_path: Path, console=None) -> None:
 def render(
     cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache written by `extract`."),
     model: Path = typer.Argument(Path("models/head.pt"), help="Checkpoint written by `train`."),
-    out: Path = typer.Argument(Path("reports"), help="Folder for clips/, curves.png, confusion.png, index.html."),
+    out: Path = typer.Argument(Path("reports"),
+                               help="Folder for clips/, curves.png, confusion.png, deletion.png, index.html."),
     split: str = typer.Option("test", help="Split whose clips are rendered: test | val | train."),
     splits: Path = typer.Option(Path("splits"), help="Folder with the split lists written by `split`."),
     metrics: Path = typer.Option(Path("metrics"), help="Folder with eval.json and train.json (shown when present)."),
@@ -373,6 +378,8 @@ def render(
                                              "overrides the per-class choice."),
     videos: Optional[Path] = typer.Option(None, help="Dataset root to re-decode frames from (default: the root the cache "
                                           "recorded, else params.yaml's data.videos)."),
+    boxes: Optional[Path] = typer.Option(None, help="Ground-truth boxes to outline (default: boxes.json beside the "
+                                         "videos; `boxes import` writes one from UCF101-24 or JHMDB annotations)."),
     per_class: Optional[int] = typer.Option(None, help="Clips per class of the split (half right, half wrong)."),
     strip_frames: Optional[int] = typer.Option(None, help="Frames in each PNG strip."),
     fps: Optional[float] = typer.Option(None, help="Frame rate of the GIFs."),
@@ -392,12 +399,48 @@ def render(
         data = load_section("data", params)
         summary = stage.run(cache, model, out, cfg, splits_dir=splits, split=split, metrics_dir=metrics,
                             train_plots=train_plots, clips=clip or None, videos=videos, device=device,
-                            progress=progress, data_videos=Path(data.videos))
+                            progress=progress, data_videos=Path(data.videos), boxes=boxes)
         stage.print_summary(summary)
         if summary.clips and not summary.rendered:
             _err(f"none of the {len(summary.clips)} chosen clips could be drawn (reasons above); --videos DIR "
                  "points to the dataset")
             raise typer.Exit(1)
+
+
+boxes_app = typer.Typer(no_args_is_help=True, help="Ground-truth boxes: import a dataset's annotations as a boxes "
+                        "file that evaluate and render read (--boxes).")
+app.add_typer(boxes_app, name="boxes")
+
+
+@boxes_app.command("import")
+def boxes_import(
+    kind: str = typer.Argument(..., help="ucf24-pkl (UCF101-24 pyannot.pkl) | ucf24-mat (finalAnnots.mat) | jhmdb "
+                               "(JHMDB's joint_positions folder: <class>/<clip>/joint_positions.mat)."),
+    source: Path = typer.Argument(..., help="The annotation file (or, for jhmdb, the joint_positions folder)."),
+    out: Path = typer.Argument(..., help="Boxes file to write (JSON, format 2)."),
+    videos: Optional[Path] = typer.Option(None, help="Dataset root whose videos the annotated names are matched to "
+                                          "(by path without extension, else by file stem); default: params.yaml's "
+                                          "data.videos, unless --ext is given."),
+    ext: Optional[str] = typer.Option(None, help="Without --videos: each key is the annotated name plus this "
+                                      "extension (e.g. .avi); with it: the match preferred among equal stems."),
+    size: Optional[str] = typer.Option(None, help="Frame size WIDTHxHEIGHT the annotations are given in "
+                                       "(default 320x240, UCF101-24's and JHMDB's); boxes scale to each clip's own."),
+    margin: float = typer.Option(0.1, help="jhmdb: widen the joints' extent by this share of it on each side."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Import UCF101-24 or JHMDB boxes: frames without a box stay without, several actors stay several."""
+    with _user_errors():
+        from rich.console import Console
+        from rich.markup import escape
+
+        from pipeline.config import load_section
+        from stages import boxes as stage
+
+        if videos is None and not ext:
+            configured = Path(load_section("data", params).videos)
+            videos = configured if configured.is_dir() else None
+        summary = stage.run(kind, source, out, videos=videos, ext=ext, size=stage.parse_size(size), margin=margin)
+        Console(soft_wrap=True).print(escape(summary.line()), highlight=False)
 
 
 @app.command()

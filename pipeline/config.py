@@ -32,6 +32,7 @@ CELLS = ("convlstm", "lstm", "mean")
 ATTENTIONS = ("soft", "none")
 SCHEDULES = ("cosine", "step")
 READOUTS = ("attention", "mean")
+MOTIONS = ("none", "prior", "input")
 SPLITS = ("train", "val", "test")
 
 
@@ -92,11 +93,14 @@ class HeadConfig:
     kernel: int = _setting(3, at_least=1, odd=True)  # same padding needs an odd kernel
     dropout: float = _setting(0.5, at_least=0, below=1)  # before the classifier
     feature_dropout: float = _setting(0.5, at_least=0, below=1)  # whole input channels, one mask per clip
+    motion: str = _setting("prior", choices=MOTIONS)  # prior: + beta * log M~_t on Z_t (soft attention only)
 
     @property
     def label(self) -> str:
         """"convlstm/soft/attention": the cell, the attention and, where it applies, the readout."""
-        return f"{self.cell}/{self.attention}" + (f"/{self.readout}" if self.cell == "convlstm" else "")
+        label = f"{self.cell}/{self.attention}" + (f"/{self.readout}" if self.cell == "convlstm" else "")
+        guided = self.motion != "none" and self.cell != "mean" and self.attention == "soft"
+        return label + (f"/motion-{self.motion}" if guided else "")
 
 
 @dataclass
@@ -108,6 +112,7 @@ class TrainConfig:
     weight_decay: float = _setting(1e-2, at_least=0)
     schedule: str = _setting("cosine", choices=SCHEDULES)
     attention_reg: float = _setting(0.0, at_least=0)  # Sharma's term spreads attention: against localising
+    motion_lr: float = _setting(1e-3, at_least=0)  # the motion prior's weight beta learns at its own rate
     patience: int = _setting(8, at_least=1)
     device: str = _setting("auto", choices=DEVICES)
     max_memory_gb: float = _setting(8.0, at_least=0)  # load the split into memory when it fits under this

@@ -4,9 +4,11 @@ faithful and how well placed its attention is.
 Writes `<out>/eval.json` (DVC metrics), `<out>/predictions.csv` (video, true, predicted, probability),
 `<out>/attention.npz` (the split's attention maps, N x T x h x w, with the clip keys, for measures of your
 own) and `<plots>/confusion.csv` (DVC's confusion template). Two measures of the attention:
-* localisation, where ground-truth boxes exist (`boxes.json` in the dataset root, or --boxes): mass in the
-  box and the pointing game, beside uniform attention and a centre prior, overall and per class;
-* faithfulness, on any dataset: the deletion test (pipeline/report/faithfulness.py).
+* localisation, where ground-truth boxes exist (`boxes.json` in the dataset root, or --boxes; format 1 or 2 of
+  pipeline/video/boxes.py): mass in the box and the pointing game over the sampled frames with a box (the
+  others counted), beside uniform attention, a centre prior and the clip's motion map, overall and per class;
+* faithfulness, on any dataset: the deletion test and its curve over k, 1 to half the cells
+  (pipeline/report/faithfulness.py).
 The figures are computed in pipeline/report/; this module says which, on what, and where they go.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pipeline.head.batches import open_split
 from pipeline.progress import progress_bar
 from pipeline.report import boxes as gt
 from pipeline.report import faithfulness, metrics
+from pipeline.report.motion_baseline import motion_maps
 from pipeline.report.tables import print_report
 from pipeline.video.folders import first_existing
 
@@ -46,10 +49,13 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
         ck.require_same_extraction(ckpt, extraction, str(cache_path))
         ck.require_classes(ckpt, cache.classes, str(cache_path))
         clips = open_split(cache, splits_dir, cfg.split)
+        looked = gt.candidates(boxes, cache.attrs.get("dataset_root"), videos)
+        truth_path = first_existing(looked)
+        truth = gt.read_truth(truth_path)  # before the passes: a bad boxes file costs no inference
         dev = pick_device(device)
         model = ckpt.build().to(dev)
         cells = int(np.prod(cache.feature_shape[2:]))
-        passes = 1 + (2 * len(faithfulness.applicable(faithfulness.K, cells)) if cfg.deletion_draws else 0)
+        passes = 1 + (faithfulness.passes(cells, cfg.deletion_draws) if cfg.deletion_draws else 0)
         with progress_bar("evaluate", passes, "passes", enabled=progress) as bar:
             outputs = tr.infer(model, clips, cfg.batch_size, dev)
             bar.advance(note="accuracy")
@@ -60,14 +66,12 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
 
                 deletion = faithfulness.deletion_test(rerun, outputs.attention, outputs.labels, cfg.deletion_draws,
                                                       on_pass=lambda: bar.advance(note="deletion test"))
-        looked = gt.candidates(boxes, cache.attrs.get("dataset_root"), videos)
-        truth_path = first_existing(looked)
-        truth = gt.read_truth(truth_path)
+        motion = motion_maps(clips, cfg.batch_size, dev) if truth else None  # (N, T, h, w): the motion baseline
         rows = clips.index
         frame_index = cache.frame_index[rows]  # (N, T)
         attention = metrics.attention_report(outputs.attention, [cache.videos[i] for i in rows], truth,
                                              frame_index, cache.height[rows], cache.width[rows],
-                                             outputs.labels, ckpt.classes)
+                                             outputs.labels, ckpt.classes, motion=motion)
     report = metrics.accuracy_report(outputs, ckpt.classes)
     report = {"split": cfg.split, "clips": len(clips), **report,
               "attention": dict(attention, boxes=gt.shown(truth_path) if truth_path else None,

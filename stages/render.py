@@ -7,6 +7,7 @@ the very frames those features came from (the cache's `frame_index`) and writes 
     clips/<clip>.gif     every sampled frame with its attention, per-frame prediction as caption
     curves.png           loss and accuracy per epoch from plots/train/*.tsv (figure 3)
     confusion.png        the confusion matrix
+    deletion.png         the deletion curve from eval.json (true-class p left, top-attended vs random cells)
     index.html           metrics, per-class accuracy, figures, every clip and the provenance; offline
 
 Clip choice (default): for each class, up to `per_class` clips of the split, about half predicted right
@@ -15,10 +16,12 @@ runs short. The head only reads cached features, so predicting the whole split c
 
 Metrics, per-class accuracy and the confusion matrix come from `<metrics>/eval.json` when it is there (the
 evaluate stage, with attention-vs-box scores); without it they are computed here from the split rendered
-(accuracy only, noted on the page). A clip whose video is missing, changed or undecodable is a recorded
-skip with a one-line reason. Everything is built in a temporary folder and swapped in, so no file of an
-earlier render lingers and a crash leaves the earlier report whole. How each piece is made lives in
-pipeline/report/ (clips.py, charts.py, page.py, tables.py); this module says what goes where.
+(accuracy only, noted on the page). Ground-truth boxes (--boxes FILE, else boxes.json beside the videos;
+format 1 or 2 of pipeline/video/boxes.py) are outlined on the overlays, as many as a frame has. A clip whose
+video is missing, changed or undecodable is a recorded skip with a one-line reason. Everything is built in a
+temporary folder and swapped in, so no file of an earlier render lingers and a crash leaves the earlier
+report whole. How each piece is made lives in pipeline/report/ (clips.py, charts.py, page.py, tables.py);
+this module says what goes where.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def check_config(cfg: RenderConfig, split: str) -> RenderConfig:
 def run(cache_path: Path, model_path: Path, out_dir: Path, cfg: RenderConfig, *, splits_dir: Path = Path("splits"),
         split: str = "test", metrics_dir: Path = Path("metrics"), train_plots: Path = Path("plots/train"),
         clips: list[str] | None = None, videos: Path | None = None, device: str = "auto",
-        progress: bool = True, data_videos: Path | None = None) -> RenderSummary:
+        progress: bool = True, data_videos: Path | None = None, boxes: Path | None = None) -> RenderSummary:
     """Render attention strips/GIFs for chosen clips, the curves, the confusion matrix and index.html."""
     from pipeline.head.runtime import pick_device
 
@@ -67,7 +70,7 @@ def run(cache_path: Path, model_path: Path, out_dir: Path, cfg: RenderConfig, *,
         root = picked.dataset_root(videos, cache, data_videos, summary.notes)
         work = page.fresh_work_dir(out_dir)
         try:
-            picked.render_clips(cache, chosen, ckpt.classes, root, work / "clips", cfg, summary, progress)
+            picked.render_clips(cache, chosen, ckpt.classes, root, work / "clips", cfg, summary, progress, boxes)
             metrics = page.page_metrics(metrics_dir, split_out, ckpt, summary)
             train_metrics = page.read_json(Path(metrics_dir) / "train.json", summary.notes)
             figures = charts.write_figures(work, metrics, train_plots, summary.notes)

@@ -65,6 +65,74 @@ def test_deletion_test_reports_top_k_beside_random_k():
         assert row["probability_drop_vs_random"] > 0 and row["random"]["true_probability_std"] > 0
     json.dumps(report, allow_nan=False)  # goes into eval.json as it is
 
+    curved = faithfulness.deletion_test(run, attention, labels, draws=5, seed=0)  # the default: the whole curve
+    assert curved["curve"]["k"] == [1, 2, 3, 5, 8] and set(curved["k"]) == {"1", "3", "5"}
+    for k, row in curved["k"].items():  # the table's rows: as before, and the curve's points at those k
+        assert set(row) == {"top", "random", "probability_drop_vs_random"}
+        assert set(row["top"]) == {"video_accuracy", "true_probability"}
+        assert set(row["random"]) == {"video_accuracy", "video_accuracy_std", "true_probability",
+                                      "true_probability_std"}
+        i = curved["curve"]["k"].index(int(k))
+        assert row["top"]["true_probability"] == curved["curve"]["top_probability"][i]
+        assert row["random"]["true_probability"] == curved["curve"]["random_probability"][i]
+    json.dumps(curved, allow_nan=False)
+
+
+@pytest.mark.parametrize("side, last", [(7, 25), (14, 98), (4, 8), (3, 5)])
+def test_the_curve_runs_from_one_cell_to_half_the_grid_and_keeps_the_table_k(side, last):
+    ks = faithfulness.curve_ks(side * side)
+    assert ks[0] == 1 and ks[-1] == last and last >= side * side / 2 and last < side * side
+    assert list(ks) == sorted(set(ks)) and set(faithfulness.K) <= set(ks)
+    assert all(b <= 2 * a for a, b in zip(ks, ks[1:]))  # no stretch of the curve left without a point
+    assert faithfulness.passes(side * side, 20) == len(ks) * 21
+    assert faithfulness.curve_ks(49) == (1, 2, 3, 5, 9, 15, 25)
+
+
+def test_the_area_between_the_curves_is_the_trapezoid_mean_gap_over_the_fraction_deleted():
+    """A fake head losing 0.15 of the true class per deleted attended cell (the frame's 3 most attended) and
+    0.01 per other deleted cell: the curve, the area and the drop ratios recomputed by hand."""
+    n, t = 2, 3
+    attention = np.random.default_rng(2).random((n, t, 4, 4))
+    attended = faithfulness.top_cells(attention, 3) == 0
+    labels = np.zeros(n, np.int64)
+    random_runs: dict[int, list[float]] = {}  # cells deleted per frame -> true-class p of each random deletion
+
+    def run(keep):
+        p = 0.9
+        if keep is not None:
+            gone = keep == 0
+            p -= 0.15 * (gone & attended).sum(axis=(2, 3)).mean() + 0.01 * (gone & ~attended).sum(axis=(2, 3)).mean()
+            k = int(gone[0, 0].sum())
+            if not np.array_equal(keep, faithfulness.top_cells(attention, k)):
+                random_runs.setdefault(k, []).append(p)
+        return np.tile([p, 1 - p], (n, 1))
+
+    calls = []
+    report = faithfulness.deletion_test(run, attention, labels, draws=4, seed=3, on_pass=lambda: calls.append(1))
+    assert len(calls) == faithfulness.passes(16, 4)  # evaluate's progress bar counts these
+    curve = report["curve"]
+    ks = [1, 2, 3, 5, 8]
+    top = [0.75, 0.6, 0.45, 0.43, 0.40]  # min(k, 3) attended cells at 0.15, the rest at 0.01
+    random = [np.mean(random_runs[k]) for k in ks]
+    assert curve["k"] == ks and curve["cells"] == 16 and all(len(random_runs[k]) == 4 for k in ks)
+    assert curve["top_probability"] == pytest.approx(top) and curve["random_probability"] == pytest.approx(random)
+    assert curve["top_accuracy"] == [1.0, 1.0, 0.0, 0.0, 0.0]  # the true class wins while p > 0.5
+
+    def mean(values):  # over the fraction deleted, 1/16 to 8/16, by the trapezoid rule: the same over k = 1..8
+        return sum((values[i] + values[i + 1]) / 2 * (ks[i + 1] - ks[i]) / 16 for i in range(4)) / ((8 - 1) / 16)
+
+    gap = [r - s for r, s in zip(random, top)]
+    assert report["area_between"]["probability"] == pytest.approx(mean(gap), abs=1e-6)
+    accuracy_gap = [float(np.mean([p > 0.5 for p in random_runs[k]])) - a for k, a in zip(ks, curve["top_accuracy"])]
+    assert report["area_between"]["accuracy"] == pytest.approx(mean(accuracy_gap), abs=1e-6)
+    assert report["drop_ratio"]["5"] == pytest.approx((0.9 - 0.43) / (0.9 - random[3]), abs=1e-5)
+    assert report["drop_ratio"]["curve"] == pytest.approx((0.9 - mean(top)) / (0.9 - mean(random)), abs=1e-5)
+    assert curve["probability_drop_ratio"][ks.index(5)] == report["drop_ratio"]["5"]
+    assert faithfulness.curve_mean([1, 3, 5], [0.0, 2.0, 4.0]) == pytest.approx(2.0)  # a line: its midpoint
+    assert faithfulness.curve_mean([5], [0.3]) is None and faithfulness.drop_ratio(0.9, 0.5, 0.95) is None
+    assert faithfulness.drop_ratio(0.9, 0.5, 0.899, error=0.001) is None  # a random drop within the noise
+    assert faithfulness.drop_ratio(0.9, 0.5, 0.899, error=0.0001) == pytest.approx(400.0)
+
 
 def test_bootstrap_interval_brackets_the_statistic_and_is_reproducible():
     values = np.r_[np.ones(48), np.zeros(16)]  # 75% right of 64 clips
@@ -116,6 +184,10 @@ def test_evaluate_writes_localisation_per_class_deletion_and_the_maps(tiny_proje
         assert key in att
     assert set(att["per_class"]) <= {"move_left", "move_right", "move_up"} and att["per_class"]
     assert report["deletion"]["random_draws"] == 3 and set(report["deletion"]["k"]) == {"1", "3", "5"}
+    curve = json.loads((tmp_path / "m" / "eval.json").read_text())["deletion"]["curve"]
+    assert curve["k"] == [1, 2, 3, 5, 8] and curve["cells"] == 16  # 4x4 grid: to half the cells
+    assert all(len(curve[key]) == 5 for key in curve if key not in ("k", "cells"))
+    assert report["deletion"]["area_between"]["probability"] is not None and "curve" in report["deletion"]["drop_ratio"]
     assert report["video_accuracy_ci"] is None or len(report["video_accuracy_ci"]) == 2
     with np.load(tmp_path / "m" / evaluate.MAPS_FILE, allow_pickle=False) as maps:
         keys = [line.split(",")[0] for line in (tmp_path / "m" / "predictions.csv").read_text().splitlines()[1:]]

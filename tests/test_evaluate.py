@@ -97,7 +97,7 @@ def test_cli_writes_eval_json_predictions_and_confusion_that_agree(cli_eval, tin
     assert report["top3_accuracy"] == 1.0  # 3 classes: the true one is always among the top 3
     assert report["entropy"]["uniform"] == round(math.log(GRID * GRID), 6)
     ckpt = ck.load(model)
-    assert report["model"] == {"path": str(model), "head": "convlstm/soft/attention", "epoch": ckpt.train["epoch"],
+    assert report["model"] == {"path": str(model), "head": "convlstm/soft/attention/motion-prior", "epoch": ckpt.train["epoch"],
                                "weights": ckpt.extraction["weights"]}
 
     predictions = read_csv(out / "predictions.csv")
@@ -130,6 +130,7 @@ def test_cli_writes_eval_json_predictions_and_confusion_that_agree(cli_eval, tin
     assert Path(report["attention"]["boxes"]).resolve() == tiny_project["videos"].resolve() / "boxes.json"
     assert "video accuracy" in result.stdout and "attention mass in box" in result.stdout
     assert "pointing accuracy" in result.stdout and "Traceback" not in result.stderr
+    assert report["deletion"]["curve"]["k"] == [1, 2, 3, 5, 8] and "deletion curve" in result.stdout
 
 
 def test_video_prediction_is_the_mean_of_the_per_frame_softmax(cli_eval, tiny_project, model):
@@ -257,6 +258,7 @@ def test_attention_report_scores_the_sampled_frames_of_each_clip():
                                    "pointing_uniform")} == {"clips_with_boxes": 1, "mass_in_box": 1.0,
                                                             "mass_in_box_uniform": 0.5, "mass_ratio": 2.0,
                                                             "pointing": 1.0, "pointing_uniform": 0.5}
+    assert (report["clips_without_box"], report["frames_without_box"]) == (1, 2)  # a/2.avi: in the file, no box
     # the centre prior on a 2x2 grid of a 200x100 frame is uniform by symmetry; its argmax is the first cell
     assert (report["mass_in_box_centre"], report["pointing_centre"]) == (0.5, 1.0)
     report = metrics.attention_report(attention[:1], ["a/1.avi"], truth, np.array([[1, 3]]), np.array([100]),
@@ -264,7 +266,9 @@ def test_attention_report_scores_the_sampled_frames_of_each_clip():
     assert (report["mass_in_box"], report["pointing"], report["mass_ratio"]) == (0.0, 0.0, 0.0)
     empty = metrics.attention_report(attention, ["x", "y", "z"], truth, frame_index, np.full(3, 100),
                                       np.full(3, 200))
-    assert empty["clips_with_boxes"] == 0 and all(v is None for k, v in empty.items() if k != "clips_with_boxes")
+    counts = ("clips_with_boxes", "clips_without_box", "frames_scored", "frames_without_box")
+    assert empty["clips_with_boxes"] == 0 and all(v is None for k, v in empty.items() if k not in counts)
+    assert (empty["clips_without_box"], empty["frames_without_box"]) == (0, 0)  # x, y, z: not in the file at all
     assert "per_class" not in empty
 
 
@@ -342,8 +346,10 @@ def test_a_dataset_without_boxes_reports_null_attention_figures_and_says_so(tiny
     assert looked and all(p.endswith("boxes.json") for p in looked)
     assert "looked for" in result.stdout and "--boxes" in result.stdout
     assert report["attention"] == {"clips_with_boxes": 0, "mass_in_box": None, "mass_in_box_uniform": None,
-                                   "mass_in_box_centre": None, "mass_ratio": None, "mass_ratio_centre": None,
-                                   "pointing": None, "pointing_uniform": None, "pointing_centre": None, "boxes": None}
+                                   "mass_in_box_centre": None, "mass_in_box_motion": None, "mass_ratio": None,
+                                   "mass_ratio_centre": None, "mass_ratio_motion": None, "pointing": None,
+                                   "pointing_uniform": None, "pointing_centre": None, "pointing_motion": None,
+                                   "clips_without_box": 0, "frames_scored": 0, "frames_without_box": 0, "boxes": None}
     assert report["video_accuracy"] is not None and report["entropy"]["mean"] is not None
     assert "no ground-truth boxes" in result.stdout
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
 from torch.func import functional_call
 
 from pipeline.config import ConfigError, HeadConfig
+from pipeline.features.motion import motion_map
 from pipeline.head.model import (
     HeadOutput,
     attend,
@@ -19,6 +21,7 @@ from pipeline.head.model import (
 )
 
 VARIANTS = list(itertools.product(("convlstm", "lstm", "mean"), ("soft", "none")))
+MOTIONS = ("none", "prior")
 
 
 @pytest.fixture(autouse=True)
@@ -27,13 +30,16 @@ def _seed():
 
 
 def small_head(cell: str, attention: str, in_channels: int = 6, num_classes: int = 4, **kw) -> torch.nn.Module:
-    cfg = HeadConfig(cell=cell, attention=attention, channels=kw.pop("channels", 8), **kw)
+    """The head's equations without the motion term unless `motion` says otherwise (it has tests of its own)."""
+    cfg = HeadConfig(cell=cell, attention=attention, channels=kw.pop("channels", 8), motion=kw.pop("motion", "none"),
+                     **kw)
     return build_head(cfg, in_channels, num_classes)
 
 
+@pytest.mark.parametrize("motion", MOTIONS)
 @pytest.mark.parametrize("cell,attention", VARIANTS)
-def test_every_variant_returns_per_frame_logits_and_an_attention_map_per_frame(cell, attention):
-    head = small_head(cell, attention)
+def test_every_variant_returns_per_frame_logits_and_an_attention_map_per_frame(cell, attention, motion):
+    head = small_head(cell, attention, motion=motion)
     x = torch.randn(2, 5, 6, 7, 7)  # (B, T, C, H, W)
 
     out = head(x)
@@ -43,9 +49,10 @@ def test_every_variant_returns_per_frame_logits_and_an_attention_map_per_frame(c
     assert out.attention.shape == (2, 5, 7, 7)
 
 
+@pytest.mark.parametrize("motion", MOTIONS)
 @pytest.mark.parametrize("cell,attention", VARIANTS)
-def test_attention_maps_are_distributions_over_positions(cell, attention):
-    head = small_head(cell, attention)
+def test_attention_maps_are_distributions_over_positions(cell, attention, motion):
+    head = small_head(cell, attention, motion=motion)
 
     a = head(torch.randn(3, 4, 6, 5, 6)).attention
 
@@ -188,7 +195,8 @@ def test_default_head_parameter_count_follows_the_equations():
     init = d * 2 * d * k * k + 2 * d  # H_0, C_0 = tanh(conv(mean_t P_t))
     cell = 2 * d * 4 * d * k * k + 4 * d  # [W_x W_h] kxk to i, f, o, g, with b
     classifier = d * classes + classes  # W_c, b_c
-    assert count_parameters(head) == w_p + attention + init + cell + classifier
+    beta = 1  # the motion prior's weight (head.motion: prior, the default)
+    assert count_parameters(head) == w_p + attention + init + cell + classifier + beta
 
 
 @pytest.mark.parametrize(
@@ -330,3 +338,104 @@ def test_a_checkpoint_saved_before_readout_existed_loads_as_the_mean_readout(tmp
     assert loaded.head.readout == "mean"
     x = torch.randn(2, 4, 6, 7, 7)
     assert torch.equal(loaded.build()(x).logits, model(x).logits)
+
+
+# --- motion-guided attention (head.motion) ---------------------------------------------------------------
+
+REFERENCE = Path(__file__).parent / "data" / "head_before_motion.pt"
+
+
+@pytest.mark.parametrize("cell", ["convlstm", "lstm"])
+def test_motion_none_is_the_head_before_motion_existed_bit_for_bit(cell):
+    """tests/data/head_before_motion.pt: weights, input and outputs saved by the code before head.motion
+    (commit 1c5220f), eval and train mode (per-clip dropout seeds 5, 6)."""
+    ref = torch.load(REFERENCE, weights_only=True)[cell]
+    head = build_head(HeadConfig(cell=cell, channels=8, motion="none"), 16, 3)
+    head.load_state_dict(ref["state_dict"])  # strict: no parameter added or renamed
+    head.eval()
+    with torch.no_grad():
+        out = head(ref["x"])
+    assert torch.equal(out.logits, ref["logits"]) and torch.equal(out.attention, ref["attention"])
+    head.train()
+    assert torch.equal(head(ref["x"], torch.tensor([5, 6])).logits.detach(), ref["train_logits"])
+
+
+def moving_patch(t: int = 6, c: int = 4, size: int = 7) -> torch.Tensor:
+    """(1, T, C, h, w) features: a static textured background, a bright patch moving one cell right a frame."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 1, c, size, size, generator=g).repeat(1, t, 1, 1, 1)
+    for k in range(t):
+        x[0, k, :, 3, k] += 5.0
+    return x
+
+
+def test_the_motion_map_sits_where_the_features_change_and_ignores_global_change():
+    x = moving_patch()
+    m = motion_map(x)  # (1, T, h, w)
+    assert m.shape == (1, 6, 7, 7)
+    assert torch.allclose(m.sum(dim=(2, 3)), torch.ones(1, 6))
+    for k in range(1, 6):  # the patch left cell k-1 and entered cell k: both changed, nothing else did
+        top = set(m[0, k].flatten().topk(2).indices.tolist())
+        assert top == {3 * 7 + k - 1, 3 * 7 + k}
+    assert torch.equal(m[0, 0], m[0, 1])  # the first frame has no past: it takes the second's map
+    # the whole picture changing alike (a camera gain, a cut) leaves nothing above the median: uniform
+    flicker = torch.rand(1, 1, 4, 7, 7).repeat(1, 4, 1, 1, 1) * torch.arange(1.0, 5.0).view(1, 4, 1, 1, 1)
+    assert torch.allclose(motion_map(flicker[..., :1, :1].expand(1, 4, 4, 7, 7).contiguous()),
+                          torch.full((1, 4, 7, 7), 1 / 49))
+    assert torch.allclose(motion_map(x[:, :1]), torch.full((1, 1, 7, 7), 1 / 49))  # one frame: nothing moves
+
+
+def test_the_motion_prior_adds_beta_log_m_to_the_attention_logits():
+    """With beta = 0 the prior head is the plain head; with beta = 1 and w_z = 0 its maps are M~_t itself."""
+    x = moving_patch()
+    plain = build_head(HeadConfig(channels=8, motion="none"), 4, 3).eval()
+    guided = build_head(HeadConfig(channels=8, motion="prior"), 4, 3).eval()
+    assert set(dict(guided.named_parameters())) - set(dict(plain.named_parameters())) == {"beta"}
+    assert float(guided.beta.detach()) == 1.0
+    with torch.no_grad():
+        assert torch.allclose(guided(x).attention, motion_map(x), atol=1e-6)  # w_z starts at zero
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        guided.load_state_dict({**plain.state_dict(), "beta": torch.zeros(())})
+        assert torch.allclose(guided(x).logits, plain(x).logits, atol=1e-6)
+
+
+def test_attention_none_stays_uniform_with_the_motion_prior_and_the_label_says_which_head():
+    x = moving_patch()
+    head = build_head(HeadConfig(channels=8, attention="none", motion="prior"), 4, 3).eval()
+    assert not head.uses_motion and not hasattr(head, "beta")
+    assert torch.equal(head(x).attention, torch.full((1, 6, 7, 7), 1 / 49))
+    assert HeadConfig(motion="prior").label == "convlstm/soft/attention/motion-prior"
+    assert HeadConfig(motion="none").label == "convlstm/soft/attention"
+    assert HeadConfig(attention="none", motion="prior").label == "convlstm/none/attention"
+
+
+def test_beta_learns_at_its_own_rate_without_weight_decay():
+    from pipeline.config import TrainConfig
+    from pipeline.head.fit import make_optimiser
+
+    head = build_head(HeadConfig(channels=8, motion="prior"), 4, 3)
+    groups = make_optimiser(head, TrainConfig(lr=1e-3, motion_lr=0.05)).param_groups
+    (beta_group,) = [g for g in groups if any(p is head.beta for p in g["params"])]
+    assert beta_group["lr"] == 0.05 and beta_group["weight_decay"] == 0.0 and len(beta_group["params"]) == 1
+    assert sum(len(g["params"]) for g in groups) == len(list(head.parameters()))
+
+
+def test_a_checkpoint_from_before_head_motion_loads_as_the_head_it_was_trained_as(tmp_path):
+    """A checkpoint written before the key existed has no `motion` (nor, older still, `readout`): it loads
+    as the head it was trained as, not as today's default, and gives the outputs it gave then."""
+    import dataclasses
+
+    from pipeline.head import checkpoint as ck
+
+    ref = torch.load(REFERENCE, weights_only=True)["convlstm"]
+    head = {k: v for k, v in dataclasses.asdict(HeadConfig(channels=8)).items() if k != "motion"}
+    payload = {"format": ck.FORMAT, "format_version": ck.FORMAT_VERSION, "state_dict": ref["state_dict"],
+               "head": head, "classes": ["a", "b", "c"], "feature_shape": [4, 16, 7, 7], "extraction": {}}
+    torch.save(payload, tmp_path / "old.pt")
+
+    loaded = ck.load(tmp_path / "old.pt")
+
+    assert loaded.head.motion == "none" and HeadConfig().motion == "prior"
+    with torch.no_grad():
+        assert torch.equal(loaded.build()(ref["x"]).logits, ref["logits"])

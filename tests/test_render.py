@@ -151,11 +151,14 @@ def test_page_is_offline_links_resolve_and_shows_metrics(report, project):
     lowered = page.lower()
     assert "http://" not in lowered and "https://" not in lowered
     assert "<script" not in lowered and "@import" not in lowered and "url(" not in lowered
-    assert "curves.png" in page and "confusion.png" in page
+    assert "curves.png" in page and "confusion.png" in page and "deletion.png" in page
+    assert "Area between the curves" in page  # the deletion curve's caption states it
+    assert Image.open(report.out_dir / "deletion.png").format == "PNG"
     import json
 
     metrics = json.loads((project["metrics"] / "eval.json").read_text())
     assert "video accuracy" in page and f"{metrics['video_accuracy']:.1%}" in page
+    assert f"<b>{metrics['deletion']['area_between']['probability']:.4g}</b>" in page
     assert "pointing accuracy" in page and "uniform" in page  # attention beside its uniform baseline
     assert "random:0 sha256:" in page  # provenance: the weights and their hash
     for clip in report.clips:
@@ -187,6 +190,7 @@ def test_rerender_leaves_no_stale_files_and_computes_metrics_without_eval_json(p
     assert sorted(p.name for p in (out / "clips").iterdir()) == ["move_left__numbered.avi.gif",
                                                                   "move_left__numbered.avi.png"]
     assert not (out / "curves.png").exists() and (out / "confusion.png").exists()
+    assert not (out / "deletion.png").exists()  # no eval.json: no curve, and the earlier render's is gone
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     page = summary.index.read_text(encoding="utf-8")
     assert "computed by render on split" in page and "no training curves" in page

@@ -9,16 +9,13 @@ read a plain numpy pickle, and flax/jax (no dependency of ours) would only repla
 """
 from __future__ import annotations
 
-import collections
-import io
-import pickle
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.errors import describe
+from pipeline import numpy_pickle
 from pipeline.features.weights import WeightsError, _validated, conv_shapes
 
 LPIPS_TREE = "VGG16_0"  # flax module holding Conv_0..Conv_12; the NetLinLayer_* entries are LPIPS's own
@@ -30,58 +27,9 @@ FIRST_FILTER = (-0.5537, 0.1427, 0.5290)
 
 # ----------------------------------------------------------------------------------------- unpickling
 
-def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    """Protocol-2 pickles spell bytes as _codecs.encode(text, "latin1"); allow exactly that, no codec lookup."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise WeightsError(f"weights pickle calls _codecs.encode with {encoding!r}; refusing to load it")
-    return text.encode("latin1")
-
-
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    """The only callables a pickle may name: how numpy rebuilds arrays, dtypes and scalars; OrderedDict;
-    protocol 2's spelling of bytes.
-
-    Found from numpy's own __reduce__ so the list holds under numpy 1 (numpy.core) and 2 (numpy._core).
-    Plain dicts, lists and tuples have their own opcodes and need no global at all.
-    """
-    reconstruct = np.zeros(1).__reduce__()[0]
-    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
-    scalar = np.float32(0).__reduce__()[0]
-    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                           ("collections", "OrderedDict"): collections.OrderedDict,
-                                           ("_codecs", "encode"): _latin1_bytes,
-                                           ("builtins", "bytes"): bytes, ("__builtin__", "bytes"): bytes}
-    for package in ("numpy.core", "numpy._core"):
-        allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct
-        allowed[(f"{package}.multiarray", "scalar")] = scalar
-        allowed[(f"{package}.numeric", "_frombuffer")] = frombuffer
-    return allowed
-
-
-class _NumpyUnpickler(pickle.Unpickler):
-    """An unpickler that can build numpy arrays and containers and nothing else: no code ever runs."""
-
-    allowed = _numpy_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self.allowed[(module, name)]
-        except KeyError:
-            raise WeightsError(f"weights pickle names {module}.{name}, which is not a numpy array type; "
-                               "refusing to load it") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise WeightsError("weights pickle uses persistent ids; refusing to load it")
-
-
 def unpickle_numpy(data: bytes) -> Any:
     """Unpickle bytes that may hold only numpy arrays in dicts/lists/tuples (allow-list, never arbitrary)."""
-    try:
-        return _NumpyUnpickler(io.BytesIO(data)).load()
-    except WeightsError:
-        raise
-    except Exception as e:  # a malformed pickle can raise almost anything
-        raise WeightsError(f"weights pickle is malformed: {describe(e)}") from None
+    return numpy_pickle.unpickle_numpy(data, WeightsError, "weights pickle")
 
 
 # ----------------------------------------------------------------------------------------- flax -> torch

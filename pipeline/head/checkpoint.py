@@ -96,7 +96,9 @@ def save(path: str | Path, ckpt: Checkpoint) -> Path:
     return path
 
 
-PRE_READOUT = {"readout": "mean"}  # what a head config without the key was
+# what a head config without the key was: a checkpoint from before the key existed loads as the head it was
+# trained as, never as today's default
+PRE_KEYS = {"readout": "mean", "motion": "none"}
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -123,9 +125,7 @@ def load(path: str | Path) -> Checkpoint:
     if problem:
         raise CheckpointError(f"{path}: malformed head checkpoint: {problem}")
     head_fields = {f.name for f in dataclasses.fields(HeadConfig)}
-    # a checkpoint from before head.readout existed was trained with avgpool(H_t): load it as that head,
-    # never as today's default
-    head = {**PRE_READOUT, **{k: v for k, v in payload["head"].items() if k in head_fields}}
+    head = {**PRE_KEYS, **{k: v for k, v in payload["head"].items() if k in head_fields}}
     return Checkpoint(state_dict=dict(payload["state_dict"]), head=HeadConfig(**head),
                       classes=list(payload["classes"]), feature_shape=list(payload["feature_shape"]),
                       extraction=dict(payload["extraction"]), cache=dict(payload.get("cache") or {}),

@@ -35,9 +35,12 @@ def make_optimiser(model, cfg: TrainConfig):
     """AdamW; biases and other 1-d parameters are not decayed."""
     import torch
 
+    beta = [p for name, p in model.named_parameters() if name.split(".")[-1] == "beta"]  # the motion prior's weight
     decay = [p for p in model.parameters() if p.ndim > 1]
-    plain = [p for p in model.parameters() if p.ndim <= 1]
+    plain = [p for p in model.parameters() if p.ndim <= 1 and all(p is not b for b in beta)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    if beta:
+        groups.append({"params": beta, "weight_decay": 0.0, "lr": cfg.motion_lr})
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 

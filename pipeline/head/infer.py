@@ -45,11 +45,14 @@ def infer(model, clips: ClipSet, batch_size: int, device, on_batch: Callable[[in
     logits, maps = [], []
     with torch.inference_mode():
         for batch in clips.batches(batch_size, rows):
-            x = batch.features
+            x = batch.features.to(device, non_blocking=True)
+            motion = None
             if keep is not None:
-                x = x * torch.from_numpy(keep[batch.rows]).to(x.dtype)[:, :, None]  # (B, T, 1, h, w)
+                # the motion prior is the unmodified clip's: zeroed cells would otherwise read as motion
+                motion = model.motion_of(x) if getattr(model, "uses_motion", False) else None
+                x = x * torch.from_numpy(keep[batch.rows]).to(x.device, x.dtype)[:, :, None]  # (B, T, 1, h, w)
             with autocast(device):
-                out = model(x.to(device, non_blocking=True))
+                out = model(x, motion=motion)
             logits.append(out.logits.float().cpu().numpy())
             maps.append(out.attention.float().cpu().numpy())
             if on_batch is not None:

@@ -4,6 +4,7 @@ Input X_t in R^{C x H x W}, t = 1..T; d = head.channels, k = head.kernel.
 
     P_t  = W_p * X_t                                       1x1 conv, C -> d            ConvLSTMHead.w_p
     Z_t  = w_z * tanh(W_xa * P_t + W_ha * H_{t-1} + b_a)   1x1 convs -> 1 channel      SoftAttention
+           + beta * log M~_t                                motion: prior (else absent) RecurrentHead.beta
     A_t  = softmax of Z_t over the H*W positions                                       attend()
     X~_t = (H*W) * A_t (.) P_t                             uniform A_t: X~_t == P_t    attend()
     i, f, o, g = sigm, sigm, sigm, tanh(W_x * X~_t + W_h * H_{t-1} + b)   kxk, same    ConvLSTMCell
@@ -12,6 +13,13 @@ Input X_t in R^{C x H x W}, t = 1..T; d = head.channels, k = head.kernel.
     r_t  = sum_i A_{t,i} H_{t,i}                           readout: attention          ConvLSTMHead.readout
          = mean_i((H*W) A_{t,i} H_{t,i})                   (the (H*W) A_t attend() computes; uniform: avgpool)
     y_t  = W_c dropout(r_t) + b_c                          per-frame logits            ConvLSTMHead.w_c
+
+M~_t is the clip's motion map from its own features (pipeline/features/motion.py: where X_t changes from
+X_{t-1}, camera motion taken out by the median, normalised, floored, summing to 1 over the cells); beta is a
+learned scalar, starting at 1, with a learning rate of its own (train.motion_lr). Why (DESIGN.md,
+"Motion-guided attention"): on real clips a scene gives evidence everywhere and a few hundred clips give the
+attention almost no gradient to leave uniform; the prior starts it where things move, and beta lets the head
+trust that as much as the labels say. `motion: none` is the head without the term, bit for bit.
 
 Why the readout goes through A_t (DESIGN.md, "The head"): with avgpool(H_t), the first design (kept as
 `readout: mean`), the ConvLSTM's own kernels pick the actor out and the attention is free to sit anywhere;
@@ -26,6 +34,8 @@ Variants (HeadConfig):
                       (the `attention` setting does not apply to it).
   attention soft      Z_t as above;
             none      Z_t = 0, so A_t = 1/(H*W) everywhere and X~_t == P_t exactly.
+  motion    prior     + beta * log M~_t on Z_t (convlstm and lstm with soft attention; the default);
+            none      no motion term: the head before 2026-12-06.
   readout   attention r_t = sum_i A_{t,i} H_{t,i} (the default);
             mean      r_t = avgpool(H_t), the first design. Only the ConvLSTM has a spatial state to read:
                       the setting does not apply to lstm (which reads h_t) or mean.
@@ -50,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import HeadConfig, check
+from pipeline.features.motion import motion_map
 
 
 
@@ -250,8 +261,15 @@ class RecurrentHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, channels: int, attention: str, dropout: float,
-                 feature_dropout: float, init_state: StateInit, cell: nn.Module):
+                 feature_dropout: float, init_state: StateInit, cell: nn.Module, motion: str = "none"):
         super().__init__()
+        self.uses_motion = motion in ("prior", "input") and attention == "soft"  # attention none stays uniform
+        if self.uses_motion:
+            self.beta = nn.Parameter(torch.ones(()))  # weight of log M~_t in Z_t: the prior at face value to start
+        self.w_m = None
+        if self.uses_motion and motion == "input":  # log M~_t also inside the tanh, beside W_xa * P_t
+            self.w_m = nn.Linear(1, channels, bias=False)
+            nn.init.zeros_(self.w_m.weight)  # starts as the prior alone
         self.feature_dropout = FeatureDropout(feature_dropout)
         self.w_p = nn.Linear(in_channels, channels, bias=False)  # 1x1 conv
         self.attention = make_attention(attention, channels)
@@ -277,16 +295,31 @@ class RecurrentHead(nn.Module):
         """The (B, d) vector the classifier sees at step t, from H_t and (H*W) * A_t (B, H, W, 1)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> HeadOutput:
-        """x (B, T, C, H, W); `noise` (B,) int64: each clip's dropout seed in training (see ClipDropout)."""
+    def motion_of(self, x: torch.Tensor) -> torch.Tensor | None:
+        """M~_t of the clips x (B, T, C, H, W): (B, T, H, W) summing to 1 per frame; None without the prior."""
+        return motion_map(x) if self.uses_motion else None
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
+                motion: torch.Tensor | None = None) -> HeadOutput:
+        """x (B, T, C, H, W); `noise` (B,) int64: each clip's dropout seed in training (see ClipDropout);
+        `motion` (B, T, H, W): M~_t when it comes from elsewhere (the deletion test keeps the unmodified
+        clip's), else it is computed from x before any dropout."""
         b, t, _, h, w = x.shape
+        prior = None
+        if self.uses_motion:
+            m = motion if motion is not None else self.motion_of(x)
+            prior = torch.log(m.float()).flatten(2).unbind(1)  # T x (B, H*W): log M~_t
         x = features_hwc(self.feature_dropout(x, noise), self.w_p.weight.dtype)  # (B, T, H, W, C)
         p = self.w_p(x)  # (B, T, H, W, d)
         p_term = self.attention.input_term(p)  # (B, T, H, W, d)
         state = self.init_state(self.state_input(p), x.dtype)  # H_0, C_0
         outputs, maps = [], []
-        for p_t, p_term_t in zip(p.unbind(1), p_term.unbind(1)):  # unbind, not p[:, t]: one gradient copy, not T
+        for step, (p_t, p_term_t) in enumerate(zip(p.unbind(1), p_term.unbind(1))):  # unbind: one gradient copy
+            if self.w_m is not None:
+                p_term_t = p_term_t + self.w_m(prior[step].view(b, h, w, 1).to(p_term_t.dtype))
             z = self.attention(p_term_t, self.attention_state(state[0]))  # (B, H*W)
+            if prior is not None:
+                z = z.float() + self.beta * prior[step]  # + beta * log M~_t, in float32 like the softmax
             x_att, a, scale = attend(p_t, z)  # (B, H, W, d), (B, H*W), (B, H, W, 1)
             state = self.cell(self.cell_input(x_att), state)
             outputs.append(self.readout(state[0], scale))  # (B, d)
@@ -299,9 +332,10 @@ class ConvLSTMHead(RecurrentHead):
     """Soft-attention ConvLSTM (after VideoLSTM): the equations at the top of this module."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: int, kernel: int, attention: str, dropout: float,
-                 feature_dropout: float = 0.0, readout: str = "attention"):
+                 feature_dropout: float = 0.0, readout: str = "attention", motion: str = "none"):
         super().__init__(in_channels, num_classes, channels, attention, dropout, feature_dropout,
-                         StateInit(conv2d_hwc(channels, 2 * channels, kernel)), ConvLSTMCell(channels, channels, kernel))
+                         StateInit(conv2d_hwc(channels, 2 * channels, kernel)), ConvLSTMCell(channels, channels, kernel),
+                         motion)
         self.read_through_attention = readout == "attention"
 
     def state_input(self, p: torch.Tensor) -> torch.Tensor:
@@ -323,9 +357,9 @@ class LSTMHead(RecurrentHead):
     """Sharma et al.: attention-weighted sum over positions -> vector LSTM of d units."""
 
     def __init__(self, in_channels: int, num_classes: int, channels: int, attention: str, dropout: float,
-                 feature_dropout: float = 0.0):
+                 feature_dropout: float = 0.0, motion: str = "none"):
         super().__init__(in_channels, num_classes, channels, attention, dropout, feature_dropout,
-                         StateInit(nn.Linear(channels, 2 * channels)), LSTMCell(channels, channels))
+                         StateInit(nn.Linear(channels, 2 * channels)), LSTMCell(channels, channels), motion)
 
     def state_input(self, p: torch.Tensor) -> torch.Tensor:
         return p.mean(dim=(1, 2, 3))  # mean over frames and positions: (B, d)
@@ -349,7 +383,10 @@ class MeanHead(nn.Module):
         self.dropout = ClipDropout(dropout, salt=1)
         self.w_c = nn.Linear(in_channels, num_classes)
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> HeadOutput:
+    uses_motion = False  # no attention to guide
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
+                motion: torch.Tensor | None = None) -> HeadOutput:
         b, t, _, h, w = x.shape  # (B, T, C, H, W)
         dtype = self.w_c.weight.dtype
         pooled = self.feature_dropout(x, noise).mean(dim=(3, 4), dtype=dtype)  # avgpool(X_t): (B, T, C)
@@ -363,9 +400,10 @@ def build_head(cfg: HeadConfig, in_channels: int, num_classes: int) -> nn.Module
     cfg = check(cfg)
     if cfg.cell == "convlstm":
         return ConvLSTMHead(in_channels, num_classes, cfg.channels, cfg.kernel, cfg.attention, cfg.dropout,
-                            cfg.feature_dropout, cfg.readout)
+                            cfg.feature_dropout, cfg.readout, cfg.motion)
     if cfg.cell == "lstm":
-        return LSTMHead(in_channels, num_classes, cfg.channels, cfg.attention, cfg.dropout, cfg.feature_dropout)
+        return LSTMHead(in_channels, num_classes, cfg.channels, cfg.attention, cfg.dropout, cfg.feature_dropout,
+                        cfg.motion)
     return MeanHead(in_channels, num_classes, cfg.dropout, cfg.feature_dropout)
 
 

@@ -1,17 +1,16 @@
 """Where the ground-truth boxes are and how they are read, for evaluate (scores) and render (outlines).
 
 One place so that both stages look in the same folders and agree on what an unreadable file means: a
-user error where the boxes were asked for (evaluate), a note where they only decorate a picture (render).
+user error where the boxes were asked for (evaluate, or render's --boxes), a note where they only decorate a
+picture (render's boxes.json beside the videos). The file's format is pipeline/video/boxes.py's (1 or 2).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.config import ConfigError
+from pipeline.video.boxes import BOXES_FILE, VideoBoxes, read_boxes_file
 from pipeline.video.folders import dataset_roots
-from pipeline.video.synthetic import BOXES_FILE, read_boxes_file
 
 
 def candidates(boxes: Path | None, recorded_root: str | None, videos: Path | None) -> list[Path]:
@@ -24,7 +23,7 @@ def candidates(boxes: Path | None, recorded_root: str | None, videos: Path | Non
     return [root / BOXES_FILE for root in dataset_roots(None, recorded_root, videos)]
 
 
-def read_truth(path: Path | None, notes: list[str] | None = None) -> dict[str, np.ndarray]:
+def read_truth(path: Path | None, notes: list[str] | None = None) -> dict[str, VideoBoxes]:
     """{clip key: boxes} from `path`; {} when there is none. An unreadable file is a ConfigError, or, with
     `notes`, a note there and {}."""
     if path is None or (notes is not None and not Path(path).is_file()):
@@ -38,8 +37,11 @@ def read_truth(path: Path | None, notes: list[str] | None = None) -> dict[str, n
         return {}
 
 
-def truth_beside(root: Path, notes: list[str]) -> dict[str, np.ndarray]:
-    """The boxes beside the videos (boxes.json in `root`), drawn on the overlays; {} when there are none."""
+def truth_beside(root: Path, notes: list[str], boxes: Path | None = None) -> dict[str, VideoBoxes]:
+    """The boxes drawn on the overlays: `boxes` when given (it must exist and read), else boxes.json beside
+    the videos in `root` ({} when there is none, a note when it does not read)."""
+    if boxes is not None:
+        return read_truth(candidates(boxes, None, None)[0])
     return read_truth(root / BOXES_FILE, notes)
 
 

@@ -1,4 +1,5 @@
-"""The report's two charts, drawn with matplotlib: training curves (figure 3) and the confusion matrix.
+"""The report's charts, drawn with matplotlib: training curves (figure 3), the confusion matrix and the
+deletion curve (true-class probability left after deleting the top-attended or random cells, over k).
 
 Kept apart from overlay.py because they need matplotlib (Agg backend, imported lazily, so nothing else
 pays for it) where the overlays need only numpy and PIL. Every PNG goes through the one atomic writer.
@@ -104,6 +105,39 @@ def write_confusion(path: str | Path, classes: Sequence[str], matrix: np.ndarray
         plt.close(fig)
 
 
+def write_deletion(path: str | Path, deletion: dict[str, Any]) -> Path:
+    """PNG of eval.json's deletion curve: true-class probability left against the cells deleted per frame,
+    top-attended beside random (mean, the band +-1 sd over the draws), the gap between them shaded."""
+    plt = _pyplot()
+    curve = deletion["curve"]
+    k = np.asarray(curve["k"], np.float64)
+    top = np.asarray(curve["top_probability"], np.float64)
+    random = np.asarray(curve["random_probability"], np.float64)
+    spread = np.asarray(curve["random_probability_std"], np.float64)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    try:
+        ax.fill_between(k, top, random, color="#d93025", alpha=0.12, linewidth=0, label="area between")
+        ax.fill_between(k, random - spread, random + spread, color="#7f7f7f", alpha=0.3, linewidth=0)
+        ax.plot(k, random, "s--", color="#555555", markersize=3,
+                label=f"random cells ({deletion.get('random_draws')} draws, ±1 sd)")
+        ax.plot(k, top, "o-", color="#d93025", markersize=3, label="top-attended cells")
+        unmodified = (deletion.get("unmodified") or {}).get("true_probability")
+        if unmodified is not None:
+            ax.axhline(unmodified, color="#137333", linewidth=0.8, linestyle=":", label="nothing deleted")
+        ax.set_xlabel(f"cells deleted per frame (of {curve.get('cells')})")
+        ax.set_ylabel("true-class probability")
+        ax.set_ylim(-0.02, 1.02)
+        area = (deletion.get("area_between") or {}).get("probability")
+        if area is not None:
+            ax.set_title(f"deletion curve: area between {area:.3f}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def _save(fig, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -111,7 +145,8 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def write_figures(folder: Path, metrics: dict[str, Any] | None, train_plots: Path, notes: list[str]) -> dict[str, str]:
-    """curves.png and confusion.png in `folder` where their data exists; {name: path relative to folder}.
+    """curves.png, confusion.png and deletion.png in `folder` where their data exists; {name: path relative
+    to folder}.
 
     A chart without data is not drawn (and a note says why) rather than drawn empty: the page then shows
     nothing where it has nothing to show.
@@ -127,4 +162,8 @@ def write_figures(folder: Path, metrics: dict[str, Any] | None, train_plots: Pat
     if confusion and confusion.get("classes"):
         write_confusion(folder / "confusion.png", confusion["classes"], confusion["matrix"])
         figures["confusion"] = "confusion.png"
+    deletion = (metrics or {}).get("deletion") or {}
+    if len((deletion.get("curve") or {}).get("k") or []) >= 2:
+        write_deletion(folder / "deletion.png", deletion)
+        figures["deletion"] = "deletion.png"
     return figures

@@ -17,7 +17,6 @@ from pipeline.config import RenderConfig
 from pipeline.features.cache import FeatureCache
 from pipeline.features.provenance import source_changed
 from pipeline.progress import progress_bar
-from pipeline.report import attention_quality as aq
 from pipeline.report import overlay
 from pipeline.report.boxes import truth_beside
 from pipeline.video.folders import dataset_roots, first_existing
@@ -153,12 +152,13 @@ def _subset(pred: Predicted, picks: list[int]) -> Predicted:
 
 
 def render_clips(cache: FeatureCache, chosen: Predicted, classes: list[str], root: Path, clips_dir: Path,
-                 cfg: RenderConfig, summary: RenderSummary, progress: bool) -> None:
-    """Draw every chosen clip into `clips_dir`, appending each (drawn or skipped) to `summary.clips`."""
+                 cfg: RenderConfig, summary: RenderSummary, progress: bool, boxes_file: Path | None = None) -> None:
+    """Draw every chosen clip into `clips_dir`, appending each (drawn or skipped) to `summary.clips`; the
+    boxes outlined are `boxes_file`'s, else those of boxes.json beside the videos."""
     clips_dir.mkdir(parents=True, exist_ok=True)
     if not chosen.keys:
         return
-    truth = truth_beside(root, summary.notes)
+    truth = truth_beside(root, summary.notes, boxes_file)
     probs = chosen.outputs.probabilities
     with progress_bar("render", len(chosen.keys), "clips", enabled=progress) as bar:
         for i, key in enumerate(chosen.keys):
@@ -167,8 +167,9 @@ def render_clips(cache: FeatureCache, chosen: Predicted, classes: list[str], roo
             clip = RenderedClip(key, classes[true], classes[best], float(probs[i, best]), best == true)
             try:
                 frames = _frames(cache, row, root / key)
-                boxes = truth.get(key)
-                boxes = aq.boxes_at(boxes, cache.frame_index[row]) if boxes is not None and len(boxes) else None
+                boxes = truth.get(key)  # VideoBoxes -> per sampled frame (K_t, 4) in this clip's pixels, K_t >= 0
+                boxes = boxes.at(cache.frame_index[row], float(cache.height[row]), float(cache.width[row])) \
+                    if boxes is not None else None
                 paths = _draw(clips_dir, clip, frames, chosen.outputs, i, cache.frame_index[row], classes, cfg,
                               boxes)
                 clip.strip, clip.animation = (p.relative_to(clips_dir.parent) for p in paths)
@@ -210,7 +211,7 @@ def _frame_probabilities(outputs, i: int) -> np.ndarray:
 
 
 def _draw(clips_dir: Path, clip: RenderedClip, frames: np.ndarray, outputs, i: int, frame_index: np.ndarray,
-          classes: list[str], cfg: RenderConfig, boxes: np.ndarray | None) -> tuple[Path, Path]:
+          classes: list[str], cfg: RenderConfig, boxes: list[np.ndarray] | None) -> tuple[Path, Path]:
     mark = "right" if clip.correct else "WRONG"
     title = (f"{clip.key}   true: {clip.true}   predicted: {clip.predicted} "
              f"({clip.probability:.0%}, {mark})")

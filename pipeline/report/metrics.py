@@ -17,6 +17,7 @@ from pipeline.files import atomic_file
 from pipeline.head.infer import accuracies
 from pipeline.report import attention_quality as aq
 from pipeline.report import bootstrap
+from pipeline.video.boxes import VideoBoxes
 
 
 def accuracy_report(outputs, classes: list[str]) -> dict[str, Any]:
@@ -49,42 +50,59 @@ def accuracy_report(outputs, classes: list[str]) -> dict[str, Any]:
     }
 
 
-def attention_report(attention: np.ndarray, videos: list[str], truth: dict[str, np.ndarray],
+def attention_report(attention: np.ndarray, videos: list[str], truth: dict[str, Any],
                      frame_index: np.ndarray, heights: np.ndarray, widths: np.ndarray,
-                     labels: np.ndarray | None = None, classes: list[str] | None = None) -> dict[str, Any]:
-    """Mass in box and pointing over every sampled frame of every clip with boxes, each beside uniform
-    attention and the centre prior, with 95% bootstrap intervals over clips, overall and per class.
+                     labels: np.ndarray | None = None, classes: list[str] | None = None,
+                     motion: np.ndarray | None = None) -> dict[str, Any]:
+    """Mass in box and pointing over the sampled frames with a box of every clip with boxes, each beside
+    uniform attention, the centre prior and (given `motion`) the motion map, with 95% bootstrap intervals over
+    clips, overall and per class.
 
-    attention (N, T, h, w); frame_index (N, T); heights, widths (N,); labels (N,) into `classes`.
+    attention (N, T, h, w); truth {key: VideoBoxes or (frames, 4) one box a frame}; frame_index (N, T);
+    heights, widths (N,); labels (N,) into `classes`; motion (N, T, h, w), the clips' motion maps.
+    Sampled frames without a box are skipped and counted; a clip without a box at any of them adds nothing
+    but that count.
     """
-    scored, which = [], []
+    scored, which, missed = [], [], []  # missed: (clip, sampled frames) of clips in truth with no box at any
     for i, video in enumerate(videos):
-        boxes = truth.get(video)
-        if boxes is None or len(boxes) == 0:
+        if video not in truth:
             continue
-        scored.append(aq.score_clip(attention[i], aq.boxes_at(boxes, frame_index[i]), float(heights[i]),
-                                    float(widths[i])))
-        which.append(i)
-    report = _localisation(scored)
+        boxes = VideoBoxes.of(truth[video]).at(frame_index[i], float(heights[i]), float(widths[i]))
+        score = aq.score_clip(attention[i], boxes, float(heights[i]), float(widths[i]),
+                              None if motion is None else motion[i])
+        if score.frames_scored:
+            scored.append(score)
+            which.append(i)
+        else:
+            missed.append((i, score.frames_without_box))
+    report = _localisation(scored, sum(n for _, n in missed), len(missed))
     if labels is not None and classes is not None and scored:
         per_class = {}
         for k, name in enumerate(classes):
             members = [s for s, i in zip(scored, which) if int(labels[i]) == k]
+            lost = [n for i, n in missed if int(labels[i]) == k]
             if members:
-                per_class[name] = _localisation(members, intervals=False)
+                per_class[name] = _localisation(members, sum(lost), len(lost), intervals=False)
         report["per_class"] = per_class
     return report
 
 
-FIGURES = ("mass", "mass_uniform", "mass_centre", "pointing", "pointing_uniform", "pointing_centre")
+FIGURES = ("mass", "mass_uniform", "mass_centre", "pointing", "pointing_uniform", "pointing_centre",
+           "mass_motion", "pointing_motion")
+KEYS = ("mass_in_box", "mass_in_box_uniform", "mass_in_box_centre", "mass_in_box_motion", "mass_ratio",
+        "mass_ratio_centre", "mass_ratio_motion", "pointing", "pointing_uniform", "pointing_centre", "pointing_motion")
 
 
-def _localisation(scored: list, intervals: bool = True) -> dict[str, Any]:
+def _localisation(scored: list, frames_unboxed: int = 0, clips_unboxed: int = 0,
+                  intervals: bool = True) -> dict[str, Any]:
+    """The figures over `scored` clips (each clip's mean over its frames with a box, then the mean over clips);
+    `frames_unboxed`, `clips_unboxed`: what clips with no box at any sampled frame add to the counts."""
+    counts = {"clips_with_boxes": len(scored), "clips_without_box": clips_unboxed,
+              "frames_scored": int(sum(s.frames_scored for s in scored)),
+              "frames_without_box": int(sum(s.frames_without_box for s in scored)) + frames_unboxed}
     if not scored:
-        return {"clips_with_boxes": 0, "mass_in_box": None, "mass_in_box_uniform": None, "mass_in_box_centre": None,
-                "mass_ratio": None, "mass_ratio_centre": None, "pointing": None, "pointing_uniform": None,
-                "pointing_centre": None}
-    per_clip = np.array([[getattr(s, name).mean() for name in FIGURES] for s in scored])  # (N, 6)
+        return {"clips_with_boxes": 0, **{key: None for key in KEYS}, **counts}
+    per_clip = np.array([[_mean(getattr(s, name)) for name in FIGURES] for s in scored])  # (N, 8), nan: no motion
     mean = dict(zip(FIGURES, per_clip.mean(axis=0)))
 
     def ratio(rows: np.ndarray, of: int = 0, to: int = 1) -> float:
@@ -94,16 +112,22 @@ def _localisation(scored: list, intervals: bool = True) -> dict[str, Any]:
     report = {
         "clips_with_boxes": len(scored),
         "mass_in_box": _num(mean["mass"]), "mass_in_box_uniform": _num(mean["mass_uniform"]),
-        "mass_in_box_centre": _num(mean["mass_centre"]),
+        "mass_in_box_centre": _num(mean["mass_centre"]), "mass_in_box_motion": _num(mean["mass_motion"]),
         "mass_ratio": _num(ratio(per_clip)),  # model / uniform: 1 = no better than uniform attention
         "mass_ratio_centre": _num(ratio(per_clip, 2, 1)),  # centre prior / uniform, on the same scale
+        "mass_ratio_motion": _num(ratio(per_clip, 6, 1)),  # motion map / uniform, on the same scale
         "pointing": _num(mean["pointing"]), "pointing_uniform": _num(mean["pointing_uniform"]),
-        "pointing_centre": _num(mean["pointing_centre"]),
+        "pointing_centre": _num(mean["pointing_centre"]), "pointing_motion": _num(mean["pointing_motion"]),
+        **counts,
     }
     if intervals:
         report["mass_ratio_ci"] = bootstrap.interval(per_clip, ratio)
         report["pointing_ci"] = bootstrap.interval(per_clip, lambda rows: rows[:, 3].mean())
     return report
+
+
+def _mean(values: np.ndarray | None) -> float:
+    return math.nan if values is None else float(values.mean())
 
 
 def _num(value: float) -> float | None:

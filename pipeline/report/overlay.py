@@ -240,18 +240,20 @@ def _draw_colour_bar(canvas, draw, xy: tuple[int, int], width: int, font) -> Non
     draw.text((x + width + 8, y), "attention / uniform share (log scale)", fill=INK, font=font)
 
 
-def draw_boxes(images: np.ndarray, boxes: np.ndarray, colour=BOX_COLOUR) -> np.ndarray:
-    """A 1-pixel outline of each frame's box (x0, y0, x1, y1 in the frame's pixels) on a copy of `images`."""
+def draw_boxes(images: np.ndarray, boxes: np.ndarray | Sequence[np.ndarray], colour=BOX_COLOUR) -> np.ndarray:
+    """A 1-pixel outline of each frame's boxes (x0, y0, x1, y1 in the frame's pixels) on a copy of `images`:
+    `boxes` (T, 4), one a frame, or T arrays (K_t, 4) of any number (0: nothing drawn on that frame)."""
     out = np.array(images, copy=True)
     t, height, width = out.shape[:3]
     for k in range(min(t, len(boxes))):
-        x0, y0, x1, y1 = (int(round(v)) for v in boxes[k])
-        x0, x1 = np.clip([x0, x1 - 1], 0, width - 1)
-        y0, y1 = np.clip([y0, y1 - 1], 0, height - 1)
-        if x1 < x0 or y1 < y0:
-            continue
-        out[k, y0, x0:x1 + 1] = out[k, y1, x0:x1 + 1] = colour
-        out[k, y0:y1 + 1, x0] = out[k, y0:y1 + 1, x1] = colour
+        for box in np.reshape(boxes[k], (-1, 4)):
+            x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+            x0, x1 = np.clip([x0, x1 - 1], 0, width - 1)
+            y0, y1 = np.clip([y0, y1 - 1], 0, height - 1)
+            if x1 < x0 or y1 < y0:
+                continue
+            out[k, y0, x0:x1 + 1] = out[k, y1, x0:x1 + 1] = colour
+            out[k, y0:y1 + 1, x0] = out[k, y0:y1 + 1, x1] = colour
     return out
 
 
@@ -286,12 +288,13 @@ def write_animation(path: str | Path, overlays: np.ndarray, captions: list[str],
 def render_clip(out_dir: Path, name: str, frames: np.ndarray, attention: np.ndarray, title: str,
                 caption: str | Sequence[str], strip_frames: int, fps: float = 4.0, *,
                 frame_index: Sequence[int] | None = None, alpha: float = 0.5,
-                boxes: np.ndarray | None = None) -> dict[str, Path]:
+                boxes: np.ndarray | Sequence[np.ndarray] | None = None) -> dict[str, Path]:
     """Write `<name>.png` (strip of `strip_frames` evenly spaced frames) and `<name>.gif` (all frames).
 
     `name` is made file-safe (`safe_name`). `caption` is one text for every GIF frame (each gets
     "t=k/T" appended) or a list with one per frame. `frame_index` (the decoded frame numbers) labels the
-    strip's tiles; `boxes` (T, 4), the ground-truth box of each frame, is outlined on the overlays.
+    strip's tiles; `boxes`, the ground-truth boxes of each frame ((T, 4), or T arrays (K_t, 4)), are outlined
+    on the overlays.
     Returns {"strip": png path, "animation": gif path}.
     """
     out_dir = Path(out_dir)

@@ -24,7 +24,7 @@ from pipeline.head import checkpoint as ck
 from pipeline.report.clips import Predicted, RenderedClip, RenderSummary
 from pipeline.report.metrics import accuracy_report
 
-OUTPUTS = ("clips", "curves.png", "confusion.png", "index.html")  # what a render owns inside out_dir
+OUTPUTS = ("clips", "curves.png", "confusion.png", "deletion.png", "index.html")  # what a render owns inside out_dir
 
 
 # --- which metrics ----------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def swap_in(work: Path, out_dir: Path) -> None:
         os.replace(target, old)
     os.replace(work / "clips", target)
     shutil.rmtree(old, ignore_errors=True)
-    for name in ("curves.png", "confusion.png"):
+    for name in ("curves.png", "confusion.png", "deletion.png"):
         if (work / name).exists():
             os.replace(work / name, out_dir / name)
         else:
@@ -154,11 +154,18 @@ def _metrics_section(metrics: dict[str, Any] | None, train: dict[str, Any] | Non
             rows.append(["attention entropy (nats)", _num(entropy.get("mean")), f"{_num(entropy.get('uniform'))} uniform"])
         att = metrics.get("attention") or {}
         if att.get("clips_with_boxes"):
+            motion = att.get("mass_in_box_motion") is not None  # the motion-map baseline (absent in older reports)
             rows.append(["attention mass in the actor's box", _pct(att.get("mass_in_box")) + _x(att.get("mass_ratio")),
                          f"{_pct(att.get('mass_in_box_uniform'))} uniform, {_pct(att.get('mass_in_box_centre'))} "
-                         f"centre prior{_x(att.get('mass_ratio_centre'))}"])
+                         f"centre prior{_x(att.get('mass_ratio_centre'))}"
+                         + (f", {_pct(att.get('mass_in_box_motion'))} motion map{_x(att.get('mass_ratio_motion'))}"
+                            if motion else "")])
             rows.append(["pointing accuracy (argmax cell in box)", _pct(att.get("pointing")),
-                         f"{_pct(att.get('pointing_uniform'))} uniform, {_pct(att.get('pointing_centre'))} centre prior"])
+                         f"{_pct(att.get('pointing_uniform'))} uniform, {_pct(att.get('pointing_centre'))} centre prior"
+                         + (f", {_pct(att.get('pointing_motion'))} motion map" if motion else "")])
+            if att.get("frames_without_box"):
+                rows.append(["sampled frames scored (with a box)", _e(att.get("frames_scored")),
+                             f"{_e(att.get('frames_without_box'))} without a box, not scored"])
         elif "attention" in metrics:
             rows.append(["attention vs ground truth", "no ground-truth boxes", ""])
         parts.append(_table(rows, ["metric", "model", "baseline"]))
@@ -175,19 +182,21 @@ def _x(ratio: Any) -> str:
     return f" (x{ratio:.2f})" if isinstance(ratio, (int, float)) else ""
 
 
-def _attention_section(metrics: dict[str, Any] | None) -> str:
+def _attention_section(metrics: dict[str, Any] | None, figures: dict[str, str] | None = None) -> str:
     """Localisation per class (where boxes exist) and the deletion test: is the map where the evidence is?"""
     metrics = metrics or {}
     parts = []
     per_class = (metrics.get("attention") or {}).get("per_class") or {}
     if per_class:
         rows = [[_e(name), _e(e.get("clips_with_boxes")), _pct(e.get("mass_in_box")) + _x(e.get("mass_ratio")),
-                 _pct(e.get("mass_in_box_centre")), _pct(e.get("pointing")), _pct(e.get("pointing_centre"))]
+                 _pct(e.get("mass_in_box_centre")), _pct(e.get("mass_in_box_motion")) + _x(e.get("mass_ratio_motion")),
+                 _pct(e.get("pointing")), _pct(e.get("pointing_centre")), _pct(e.get("pointing_motion"))]
                 for name, e in per_class.items()]
         parts.append("<h2>Where the attention is, per class</h2><p class='muted'>mass in the actor's box "
                      "(x: over uniform attention) and pointing, beside a centre prior (a Gaussian at the frame "
-                     "centre)</p>" + _table(rows, ["class", "clips", "mass in box", "centre prior", "pointing",
-                                                   "centre prior"]))
+                     "centre) and the motion map (where the cached features change: what a frame difference gives "
+                     "for free)</p>" + _table(rows, ["class", "clips", "mass in box", "centre prior", "motion map",
+                                                     "pointing", "centre prior", "motion map"]))
     deletion = metrics.get("deletion") or {}
     if deletion.get("k"):
         base = deletion["unmodified"]
@@ -203,7 +212,26 @@ def _attention_section(metrics: dict[str, Any] | None) -> str:
                      "shows the evidence makes the top rows drop more than the random ones.</p>"
                      + _table(rows, ["deleted", "video accuracy", "true-class p", "random: accuracy",
                                      "random: true-class p"]))
+        if "deletion" in (figures or {}):
+            parts.append(_deletion_figure(figures["deletion"], deletion))
     return "".join(parts)
+
+
+def _deletion_figure(src: str, deletion: dict[str, Any]) -> str:
+    """The deletion curve's chart; the caption states the area between the curves and the drop ratios."""
+    curve, area, ratio = deletion["curve"], deletion.get("area_between") or {}, deletion.get("drop_ratio") or {}
+
+    def times(value: Any) -> str:
+        return f"{value:.2f}x" if isinstance(value, (int, float)) else "-"
+
+    return (f"<figure><img src='{_src(src)}' alt='deletion curve: true-class probability left against the cells "
+            f"deleted'><figcaption>true-class probability left after zeroing k cells of every frame, k = "
+            f"{_e(curve['k'][0])} to {_e(curve['k'][-1])} of {_e(curve.get('cells'))}: the top-attended cells (red) "
+            "and random cells (grey, band ±1 sd over the draws). Area between the curves (random minus top, "
+            f"averaged over the fraction of cells deleted): <b>{_num(area.get('probability'))}</b> true-class "
+            f"probability, {_pct(area.get('accuracy'))} video accuracy. Deleting the top cells costs the true "
+            f"class {times(ratio.get('5'))} what as many random cells cost at k = 5, {times(ratio.get('curve'))} "
+            "over the curve.</figcaption></figure>")
 
 
 def _per_class_section(metrics: dict[str, Any] | None) -> str:
@@ -285,7 +313,7 @@ def render_page(summary: RenderSummary, metrics: dict[str, Any] | None, train: d
     body = (f"<h1>Attention report</h1><p class='muted'>{_e(ckpt.head.label)} head "
             f"<code>{_e(model_path)}</code> on split <b>{_e(summary.split)}</b>; rendered {_e(now)}</p>{notes}"
             + _metrics_section(metrics, train, summary.metrics_source) + _per_class_section(metrics)
-            + _attention_section(metrics)
+            + _attention_section(metrics, figures)
             + _figures_section(figures, metrics) + _clips_section(summary)
             + _provenance_section(ckpt, origin, cache_path, model_path))
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -34,11 +34,15 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{entropy['uniform']:.3f} uniform")
     att = report["attention"]
     if att["clips_with_boxes"]:
+        motion = att.get("mass_in_box_motion") is not None  # the motion-map baseline (absent in older reports)
         table.add_row("attention mass in box", pct(att["mass_in_box"]) + _times(att["mass_ratio"]),
                       f"{pct(att['mass_in_box_uniform'])} uniform, {pct(att.get('mass_in_box_centre'))} centre prior"
-                      + _times(att.get("mass_ratio_centre")))
+                      + _times(att.get("mass_ratio_centre"))
+                      + (f", {pct(att['mass_in_box_motion'])} motion map{_times(att.get('mass_ratio_motion'))}"
+                         if motion else ""))
         table.add_row("pointing accuracy", pct(att["pointing"]),
-                      f"{pct(att['pointing_uniform'])} uniform, {pct(att.get('pointing_centre'))} centre prior")
+                      f"{pct(att['pointing_uniform'])} uniform, {pct(att.get('pointing_centre'))} centre prior"
+                      + (f", {pct(att.get('pointing_motion'))} motion map" if motion else ""))
     else:
         table.add_row("attention vs boxes", "no ground-truth boxes", "")
     deletion = report.get("deletion") or {}
@@ -47,6 +51,12 @@ def print_report(report: dict[str, Any]) -> None:
         table.add_row(f"true-class p, top-{k} cells deleted", f"{row['top']['true_probability']:.3f}",
                       f"{rand['true_probability']:.3f} ± {rand['true_probability_std']:.3f} random-{k}, "
                       f"{deletion['unmodified']['true_probability']:.3f} none")
+    if (deletion.get("area_between") or {}).get("probability") is not None:
+        curve, ratios = deletion["curve"], deletion["drop_ratio"]
+        ratio = {k: "-" if ratios.get(k) is None else f"x{ratios[k]:.2f}" for k in ("5", "curve")}
+        table.add_row(f"deletion curve k {curve['k'][0]}-{curve['k'][-1]} of {curve['cells']}: area (p, top vs random)",
+                      f"{deletion['area_between']['probability']:.3f}",
+                      f"drop / random drop: {ratio['5']} at k=5, {ratio['curve']} over the curve")
     console = Console()
     console.print(table)
     if att["boxes"] and not att["clips_with_boxes"]:
@@ -59,6 +69,10 @@ def print_report(report: dict[str, Any]) -> None:
     elif att["clips_with_boxes"] < report["clips"]:
         console.print(f"  [yellow]note[/] boxes for {att['clips_with_boxes']} of {report['clips']} clips only; the "
                       "attention figures are over those", highlight=False)
+    if att.get("frames_without_box"):
+        none_at_all = f"; {att['clips_without_box']} clips have none at any" if att.get("clips_without_box") else ""
+        console.print(f"  [yellow]note[/] {att['frames_without_box']} sampled frames have no box and are not scored "
+                      f"({att.get('frames_scored')} are){none_at_all}", highlight=False)
     if att["clips_with_boxes"] and att["mass_ratio"] is None:
         console.print("  [yellow]note[/] the boxes are degenerate (zero area): no mass ratio", highlight=False)
     worst = sorted(((v["accuracy"], k) for k, v in report["per_class"].items() if v["accuracy"] is not None))[:3]

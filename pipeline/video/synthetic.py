@@ -9,11 +9,11 @@ looks alike whatever the class: a model that pools frames over space and time wi
 baseline) sits near chance, while the way the actor moves from frame to frame tells the class.
 
 Per-frame boxes of the actor, `[x0, y0, x1, y1]` in pixels of the stored frame (pixel i spans [i, i+1)),
-are written to `root/boxes.json` so attention can be scored against a right answer.
+are written to `root/boxes.json` (format 1 of pipeline/video/boxes.py: one box every frame) so attention
+can be scored against a right answer.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -25,10 +25,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipeline.config import SynthConfig
+from pipeline.video.boxes import BOXES_FILE, read_dense, write_dense
 from pipeline.video.encode import Encoding, write_video
 
-BOXES_FILE = "boxes.json"
-BOXES_FORMAT = 1
 GENERATOR_VERSION = 3  # bump when a change here or in the encoding changes the files or boxes of a given seed
 
 
@@ -372,10 +371,7 @@ def generate_dataset(root: str | Path, cfg: SynthConfig, classes: Sequence[str] 
 
 def write_boxes(root: str | Path, boxes: dict[str, np.ndarray]) -> Path:
     """Write `root/boxes.json` ({"format": 1, "videos": {key: [[x0, y0, x1, y1], ...]}}), 0.01 px steps."""
-    path = Path(root) / BOXES_FILE
-    videos = {key: np.round(np.asarray(value, dtype=np.float64), 2).tolist() for key, value in sorted(boxes.items())}
-    path.write_text(json.dumps({"format": BOXES_FORMAT, "videos": videos}, separators=(",", ":")))
-    return path
+    return write_dense(Path(root) / BOXES_FILE, boxes)
 
 
 def read_boxes(root: str | Path) -> dict[str, np.ndarray]:
@@ -385,17 +381,5 @@ def read_boxes(root: str | Path) -> dict[str, np.ndarray]:
 
 
 def read_boxes_file(path: str | Path) -> dict[str, np.ndarray]:
-    """Per-video boxes (T, 4) float32 from a boxes file; a ValueError in one line when it is not one."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != BOXES_FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, expected {BOXES_FORMAT}")
-        out = {str(key): np.asarray(value, dtype=np.float32) for key, value in data["videos"].items()}
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a valid boxes file ({exc}); "
-                         "regenerate it with `python -m pipeline synth --overwrite`") from None
-    bad = [key for key, value in out.items() if value.ndim != 2 or value.shape[1] != 4]
-    if bad:
-        raise ValueError(f"{path}: boxes of '{bad[0]}' are not a list of [x0, y0, x1, y1]")
-    return out
+    """Per-video boxes (T, 4) float32 from a format-1 boxes file; a ValueError in one line when it is not one."""
+    return read_dense(path)
