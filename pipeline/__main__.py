@@ -201,9 +201,11 @@ def train(
     readout: Optional[str] = typer.Option(None, help="attention: the classifier reads sum_i A_ti H_ti, so evidence "
                                           "reaches it only through the attention | mean: avgpool(H_t), the first "
                                           "design. ConvLSTM only: does not apply to --cell lstm or mean."),
-    motion: Optional[str] = typer.Option(None, help="prior: the clip's own motion map M~_t (from its cached "
-                                         "features) is added to the attention logits as beta * log M~_t, "
-                                         "beta learned | none: no motion term (the head before 2026-12-06)."),
+    motion: Optional[str] = typer.Option(None, help="input: the prior, and each cell's amount of motion "
+                                         "log(1 + D_t) as one more input channel | prior: the clip's own motion "
+                                         "map M~_t (from its cached features) is added to the attention logits "
+                                         "as beta * log M~_t, beta learned | none: no motion term (the head "
+                                         "before 2026-12-06)."),
     channels: Optional[int] = typer.Option(None, help="Hidden channels d of the head."),
     kernel: Optional[int] = typer.Option(None, help="ConvLSTM kernel size k (odd)."),
     dropout: Optional[float] = typer.Option(None, help="Dropout before the classifier."),

@@ -66,13 +66,13 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
 
                 deletion = faithfulness.deletion_test(rerun, outputs.attention, outputs.labels, cfg.deletion_draws,
                                                       on_pass=lambda: bar.advance(note="deletion test"))
-        motion = motion_maps(clips, cfg.batch_size, dev) if truth else None  # (N, T, h, w): the motion baseline
+        motion = motion_maps(clips, cfg.batch_size, dev)  # (N, T, h, w): the motion baseline, boxes or not
         rows = clips.index
         frame_index = cache.frame_index[rows]  # (N, T)
         attention = metrics.attention_report(outputs.attention, [cache.videos[i] for i in rows], truth,
                                              frame_index, cache.height[rows], cache.width[rows],
                                              outputs.labels, ckpt.classes, motion=motion)
-    report = metrics.accuracy_report(outputs, ckpt.classes)
+    report = metrics.accuracy_report(outputs, ckpt.classes, motion)
     report = {"split": cfg.split, "clips": len(clips), **report,
               "attention": dict(attention, boxes=gt.shown(truth_path) if truth_path else None,
                                 looked_for_boxes=[gt.shown(p) for p in looked] if not truth else []),

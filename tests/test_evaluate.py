@@ -97,8 +97,8 @@ def test_cli_writes_eval_json_predictions_and_confusion_that_agree(cli_eval, tin
     assert report["top3_accuracy"] == 1.0  # 3 classes: the true one is always among the top 3
     assert report["entropy"]["uniform"] == round(math.log(GRID * GRID), 6)
     ckpt = ck.load(model)
-    assert report["model"] == {"path": str(model), "head": "convlstm/soft/attention/motion-prior", "epoch": ckpt.train["epoch"],
-                               "weights": ckpt.extraction["weights"]}
+    assert report["model"] == {"path": str(model), "head": "convlstm/soft/attention/motion-input",
+                               "epoch": ckpt.train["epoch"], "weights": ckpt.extraction["weights"]}
 
     predictions = read_csv(out / "predictions.csv")
     assert (out / "predictions.csv").read_text().splitlines()[0] == "video,true,predicted,probability"

@@ -439,3 +439,35 @@ def test_a_checkpoint_from_before_head_motion_loads_as_the_head_it_was_trained_a
     assert loaded.head.motion == "none" and HeadConfig().motion == "prior"
     with torch.no_grad():
         assert torch.equal(loaded.build()(ref["x"]).logits, ref["logits"])
+
+
+def test_motion_input_gives_p_t_the_cells_own_motion_energy_as_one_more_channel():
+    """head.motion: input = the prior + log(1 + D_t) appended to P_t: the cell, the state and the attention's
+    input term take d + 1 channels; the same clip with more motion gives other logits."""
+    from pipeline.features.motion import motion_energy
+
+    d = 8
+    prior = build_head(HeadConfig(channels=d, motion="prior"), 4, 3)
+    guided = build_head(HeadConfig(channels=d, motion="input"), 4, 3).eval()
+    extra = count_parameters(guided) - count_parameters(prior)
+    k = HeadConfig().kernel
+    assert extra == d + 2 * d * k * k + 4 * d * k * k  # W_xa, the state init and the cell: one more input channel
+    x = moving_patch()
+    assert torch.allclose(guided(x).attention, motion_map(x), atol=1e-6)  # w_z starts at zero: the prior alone
+    faster = x.clone()
+    faster[0, :, :, 3] *= 2.0  # the same place moves, twice as much
+    assert torch.equal(motion_map(x).argmax(), motion_map(faster).argmax())
+    assert not torch.allclose(motion_energy(x), motion_energy(faster))
+    with torch.no_grad():
+        assert not torch.allclose(guided(x).logits, guided(faster).logits)
+
+
+def test_the_deletion_test_keeps_the_unmodified_map_and_deletes_the_energy_with_the_cells():
+    from pipeline.features.motion import clip_motion
+
+    motion = clip_motion(moving_patch())
+    keep = torch.ones(1, 6, 7, 7)
+    keep[:, :, 3, :] = 0.0  # the patch's row deleted in every frame
+    kept = motion.kept(keep)
+    assert torch.equal(kept.map, motion.map)
+    assert torch.equal(kept.energy[:, :, 3], torch.zeros(1, 6, 7)) and torch.equal(kept.energy[:, :, 2], motion.energy[:, :, 2])

@@ -10,26 +10,60 @@ new cache field, and works on every cache ever written. DESIGN.md ("Motion-guide
 
 M~_t is a distribution over the h x w cells, like an attention map: the head adds beta * log M~_t to its
 attention logits (pipeline/head/model.py), and evaluate reports M~_t itself beside uniform and the centre
-prior, the map a frame difference gives for free. The floor keeps a still cell possible (log 0 would forbid
+prior, the map a frame difference gives for free. With `head.motion: input` the head also takes log(1 + D_t),
+the raw amount of change at each cell, as one more channel of its projected input P_t: how much moves, which
+the normalised map leaves out. The floor keeps a still cell possible (log 0 would forbid
 it): with floor 0.1 a cell without motion weighs 0.1 against 1.1 for a cell of average motion.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 FLOOR = 0.1
 
 
-def motion_map(x: "torch.Tensor", floor: float = FLOOR) -> "torch.Tensor":  # noqa: F821
-    """M~_t of every frame: x (B, T, C, h, w) of any float dtype -> (B, T, h, w) float32, each frame summing to 1."""
+class Motion(NamedTuple):
+    """What the head takes from a clip's motion: where (the map, for the attention) and how much (the energy)."""
+
+    map: "torch.Tensor"  # noqa: F821  (B, T, h, w) M~_t, each frame summing to 1
+    energy: "torch.Tensor"  # noqa: F821  (B, T, h, w) D_t, the raw change of each cell
+
+    def kept(self, keep: "torch.Tensor") -> "Motion":  # noqa: F821
+        """The deletion test's view (keep (B, T, h, w), 0 at deleted cells): a deleted cell loses its energy
+        with its features, while the map stays the unmodified clip's (zeroed cells are no motion)."""
+        return Motion(self.map, self.energy * keep.to(self.energy.dtype))
+
+
+def motion_energy(x: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """D_t of every frame: x (B, T, C, h, w) of any float dtype -> (B, T, h, w) float32 (D_0 = D_1; zeros for T = 1)."""
     import torch
 
     b, t, _, h, w = x.shape
     if t < 2:  # no frame pair: nothing moves
-        return x.new_full((b, t, h, w), 1.0 / (h * w), dtype=torch.float32)
+        return x.new_zeros((b, t, h, w), dtype=torch.float32)
     x = x.float()
     d = (x[:, 1:] - x[:, :-1]).pow(2).sum(dim=2).sqrt()  # (B, T-1, h, w)
-    d = torch.cat([d[:, :1], d], dim=1)  # (B, T, h, w): D_0 = D_1
-    cells = d.flatten(2)  # (B, T, h*w)
+    return torch.cat([d[:, :1], d], dim=1)  # (B, T, h, w)
+
+
+def map_of(energy: "torch.Tensor", floor: float = FLOOR) -> "torch.Tensor":  # noqa: F821
+    """M~_t from D_t (B, T, h, w): median taken out, normalised to mean 1, floored, normalised to sum 1."""
+    import torch
+
+    b, t, h, w = energy.shape
+    cells = energy.flatten(2)  # (B, T, h*w)
     m = (cells - cells.median(dim=2, keepdim=True).values).clamp_min(0.0)  # (B, T, h*w)
     mean = m.mean(dim=2, keepdim=True)
     m = torch.where(mean > 0, m / mean.clamp_min(1e-12), torch.ones_like(m)) + floor
     return (m / m.sum(dim=2, keepdim=True)).view(b, t, h, w)
+
+
+def motion_map(x: "torch.Tensor", floor: float = FLOOR) -> "torch.Tensor":  # noqa: F821
+    """M~_t of every frame: x (B, T, C, h, w) of any float dtype -> (B, T, h, w) float32, each frame summing to 1."""
+    return map_of(motion_energy(x), floor)
+
+
+def clip_motion(x: "torch.Tensor") -> Motion:  # noqa: F821
+    """Map and energy of clips x (B, T, C, h, w), from one pass over the features."""
+    energy = motion_energy(x)
+    return Motion(map_of(energy), energy)

@@ -48,9 +48,12 @@ def infer(model, clips: ClipSet, batch_size: int, device, on_batch: Callable[[in
             x = batch.features.to(device, non_blocking=True)
             motion = None
             if keep is not None:
-                # the motion prior is the unmodified clip's: zeroed cells would otherwise read as motion
+                kept = torch.from_numpy(keep[batch.rows]).to(x.device)  # (B, T, h, w)
+                # the motion map stays the unmodified clip's (zeroed cells would read as motion); a deleted
+                # cell's energy goes with its features
                 motion = model.motion_of(x) if getattr(model, "uses_motion", False) else None
-                x = x * torch.from_numpy(keep[batch.rows]).to(x.device, x.dtype)[:, :, None]  # (B, T, 1, h, w)
+                motion = motion.kept(kept) if motion is not None else None
+                x = x * kept.to(x.dtype)[:, :, None]  # (B, T, 1, h, w)
             with autocast(device):
                 out = model(x, motion=motion)
             logits.append(out.logits.float().cpu().numpy())

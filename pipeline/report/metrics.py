@@ -20,8 +20,10 @@ from pipeline.report import bootstrap
 from pipeline.video.boxes import VideoBoxes
 
 
-def accuracy_report(outputs, classes: list[str]) -> dict[str, Any]:
-    """Video, per-frame and top-5 accuracy, per-class accuracy, confusion matrix, mean attention entropy."""
+def accuracy_report(outputs, classes: list[str], motion: np.ndarray | None = None) -> dict[str, Any]:
+    """Video, per-frame and top-5 accuracy, per-class accuracy, confusion matrix, mean attention entropy
+    (beside uniform's and, given the clips' motion maps (N, T, h, w), the motion map's: a head whose maps
+    are no sharper than the motion map adds no focus of its own)."""
     probs = outputs.probabilities  # (N, K)
     labels = outputs.labels
     k = len(classes)
@@ -46,7 +48,8 @@ def accuracy_report(outputs, classes: list[str]) -> dict[str, Any]:
         "chance": _num(1.0 / k),
         "per_class": per_class,
         "confusion": {"classes": list(classes), "matrix": confusion.tolist()},
-        "entropy": {"mean": _num(entropy.mean()) if entropy.size else None, "uniform": _num(math.log(h * w))},
+        "entropy": {"mean": _num(entropy.mean()) if entropy.size else None, "uniform": _num(math.log(h * w)),
+                    "motion": _num(aq.entropy(motion).mean()) if motion is not None and motion.size else None},
     }
 
 

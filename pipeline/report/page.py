@@ -151,7 +151,9 @@ def _metrics_section(metrics: dict[str, Any] | None, train: dict[str, Any] | Non
             rows.append([_e(top_key.replace("_", " ")), _pct(metrics.get(top_key)), ""])
         entropy = metrics.get("entropy") or {}
         if entropy:
-            rows.append(["attention entropy (nats)", _num(entropy.get("mean")), f"{_num(entropy.get('uniform'))} uniform"])
+            motion = f", {_num(entropy['motion'])} motion map" if entropy.get("motion") is not None else ""
+            rows.append(["attention entropy (nats)", _num(entropy.get("mean")),
+                         f"{_num(entropy.get('uniform'))} uniform{motion}"])
         att = metrics.get("attention") or {}
         if att.get("clips_with_boxes"):
             motion = att.get("mass_in_box_motion") is not None  # the motion-map baseline (absent in older reports)

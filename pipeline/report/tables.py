@@ -31,7 +31,8 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_row(top_key.replace("_", " "), pct(report[top_key]), "")
     entropy = report["entropy"]
     table.add_row("attention entropy (nats)", "-" if entropy["mean"] is None else f"{entropy['mean']:.3f}",
-                  f"{entropy['uniform']:.3f} uniform")
+                  f"{entropy['uniform']:.3f} uniform" + (f", {entropy['motion']:.3f} motion map"
+                                                          if entropy.get("motion") is not None else ""))
     att = report["attention"]
     if att["clips_with_boxes"]:
         motion = att.get("mass_in_box_motion") is not None  # the motion-map baseline (absent in older reports)
