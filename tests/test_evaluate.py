@@ -162,7 +162,10 @@ def test_accuracy_report_votes_with_mean_softmax_not_mean_logits_or_frame_majori
     assert report["frame_accuracy"] == 0.5  # A: 2 of 3 frames right, B: 1 of 3
     assert report["top2_accuracy"] == 1.0 and report["chance"] == 0.5
     assert report["confusion"]["matrix"] == [[1, 0], [0, 1]]
-    assert report["entropy"] == {"mean": round(math.log(4), 6), "uniform": round(math.log(4), 6)}
+    assert report["entropy"] == {"mean": round(math.log(4), 6), "uniform": round(math.log(4), 6), "motion": None}
+    peaked = np.zeros((2, 3, 2, 2), np.float32)
+    peaked[..., 0, 0] = 1.0  # motion maps given: their entropy is reported beside the attention's
+    assert metrics.accuracy_report(outputs, ["a", "b"], peaked)["entropy"]["motion"] == 0.0
     text = metrics.predictions_csv(["a/1", "b/2"], outputs, ["a", "b"])
     p_a = (1 / (1 + math.exp(10)) + 2 * math.exp(2) / (math.exp(2) + 1)) / 3  # mean P(a) over A's frames
     p_b = (1 / (1 + math.exp(-10)) + 2 / (1 + math.exp(1))) / 3  # mean P(b) over B's frames

@@ -190,12 +190,13 @@ def test_default_head_parameter_count_follows_the_equations():
 
     head = build_head(HeadConfig(), c, classes)
 
+    p = d + 1  # P_t's channels: d, and log(1 + D_t) (head.motion: input, the default)
     w_p = c * d  # P_t = W_p * X_t (no bias)
-    attention = (d * d + d) + d * d + d  # W_xa with b_a, W_ha, w_z
-    init = d * 2 * d * k * k + 2 * d  # H_0, C_0 = tanh(conv(mean_t P_t))
-    cell = 2 * d * 4 * d * k * k + 4 * d  # [W_x W_h] kxk to i, f, o, g, with b
+    attention = (p * d + d) + d * d + d  # W_xa with b_a, W_ha, w_z
+    init = p * 2 * d * k * k + 2 * d  # H_0, C_0 = tanh(conv(mean_t P_t))
+    cell = (p + d) * 4 * d * k * k + 4 * d  # [W_x W_h] kxk to i, f, o, g, with b
     classifier = d * classes + classes  # W_c, b_c
-    beta = 1  # the motion prior's weight (head.motion: prior, the default)
+    beta = 1  # the motion prior's weight
     assert count_parameters(head) == w_p + attention + init + cell + classifier + beta
 
 
@@ -436,7 +437,7 @@ def test_a_checkpoint_from_before_head_motion_loads_as_the_head_it_was_trained_a
 
     loaded = ck.load(tmp_path / "old.pt")
 
-    assert loaded.head.motion == "none" and HeadConfig().motion == "prior"
+    assert loaded.head.motion == "none" and HeadConfig().motion == "input"
     with torch.no_grad():
         assert torch.equal(loaded.build()(ref["x"]).logits, ref["logits"])
 
