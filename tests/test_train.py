@@ -184,7 +184,7 @@ def test_built_checkpoint_is_the_trained_model(tiny_project, tmp_path):
     np.testing.assert_array_equal(a.logits, b.logits)
     np.testing.assert_array_equal(a.attention, b.attention)
     # and the loss the stage measured for that epoch is the built model's loss on val
-    assert training.loss_of(a, 1e-3) == ckpt.train["val_loss"] == summary.history[0].val_loss
+    assert training.loss_of(a, tcfg().attention_reg) == ckpt.train["val_loss"] == summary.history[0].val_loss
     assert training.accuracies(a)[0] == ckpt.train["val_accuracy"]
     with torch.inference_mode():
         x = torch.zeros(1, 6, 512, 4, 4)
