@@ -201,7 +201,7 @@ def make_attention(kind: str, channels: int, in_channels: int) -> nn.Module:
 
 
 def motion_channels(motion: str, attention: str) -> int:
-    """Channels that motion adds to P_t: 1 (log(1 + E_t)) for motion: input with soft attention, else 0."""
+    """Channels that motion adds to P_t: 1 (log(1 + D_t)) for motion: input with soft attention, else 0."""
     return int(motion == "input" and attention == "soft")
 
 
@@ -276,7 +276,7 @@ class RecurrentHead(nn.Module):
         self.uses_motion = motion in ("prior", "input") and attention == "soft"  # attention none stays uniform
         if self.uses_motion:
             self.beta = nn.Parameter(torch.ones(()))  # weight of log M~_t in Z_t: the prior at face value to start
-        self.motion_channel = self.uses_motion and motion == "input"  # P_t gets log(1 + E_t) as one more channel
+        self.motion_channel = motion_channels(motion, attention) == 1  # P_t gets log(1 + D_t) as one more channel
         self.feature_dropout = FeatureDropout(feature_dropout)
         self.w_p = nn.Linear(in_channels, channels, bias=False)  # 1x1 conv
         self.attention = make_attention(attention, channels, channels + motion_channels(motion, attention))
@@ -393,8 +393,7 @@ class MeanHead(nn.Module):
 
     uses_motion = False  # no attention to guide
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
-                motion: torch.Tensor | None = None) -> HeadOutput:
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, motion: Motion | None = None) -> HeadOutput:
         b, t, _, h, w = x.shape  # (B, T, C, H, W)
         dtype = self.w_c.weight.dtype
         pooled = self.feature_dropout(x, noise).mean(dim=(3, 4), dtype=dtype)  # avgpool(X_t): (B, T, C)

@@ -57,7 +57,12 @@ def passes(cells: int, draws: int) -> int:
 
 def top_cells(attention: np.ndarray, k: int) -> np.ndarray:
     """Keep-mask (N, T, h, w) float32: 0 at the k most attended cells of every frame, 1 elsewhere."""
-    return _delete_first(np.argsort(-_flat(attention), axis=2, kind="stable"), k, attention.shape)  # ties: first cells
+    return _delete_first(top_order(attention), k, attention.shape)
+
+
+def top_order(attention: np.ndarray) -> np.ndarray:
+    """(N, T, h*w): the cells of every frame, most attended first (ties: the first cells)."""
+    return np.argsort(-_flat(attention), axis=2, kind="stable")
 
 
 def random_cells(shape: tuple[int, int, int, int], k: int, rng: np.random.Generator) -> np.ndarray:
@@ -128,7 +133,7 @@ def deletion_test(run: Callable[[np.ndarray | None], np.ndarray], attention: np.
             on_pass()
         return figures
 
-    order = np.argsort(-_flat(attention), axis=2, kind="stable")
+    order = top_order(attention)
     top = np.array([measure(_delete_first(order, k, attention.shape)) for k in ks]).reshape(len(ks), 2)
     rng = np.random.default_rng(seed)
     random = np.empty((draws, len(ks), 2))  # (draw, k, [accuracy, probability])
