@@ -33,14 +33,14 @@ def main() -> None:
     parser.add_argument("--cache", default="cache/features.h5", help="the cache the maps came from (frame sizes)")
     args = parser.parse_args()
 
-    from pipeline.features.cache import FeatureCache
+    from pipeline.features.reader import open_cache
     from pipeline.report.attention_quality import boxes_at
     from pipeline.video.synthetic import MOTIONS, read_boxes_file
 
     saved = np.load(args.maps)
     truth = read_boxes_file(args.boxes)
     classes = [str(c) for c in saved["classes"]]
-    with FeatureCache(args.cache) as cache:
+    with open_cache(args.cache) as cache:
         size = {key: (float(h), float(w)) for key, h, w in zip(cache.videos, cache.height, cache.width)}
     rows = []
     for maps, key, label, index in zip(saved["attention"], saved["video"], saved["label"], saved["frame_index"]):

@@ -128,7 +128,8 @@ def main() -> None:
     from pipeline.head.runtime import pick_device, seed_everything
     from pipeline.video.splits import SplitError
     from pipeline.config import load_section
-    from pipeline.features.cache import CacheError, FeatureCache
+    from pipeline.features.cache import CacheError
+    from pipeline.features.reader import open_cache
     from pipeline.errors import first_line
     from pipeline.head.model import build_head
     from pipeline.video.synthetic import BOXES_FILE, read_boxes_file
@@ -141,7 +142,7 @@ def main() -> None:
         runs += [] if args.no_learned else [("learned", None)]
         if not runs:
             raise ValueError("nothing to compare: give --betas, or leave out --no-learned")
-        cache = FeatureCache(args.cache)
+        cache = open_cache(args.cache)
         boxes_path = Path(args.boxes or Path(cache.attrs.get("dataset_root", ".")) / BOXES_FILE)
         if not boxes_path.is_file():
             raise ValueError(f"{boxes_path}: no boxes file; the probe needs ground-truth boxes (--boxes)")

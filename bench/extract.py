@@ -266,7 +266,7 @@ def decode_check_cost(paths: list[Path], frames: int, rounds: int = 3) -> tuple[
 def cache_read_rate(folder: Path, clips: int, frames: int) -> float:
     """Warm read of a whole `clips`-clip cache (random 512x7x7 cubes) into memory, GB/s (best of three)."""
     from pipeline.features.shards import ClipFeatures, join, write_shard
-    from pipeline.features.cache import FeatureCache
+    from pipeline.features.reader import open_cache
 
     rng = np.random.default_rng(0)
     settings = {"frames": frames, "dtype": "float16"}
@@ -275,7 +275,7 @@ def cache_read_rate(folder: Path, clips: int, frames: int) -> float:
     write_shard(folder / "f.h5.parts", rows, [], settings)
     join(folder / "f.h5", folder / "f.h5.parts", settings)
     best = 0.0
-    with FeatureCache(folder / "f.h5") as cache:
+    with open_cache(folder / "f.h5") as cache:
         for _ in range(3):
             start = time.perf_counter()
             data = cache.load()

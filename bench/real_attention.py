@@ -111,10 +111,10 @@ def energy_rule(cache_path: str, splits: int = 20, held_out: int = 48) -> dict[s
     frames of the largest cell's change. Two classes only (fight / noFight)."""
     import torch
 
-    from pipeline.features.cache import FeatureCache
     from pipeline.features.motion import motion_energy
+    from pipeline.features.reader import open_cache
 
-    with FeatureCache(Path(cache_path)) as cache:
+    with open_cache(Path(cache_path)) as cache:
         x = torch.from_numpy(cache.load(np.arange(len(cache.videos))))
         labels = np.asarray(cache.labels[:], dtype=int)
     d = motion_energy(x).flatten(2)  # (N, T, h*w)

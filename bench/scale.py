@@ -19,7 +19,7 @@ Section "grow" (`--part grow`): what adding `--grow` (10%) new clips to a large 
 new index.h5), in seconds and bytes written, and the same under `dvc repro` (what DVC writes and what its cache
 gains). The cache is synthetic, no video is decoded: `--clips` (default 2000) clips of (T=30, 512, 7, 7)
 float16 (1.5 MB each, DESIGN's VGG-16 pool5 settings) written with the pipeline's own writer
-(`pipeline.features.shards.write_shard`, `--shard-clips` clips a shard like extract's PIPELINE_SHARD_CLIPS) and
+(`pipeline.features.shards.write_shard`, `--shard-clips` clips a shard like extract.shard_clips) and
 finished with its own `join` (file) or `write_index` (folder), in a stage process: the "extract" of a
 throwaway DVC project per form (`dvc init --no-scm`, the cache its one `persist: true` output, DVC's default
 cache type unless `--cache-type`), run by `dvc repro` once with N clips and once with N + 10%.
@@ -39,7 +39,7 @@ Section "ddp" (`--part ddp`): an epoch of the head on 1 process against `torchru
 both as a user types them (`python -m pipeline train ...` and `torchrun ... -m pipeline train ...`, code
 defaults: head channels 48, batch 16), on one synthetic cache of `--clips` (default 730, the source study's
 train split) clips of (T=30, 512, 7, 7) float16 plus 64 validation clips, in memory; `--epochs` epochs a run,
-`--repeat` interleaved rounds. Reported: the mean training epoch (metrics/train.json `seconds_per_epoch`:
+`--repeat` interleaved rounds. Reported: the mean training epoch (`<model>.timings.json` `seconds_per_epoch`:
 the training pass, validation not included) and the whole command's wall time (start-up included). The one
 process runs with torch's default threads (all cores) and again with OMP_NUM_THREADS=1; torchrun gives each
 rank OMP_NUM_THREADS=1.
@@ -49,6 +49,7 @@ rank OMP_NUM_THREADS=1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -115,7 +116,7 @@ def ray_part(args) -> dict:
               "settings": {"clips": args.clips, "length": args.length, "size": f"{args.width}x{args.height}",
                            "frames": args.frames, "image_size": args.image_size, "batch_size": args.batch_size,
                            "local_workers": args.workers, "weights": "random:0", "precision": "auto",
-                           "ray_cpus": int(os.environ.get("PIPELINE_RAY_CPUS") or os.cpu_count() or 1)},
+                           "ray_cpus": cfg.ray_cpus or os.cpu_count() or 1},
               "as_typed": {}, "rounds": {}}
     real_extract, outcomes = ray_extract.extract, []
 
@@ -124,13 +125,9 @@ def ray_part(args) -> dict:
         return outcomes[-1]
 
     def one(videos: Path, cache: Path, engine: str, threads: int | None = None) -> dict:
-        if threads is not None:
-            os.environ["PIPELINE_RAY_THREADS"] = str(threads)
-        try:
-            t = time.monotonic()
-            fig = _figures(extract.run(videos, cache, cfg, progress=False, engine=engine), time.monotonic() - t)
-        finally:
-            os.environ.pop("PIPELINE_RAY_THREADS", None)
+        run_cfg = dataclasses.replace(cfg, ray_threads=threads or 0)
+        t = time.monotonic()
+        fig = _figures(extract.run(videos, cache, run_cfg, progress=False, engine=engine), time.monotonic() - t)
         if engine == "ray":
             o = outcomes[-1]
             fig["startup_split"] = {"ray_init": round(o.init_seconds, 2), "plan": round(o.plan_seconds, 2),
@@ -224,7 +221,8 @@ def grow_settings(frames: int) -> dict:
 def write_stage(args) -> None:
     """The stage process: bring the cache at `--write-stage` to `--clips` clips the way extract does (new shards,
     then join or write_index), timing and counting both steps into the JSON file `--report`."""
-    from pipeline.features.cache import FeatureCache, is_folder, main_file
+    from pipeline.features.cache import is_folder, main_file
+    from pipeline.features.reader import open_cache
     from pipeline.features.shards import join, parts_dir_for, write_shard
 
     cache = Path(args.write_stage)
@@ -232,7 +230,7 @@ def write_stage(args) -> None:
     t0, io0 = time.monotonic(), proc_io()
     have = set()
     if main_file(cache).exists():
-        with FeatureCache(cache) as old:
+        with open_cache(cache) as old:
             have = set(old.videos)
     todo = [i for i in range(args.clips) if clip_key(i) not in have]
     parts = parts_dir_for(cache)
@@ -404,9 +402,9 @@ def ddp_part(args) -> dict:
                 t0 = time.monotonic()
                 subprocess.run(argv, check=True, capture_output=True, text=True, cwd=REPO)
                 wall = time.monotonic() - t0
-                metrics = json.loads((out / "train.json").read_text())
-                rounds[name].append({"seconds_per_epoch": metrics["seconds_per_epoch"], "wall_seconds": round(wall, 2),
-                                     "ranks": metrics["ranks"]})
+                timings = json.loads((out / "head.pt.timings.json").read_text())
+                rounds[name].append({"seconds_per_epoch": timings["seconds_per_epoch"], "wall_seconds": round(wall, 2),
+                                     "ranks": timings["ranks"]})
         med = {name: {k: statistics.median(x[k] for x in rs) for k in ("seconds_per_epoch", "wall_seconds")}
                for name, rs in rounds.items()}
         return {"part": "ddp", "machine": machine(),
@@ -446,7 +444,7 @@ def main() -> None:
     grow.add_argument("--channels", type=int, default=512)
     grow.add_argument("--grid", type=int, default=7, help="h = w of the feature grid")
     grow.add_argument("--grow", type=float, default=0.1, help="fraction of --clips added")
-    grow.add_argument("--shard-clips", type=int, default=32, help="clips a shard (extract: PIPELINE_SHARD_CLIPS)")
+    grow.add_argument("--shard-clips", type=int, default=32, help="clips a shard (extract: extract.shard_clips)")
     grow.add_argument("--forms", nargs="+", choices=["file", "folder"], default=["file", "folder"])
     grow.add_argument("--no-dvc", action="store_true", help="run the stage process directly, not by dvc repro")
     grow.add_argument("--cache-type", default=None, help="DVC cache.type for the projects (default: DVC's)")

@@ -54,12 +54,12 @@ def head_epoch(cache_path: Path, cell: str, max_memory_gb: float, device: str, e
     from pipeline.head.runtime import pick_device, seed_everything
     from pipeline.head.batches import ClipSet
     from pipeline.config import HeadConfig, TrainConfig
-    from pipeline.features.cache import FeatureCache
+    from pipeline.features.reader import open_cache
     from pipeline.head.model import build_head
 
     cfg = TrainConfig(device=device, max_memory_gb=max_memory_gb)
     dev = pick_device(device)
-    with FeatureCache(cache_path) as cache:
+    with open_cache(cache_path) as cache:
         clips = ClipSet(cache, cache.videos, max_memory_gb)
         seed_everything(0)
         model = build_head(HeadConfig(cell=cell, readout=readout), cache.feature_shape[1],

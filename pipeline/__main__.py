@@ -5,8 +5,8 @@ torch and the heavy modules are imported inside the commands so `--help` is inst
 """
 from __future__ import annotations
 
+import functools
 import os
-
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -23,6 +23,28 @@ app = typer.Typer(
     "Stage one ([bold]extract[/]) runs once per dataset; stage two ([bold]split, train, evaluate[/]) "
     "retrains the attention-ConvLSTM head from the cache in seconds to minutes.",
 )
+
+@functools.lru_cache(maxsize=1)
+def _params_here() -> dict:
+    from pipeline.config import ConfigError, read_params
+
+    try:
+        return read_params()
+    except ConfigError:  # the command itself says what is wrong with it; --help still works
+        return {}
+
+
+def _from_params(section: str, key: str) -> str:
+    """What --help shows as a setting's default: its value in ./params.yaml where that sets it, else the code's.
+
+    The flag itself defaults to None, "not given": the command then takes the value from --params."""
+    from pipeline.config import code_default
+
+    value = (_params_here().get(section) or {}).get(key)
+    if value is None:
+        return f"built-in {section}.{key}: {code_default(section, key)}"
+    return f"params.yaml {section}.{key}: {value}"
+
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read defaults from (absent: built-in defaults).")
 
@@ -52,11 +74,11 @@ def _user_errors() -> Iterator[None]:
 @app.command()
 def synth(
     out: Path = typer.Argument(Path("data/videos"), help="Folder to write <class>/<clip> videos and boxes.json into."),
-    seed: Optional[int] = typer.Option(None, help="Random seed; the same seed gives the same dataset."),
-    clips_per_class: Optional[int] = typer.Option(None, help="Clips per class."),
-    frames: Optional[int] = typer.Option(None, help="Frames per clip."),
-    width: Optional[int] = typer.Option(None, help="Frame width (even)."),
-    height: Optional[int] = typer.Option(None, help="Frame height (even)."),
+    seed: Optional[int] = typer.Option(None, show_default=_from_params("synth", "seed"), help="Random seed; the same seed gives the same dataset."),
+    clips_per_class: Optional[int] = typer.Option(None, show_default=_from_params("synth", "clips_per_class"), help="Clips per class."),
+    frames: Optional[int] = typer.Option(None, show_default=_from_params("synth", "frames"), help="Frames per clip."),
+    width: Optional[int] = typer.Option(None, show_default=_from_params("synth", "width"), help="Frame width (even)."),
+    height: Optional[int] = typer.Option(None, show_default=_from_params("synth", "height"), help="Frame height (even)."),
     overwrite: bool = typer.Option(False, help="Replace a different dataset already in OUT."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     params: Path = PARAMS_OPTION,
@@ -89,15 +111,21 @@ def extract(
     videos: Path = typer.Argument(..., help="Dataset root: <videos>/<class>/<clip>.avi|mp4|..."),
     cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache to write (resumes if present): "
                                  "a .h5 file, or a folder of shards + index.h5 (any other path)."),
-    weights: Optional[str] = typer.Option(None, help="imagenet | random:<seed> | path to a VGG-16 state_dict."),
-    frames: Optional[int] = typer.Option(None, help="Frames sampled per clip (T)."),
-    image_size: Optional[int] = typer.Option(None, help="Frames are resized whole to SxS."),
-    layer: Optional[str] = typer.Option(None, help="pool5 (7x7 at 224) | conv5_3 (14x14)."),
-    batch_size: Optional[int] = typer.Option(None, help="Frames per backbone batch (spans clips)."),
-    workers: Optional[int] = typer.Option(None, help="Decoding worker processes."),
-    timeout: Optional[float] = typer.Option(None, help="Seconds per clip before it is recorded as failed."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
-    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16."),
+    weights: Optional[str] = typer.Option(None, show_default=_from_params("extract", "weights"), help="imagenet | random:<seed> | path to a VGG-16 state_dict."),
+    frames: Optional[int] = typer.Option(None, show_default=_from_params("extract", "frames"), help="Frames sampled per clip (T)."),
+    image_size: Optional[int] = typer.Option(None, show_default=_from_params("extract", "image_size"), help="Frames are resized whole to SxS."),
+    layer: Optional[str] = typer.Option(None, show_default=_from_params("extract", "layer"), help="pool5 (7x7 at 224) | conv5_3 (14x14)."),
+    batch_size: Optional[int] = typer.Option(None, show_default=_from_params("extract", "batch_size"), help="Frames per backbone batch (spans clips)."),
+    workers: Optional[int] = typer.Option(None, show_default=_from_params("extract", "workers"), help="Decoding worker processes."),
+    timeout: Optional[float] = typer.Option(None, show_default=_from_params("extract", "timeout"), help="Seconds per clip before it is recorded as failed."),
+    device: Optional[str] = typer.Option(None, show_default=_from_params("extract", "device"), help="auto | cpu | cuda."),
+    precision: Optional[str] = typer.Option(None, show_default=_from_params("extract", "precision"), help="auto | fp32 | bf16."),
+    shard_clips: Optional[int] = typer.Option(None, show_default=_from_params("extract", "shard_clips"), help="Clips per shard written as the run goes: the most a crash "
+                                              "can lose."),
+    ray_cpus: Optional[int] = typer.Option(None, show_default=_from_params("extract", "ray_cpus"), help="With --engine ray and no --address: CPUs the local Ray may use "
+                                           "(0: every core)."),
+    ray_threads: Optional[int] = typer.Option(None, show_default=_from_params("extract", "ray_threads"), help="With --engine ray: torch threads per backbone actor "
+                                              "(0: its share of the CPUs)."),
     overwrite: bool = typer.Option(False, help="Discard a cache made with other settings and start over."),
     strict: bool = typer.Option(False, help="Stop at the first clip that fails (finished work is kept)."),
     retry_failed: bool = typer.Option(False, help="Try clips recorded as failed again."),
@@ -118,7 +146,7 @@ def extract(
 
         cfg = load_section("extract", params, weights=weights, frames=frames, image_size=image_size, layer=layer,
                            batch_size=batch_size, workers=workers, timeout=timeout, device=device,
-                           precision=precision)
+                           precision=precision, shard_clips=shard_clips, ray_cpus=ray_cpus, ray_threads=ray_threads)
         if engine not in stage.ENGINES:
             raise UserError(f"unknown --engine {engine!r}: choose {' or '.join(stage.ENGINES)}")
         if address and engine != "ray":
@@ -172,9 +200,9 @@ def _print_extract_summary(summary) -> None:
 def split(
     cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache whose clips are split."),
     out: Path = typer.Argument(Path("splits"), help="Folder to write train.txt, val.txt, test.txt, summary.json into."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the stratified split (and of val carved from train)."),
-    val: Optional[float] = typer.Option(None, help="Fraction of each class for val (of train, with official lists)."),
-    test: Optional[float] = typer.Option(None, help="Fraction of each class for test (stratified split only)."),
+    seed: Optional[int] = typer.Option(None, show_default=_from_params("split", "seed"), help="Seed of the stratified split (and of val carved from train)."),
+    val: Optional[float] = typer.Option(None, show_default=_from_params("split", "val"), help="Fraction of each class for val (of train, with official lists)."),
+    test: Optional[float] = typer.Option(None, show_default=_from_params("split", "test"), help="Fraction of each class for test (stratified split only)."),
     hmdb51: Optional[Path] = typer.Option(None, "--hmdb51", help="Folder of the official HMDB-51 split files "
                                           "(<class>_test_split<fold>.txt)."),
     ucf101: Optional[Path] = typer.Option(None, "--ucf101", help="Folder of the official UCF-101 lists "
@@ -196,38 +224,40 @@ def train(
     cache: Path = typer.Argument(Path("cache/features.h5"), help="Feature cache written by `extract`."),
     splits: Path = typer.Argument(Path("splits"), help="Folder with train.txt and val.txt written by `split`."),
     model: Path = typer.Argument(Path("models/head.pt"), help="Where to write the best checkpoint."),
-    cell: Optional[str] = typer.Option(None, help="convlstm | lstm | mean (no temporal memory: the baseline)."),
-    attention: Optional[str] = typer.Option(None, help="soft | none (uniform attention)."),
-    readout: Optional[str] = typer.Option(None, help="attention: the classifier reads sum_i A_ti H_ti, so evidence "
+    cell: Optional[str] = typer.Option(None, show_default=_from_params("head", "cell"), help="convlstm | lstm | mean (no temporal memory: the baseline)."),
+    attention: Optional[str] = typer.Option(None, show_default=_from_params("head", "attention"), help="soft | none (uniform attention)."),
+    readout: Optional[str] = typer.Option(None, show_default=_from_params("head", "readout"), help="attention: the classifier reads sum_i A_ti H_ti, so evidence "
                                           "reaches it only through the attention | mean: avgpool(H_t), the first "
                                           "design. ConvLSTM only: does not apply to --cell lstm or mean."),
-    motion: Optional[str] = typer.Option(None, help="input: the prior, and each cell's amount of motion "
+    motion: Optional[str] = typer.Option(None, show_default=_from_params("head", "motion"), help="input: the prior, and each cell's amount of motion "
                                          "log(1 + D_t) as one more input channel | prior: the clip's own motion "
                                          "map M~_t (from its cached features) is added to the attention logits "
                                          "as beta * log M~_t, beta learned | none: no motion term (the head "
                                          "before 2026-12-06)."),
-    channels: Optional[int] = typer.Option(None, help="Hidden channels d of the head."),
-    kernel: Optional[int] = typer.Option(None, help="ConvLSTM kernel size k (odd)."),
-    dropout: Optional[float] = typer.Option(None, help="Dropout before the classifier."),
-    feature_dropout: Optional[float] = typer.Option(None, help="Training-time dropout of whole input channels "
+    channels: Optional[int] = typer.Option(None, show_default=_from_params("head", "channels"), help="Hidden channels d of the head."),
+    kernel: Optional[int] = typer.Option(None, show_default=_from_params("head", "kernel"), help="ConvLSTM kernel size k (odd)."),
+    dropout: Optional[float] = typer.Option(None, show_default=_from_params("head", "dropout"), help="Dropout before the classifier."),
+    feature_dropout: Optional[float] = typer.Option(None, show_default=_from_params("head", "feature_dropout"), help="Training-time dropout of whole input channels "
                                                     "(one mask per clip, shared over frames and positions)."),
-    seed: Optional[int] = typer.Option(None, help="Seed: the same seed gives the same model."),
-    epochs: Optional[int] = typer.Option(None, help="Most epochs to train."),
-    batch_size: Optional[int] = typer.Option(None, help="Clips per batch."),
-    lr: Optional[float] = typer.Option(None, help="AdamW learning rate."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (not on biases)."),
-    schedule: Optional[str] = typer.Option(None, help="cosine | step (x0.1 at 1/2 and 3/4 of the epochs)."),
-    attention_reg: Optional[float] = typer.Option(None, help="Weight of Sharma et al.'s attention regulariser "
+    seed: Optional[int] = typer.Option(None, show_default=_from_params("train", "seed"), help="Seed: the same seed gives the same model."),
+    epochs: Optional[int] = typer.Option(None, show_default=_from_params("train", "epochs"), help="Most epochs to train."),
+    batch_size: Optional[int] = typer.Option(None, show_default=_from_params("train", "batch_size"), help="Clips per batch."),
+    lr: Optional[float] = typer.Option(None, show_default=_from_params("train", "lr"), help="AdamW learning rate."),
+    weight_decay: Optional[float] = typer.Option(None, show_default=_from_params("train", "weight_decay"), help="AdamW weight decay (not on biases)."),
+    schedule: Optional[str] = typer.Option(None, show_default=_from_params("train", "schedule"), help="cosine | step (x0.1 at 1/2 and 3/4 of the epochs)."),
+    attention_reg: Optional[float] = typer.Option(None, show_default=_from_params("train", "attention_reg"), help="Weight of Sharma et al.'s attention regulariser "
                                                   "(0: off; it spreads attention over every cell)."),
-    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without a better val loss."),
-    motion_lr: Optional[float] = typer.Option(None, help="Learning rate of the motion prior's weight beta."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (bf16 autocast on CUDA)."),
-    max_memory_gb: Optional[float] = typer.Option(None, help="Load a split into memory when it fits under this; "
+    patience: Optional[int] = typer.Option(None, show_default=_from_params("train", "patience"), help="Stop after this many epochs without a better val loss."),
+    motion_lr: Optional[float] = typer.Option(None, show_default=_from_params("train", "motion_lr"), help="Learning rate of the motion prior's weight beta."),
+    device: Optional[str] = typer.Option(None, show_default=_from_params("train", "device"), help="auto | cpu | cuda (bf16 autocast on CUDA)."),
+    max_memory_gb: Optional[float] = typer.Option(None, show_default=_from_params("train", "max_memory_gb"), help="Load a split into memory when it fits under this; "
                                                   "else stream it from the cache."),
-    loader_workers: Optional[int] = typer.Option(None, help="A streamed split: data-loader processes reading "
+    loader_workers: Optional[int] = typer.Option(None, show_default=_from_params("train", "loader_workers"), help="A streamed split: data-loader processes reading "
                                                  "ahead, each with its own handle on the cache (0: a thread)."),
-    metrics: Path = typer.Option(Path("metrics/train.json"), help="Metrics of the selected epoch (JSON)."),
-    plots: Path = typer.Option(Path("plots/train"), help="Folder for the per-epoch loss/accuracy curves (TSV)."),
+    metrics: Optional[Path] = typer.Option(None, help="Metrics of the selected epoch (JSON).",
+                                           show_default="train.json in MODEL's folder"),
+    plots: Optional[Path] = typer.Option(None, help="Folder for the per-epoch curves loss.tsv, accuracy.tsv.",
+                                         show_default="MODEL's folder"),
     resume: bool = typer.Option(False, help="Continue from <model>.resume, the state after the last epoch."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     params: Path = PARAMS_OPTION,
@@ -281,13 +311,14 @@ def evaluate(
     splits: Path = typer.Argument(Path("splits"), help="Folder with the split lists written by `split`."),
     model: Path = typer.Argument(Path("models/head.pt"), help="Checkpoint written by `train`."),
     out: Path = typer.Argument(Path("metrics"), help="Folder for eval.json and predictions.csv."),
-    split: Optional[str] = typer.Option(None, help="Which split to evaluate: test | val | train."),
-    batch_size: Optional[int] = typer.Option(None, help="Clips per batch."),
+    split: Optional[str] = typer.Option(None, show_default=_from_params("evaluate", "split"), help="Which split to evaluate: test | val | train."),
+    batch_size: Optional[int] = typer.Option(None, show_default=_from_params("evaluate", "batch_size"), help="Clips per batch."),
     boxes: Optional[Path] = typer.Option(None, help="Ground-truth boxes JSON (default: boxes.json in the dataset root "
                                          "the cache recorded, else in params.yaml's data.videos; none found is "
                                          "a note saying where it looked)."),
-    plots: Path = typer.Option(Path("plots/eval"), help="Folder for confusion.csv (DVC's confusion plot)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    plots: Optional[Path] = typer.Option(None, help="Folder for confusion.csv (DVC's confusion plot).",
+                                         show_default="OUT"),
+    device: Optional[str] = typer.Option(None, show_default=_from_params("evaluate", "device"), help="auto | cpu | cuda."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     params: Path = PARAMS_OPTION,
 ) -> None:
@@ -296,10 +327,10 @@ def evaluate(
         from pipeline.config import load_section
         from stages import evaluate as stage
 
-        cfg = load_section("evaluate", params, split=split, batch_size=batch_size)
+        cfg = load_section("evaluate", params, split=split, batch_size=batch_size, device=device)
         data = load_section("data", params)
-        report = stage.run(cache, splits, model, out, cfg, boxes=boxes, plots_dir=plots, device=device,
-                           progress=progress, videos=Path(data.videos))
+        report = stage.run(cache, splits, model, out, cfg, boxes=boxes, plots_dir=plots, progress=progress,
+                           videos=Path(data.videos))
         stage.print_report(report)
 
 
@@ -307,15 +338,16 @@ def evaluate(
 def predict(
     videos: list[Path] = typer.Argument(..., help="Video files (or folders of them) to classify."),
     model: Path = typer.Option(Path("models/head.pt"), "--model", help="Checkpoint written by `train`."),
-    top_k: int = typer.Option(5, "--top-k", help="Classes shown per file (at most the model's classes)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", show_default=_from_params("predict", "top_k"),
+                                        help="Classes shown per file (at most the model's classes)."),
     render: Optional[Path] = typer.Option(None, "--render", help="Folder for attention overlays: a PNG strip and a "
                                           "GIF per file."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    device: Optional[str] = typer.Option(None, show_default=_from_params("predict", "device"), help="auto | cpu | cuda."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the predictions (file, frame_index, "
                                             "top-k) to this JSON file."),
     weights: Optional[str] = typer.Option(None, help="The VGG-16 weights file the model's features were extracted "
                                           "with, when it records a file; its sha256 must match."),
-    timeout: float = typer.Option(60.0, help="Seconds per file before it is recorded as failed."),
+    timeout: Optional[float] = typer.Option(None, show_default=_from_params("predict", "timeout"), help="Seconds per file before it is recorded as failed."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     params: Path = PARAMS_OPTION,
 ) -> None:
@@ -327,9 +359,10 @@ def predict(
         from pipeline.config import load_section
         from stages import predict as stage
 
-        cfg = load_section("render", params)
-        predictions = stage.run(videos, model, top_k=top_k, render_dir=render, device=device, progress=progress,
-                                weights=weights, strip_frames=cfg.strip_frames, timeout=timeout)
+        cfg = load_section("predict", params, top_k=top_k, device=device, timeout=timeout)
+        predictions = stage.run(videos, model, top_k=cfg.top_k, render_dir=render, device=cfg.device,
+                                progress=progress, weights=weights, drawing=load_section("render", params),
+                                timeout=cfg.timeout)
         _print_predictions(predictions, model)
         if json_out is not None:
             stage.write_json(predictions, model, json_out)
@@ -372,20 +405,25 @@ def render(
     model: Path = typer.Argument(Path("models/head.pt"), help="Checkpoint written by `train`."),
     out: Path = typer.Argument(Path("reports"),
                                help="Folder for clips/, curves.png, confusion.png, deletion.png, index.html."),
-    split: str = typer.Option("test", help="Split whose clips are rendered: test | val | train."),
+    split: Optional[str] = typer.Option(None, show_default=_from_params("evaluate", "split"), help="Split whose clips are rendered: test | val | train (default: the "
+                                        "split evaluate measured, whose eval.json the page shows)."),
     splits: Path = typer.Option(Path("splits"), help="Folder with the split lists written by `split`."),
-    metrics: Path = typer.Option(Path("metrics"), help="Folder with eval.json and train.json (shown when present)."),
-    train_plots: Path = typer.Option(Path("plots/train"), help="Folder with loss.tsv and accuracy.tsv (the curves)."),
+    metrics: Optional[Path] = typer.Option(None, help="Folder with eval.json and train.json (shown when present).",
+                                           show_default="MODEL's folder"),
+    train_plots: Optional[Path] = typer.Option(None, help="Folder with loss.tsv and accuracy.tsv (the curves).",
+                                               show_default="MODEL's folder"),
     clip: Optional[list[str]] = typer.Option(None, "--clip", help="Render this clip key (repeatable); "
                                              "overrides the per-class choice."),
     videos: Optional[Path] = typer.Option(None, help="Dataset root to re-decode frames from (default: the root the cache "
                                           "recorded, else params.yaml's data.videos)."),
     boxes: Optional[Path] = typer.Option(None, help="Ground-truth boxes to outline (default: boxes.json beside the "
                                          "videos; `boxes import` writes one from UCF101-24 or JHMDB annotations)."),
-    per_class: Optional[int] = typer.Option(None, help="Clips per class of the split (half right, half wrong)."),
-    strip_frames: Optional[int] = typer.Option(None, help="Frames in each PNG strip."),
-    fps: Optional[float] = typer.Option(None, help="Frame rate of the GIFs."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    per_class: Optional[int] = typer.Option(None, show_default=_from_params("render", "per_class"), help="Clips per class of the split (half right, half wrong)."),
+    strip_frames: Optional[int] = typer.Option(None, show_default=_from_params("render", "strip_frames"), help="Frames in each PNG strip."),
+    fps: Optional[float] = typer.Option(None, show_default=_from_params("render", "fps"), help="Frame rate of the GIFs."),
+    alpha: Optional[float] = typer.Option(None, show_default=_from_params("render", "alpha"), help="Opacity of the heatmap over the frame (0-1)."),
+    batch_size: Optional[int] = typer.Option(None, show_default=_from_params("render", "batch_size"), help="Clips per batch when the head runs."),
+    device: Optional[str] = typer.Option(None, show_default=_from_params("render", "device"), help="auto | cpu | cuda."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     params: Path = PARAMS_OPTION,
 ) -> None:
@@ -397,11 +435,13 @@ def render(
         from pipeline.config import load_section
         from stages import render as stage
 
-        cfg = load_section("render", params, per_class=per_class, strip_frames=strip_frames, fps=fps)
+        cfg = load_section("render", params, per_class=per_class, strip_frames=strip_frames, fps=fps, alpha=alpha,
+                           batch_size=batch_size, device=device)
+        split = split or load_section("evaluate", params).split
         data = load_section("data", params)
         summary = stage.run(cache, model, out, cfg, splits_dir=splits, split=split, metrics_dir=metrics,
-                            train_plots=train_plots, clips=clip or None, videos=videos, device=device,
-                            progress=progress, data_videos=Path(data.videos), boxes=boxes)
+                            train_plots=train_plots, clips=clip or None, videos=videos, progress=progress,
+                            data_videos=Path(data.videos), boxes=boxes)
         stage.print_summary(summary)
         if summary.clips and not summary.rendered:
             _err(f"none of the {len(summary.clips)} chosen clips could be drawn (reasons above); --videos DIR "

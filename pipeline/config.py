@@ -75,6 +75,9 @@ class ExtractConfig:
     timeout: float = _setting(60.0, above=0)  # seconds per clip before it is recorded as failed
     device: str = _setting("auto", choices=DEVICES)
     precision: str = _setting("auto", choices=PRECISIONS)
+    shard_clips: int = _setting(32, at_least=1)  # clips per shard flushed: what a crash can lose at most
+    ray_cpus: int = _setting(0, at_least=0)  # --engine ray, a local Ray: CPUs it may use (0: every core)
+    ray_threads: int = _setting(0, at_least=0)  # --engine ray: torch threads per backbone actor (0: sized)
 
 
 @dataclass
@@ -126,6 +129,7 @@ class EvaluateConfig:
     split: str = _setting("test", choices=SPLITS)
     batch_size: int = _setting(32, at_least=1)
     deletion_draws: int = _setting(20, at_least=0)  # random deletions per k beside the top-k one; 0: no test
+    device: str = _setting("auto", choices=DEVICES)
 
 
 @dataclass
@@ -135,6 +139,16 @@ class RenderConfig:
     fps: float = _setting(4.0, above=0)  # frame rate of the attention GIFs
     alpha: float = _setting(0.5, at_least=0, at_most=1)  # opacity of the heatmap over the frame
     batch_size: int = _setting(32, at_least=1)  # clips per batch when the head runs
+    device: str = _setting("auto", choices=DEVICES)
+    # the split it draws is evaluate.split: the page shows that split's eval.json beside its clips
+
+
+@dataclass
+class PredictConfig:
+    top_k: int = _setting(5, at_least=1)  # classes shown per file (at most the model's classes)
+    device: str = _setting("auto", choices=DEVICES)
+    timeout: float = _setting(60.0, above=0)  # seconds per file before it is recorded as failed
+    # its strips and GIFs are drawn with render's strip_frames, fps and alpha
 
 
 SECTIONS: dict[str, type] = {
@@ -146,6 +160,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
     "render": RenderConfig,
+    "predict": PredictConfig,
 }
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -252,6 +267,11 @@ def _apply_rule(value: Any, rule: dict[str, Any] | None, label: str) -> None:
         raise ConfigError(f"{label} = {value!r}: must be odd")
     if rule["even"] and value % 2:
         raise ConfigError(f"{label} = {value!r}: must be even")
+
+
+def code_default(section: str, key: str) -> Any:
+    """The code's default of `section.key` (what applies where params.yaml leaves the key out)."""
+    return getattr(SECTIONS[section](), key)
 
 
 def as_dict(cfg: Any) -> dict[str, Any]:

@@ -3,7 +3,8 @@ faithful and how well placed its attention is.
 
 Writes `<out>/eval.json` (DVC metrics), `<out>/predictions.csv` (video, true, predicted, probability),
 `<out>/attention.npz` (the split's attention maps, N x T x h x w, with the clip keys, for measures of your
-own) and `<plots>/confusion.csv` (DVC's confusion template). Two measures of the attention:
+own) and `<plots>/confusion.csv` (DVC's confusion template; `plots` defaults to `out`: nothing is written
+outside the paths given). Two measures of the attention:
 * localisation, where ground-truth boxes exist (`boxes.json` in the dataset root, or --boxes; format 1 or 2 of
   pipeline/video/boxes.py): mass in the box and the pointing game over the sampled frames with a box (the
   others counted), beside uniform attention, a centre prior and the clip's motion map, overall and per class;
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import EvaluateConfig, check
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.files import write_json_atomic, write_text_atomic
 from pipeline.head import checkpoint as ck
 from pipeline.head.batches import open_split
@@ -36,15 +37,15 @@ MAPS_FILE = "attention.npz"
 
 
 def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg: EvaluateConfig, *,
-        boxes: Path | None = None, plots_dir: Path = Path("plots/eval"), device: str = "auto",
-        progress: bool = True, videos: Path | None = None) -> dict[str, Any]:
+        boxes: Path | None = None, plots_dir: Path | None = None, progress: bool = True,
+        videos: Path | None = None) -> dict[str, Any]:
     """Evaluate `model_path` on split `cfg.split`; write the four outputs; return the eval.json dict."""
     from pipeline.head import infer as tr
     from pipeline.head.runtime import pick_device
 
     cfg = check(cfg)
     ckpt = ck.load(model_path)
-    with FeatureCache(cache_path) as cache:
+    with open_cache(cache_path) as cache:
         extraction, _ = ck.cache_provenance(cache)
         ck.require_same_extraction(ckpt, extraction, str(cache_path))
         ck.require_classes(ckpt, cache.classes, str(cache_path))
@@ -52,7 +53,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
         looked = gt.candidates(boxes, cache.attrs.get("dataset_root"), videos)
         truth_path = first_existing(looked)
         truth = gt.read_truth(truth_path)  # before the passes: a bad boxes file costs no inference
-        dev = pick_device(device)
+        dev = pick_device(cfg.device)
         model = ckpt.build().to(dev)
         cells = int(np.prod(cache.feature_shape[2:]))
         passes = 1 + (faithfulness.passes(cells, cfg.deletion_draws) if cfg.deletion_draws else 0)
@@ -81,6 +82,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
                         "epoch": ckpt.train.get("epoch"), "weights": ckpt.extraction.get("weights")}}
     write_json_atomic(Path(out_dir) / "eval.json", report)
     write_text_atomic(Path(out_dir) / "predictions.csv", metrics.predictions_csv(clips.keys, outputs, ckpt.classes))
-    write_text_atomic(Path(plots_dir) / "confusion.csv", metrics.confusion_csv(clips.keys, outputs, ckpt.classes))
+    plots_dir = Path(plots_dir) if plots_dir is not None else Path(out_dir)
+    write_text_atomic(plots_dir / "confusion.csv", metrics.confusion_csv(clips.keys, outputs, ckpt.classes))
     metrics.write_maps(Path(out_dir) / MAPS_FILE, clips.keys, outputs, frame_index, ckpt.classes)
     return report

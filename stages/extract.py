@@ -18,14 +18,15 @@ from pathlib import Path
 
 from pipeline.config import ExtractConfig, check
 from pipeline.errors import describe
-from pipeline.features.cache import FeatureCache, main_file
+from pipeline.features.cache import main_file
 from pipeline.features.extractor import Extracted, ExtractError, Extractor, decode_pool, fingerprint_or_blank
 from pipeline.features.plan import Incompatible, exclusive_lock, parts_dir_for, rerun_plan, start_over
 from pipeline.features.provenance import extraction_settings, versions
+from pipeline.features.reader import open_cache
 from pipeline.features.shards import ClipFeatures, ShardWriter, join, pending_shards, remove_unfinished, temp_path
 from pipeline.progress import progress_bar
 from pipeline.video.folders import discover
-from pipeline.video.workers import GuardedThread
+from pipeline.workers import GuardedThread
 
 __all__ = ["ExtractError", "ExtractSummary", "exclusive_lock", "parts_dir_for", "run"]
 RESUME = "finished clips are kept, rerun to resume"
@@ -103,7 +104,7 @@ def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: 
         todo = [c for c in found.clips if c.video not in plan.done]
         summary.skipped = len(found.clips) - len(todo)
         summary.removed, summary.changed = len(plan.removed), len(plan.changed)
-        writer = ShardWriter(parts, settings, every_clips=int(os.environ.get("PIPELINE_SHARD_CLIPS", "32")))
+        writer = ShardWriter(parts, settings, every_clips=cfg.shard_clips)
         for key in (f"{name}/" for name in found.empty_classes if f"{name}/" not in plan.done):
             writer.add_failure(key, "class folder holds no video files")
             summary.failed.append((key, "class folder holds no video files"))
@@ -122,7 +123,7 @@ def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: 
                          created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          versions=versions())
             join(cache, parts, attrs, drop=plan.drop)
-        with FeatureCache(cache) as result:
+        with open_cache(cache) as result:
             summary.total_clips, summary.total_failed = len(result), len(result.failed)
             summary.unverified = result.source.count("")
     summary.seconds = time.monotonic() - start

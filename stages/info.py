@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from pipeline.features.cache import FeatureCache, size_on_disk
+from pipeline.features.cache import size_on_disk
+from pipeline.features.reader import open_cache
 
 
 def run(cache_path: Path, show_failed: int = 20) -> dict:
@@ -16,7 +17,7 @@ def run(cache_path: Path, show_failed: int = 20) -> dict:
     from rich.table import Table
 
     console = Console()
-    with FeatureCache(cache_path) as cache:
+    with open_cache(cache_path) as cache:
         counts = Counter(cache.classes[i] for i in cache.labels)
         described = {
             "path": str(cache_path), "clips": len(cache), "classes": len(cache.classes),

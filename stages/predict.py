@@ -67,10 +67,13 @@ def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str
 
 
 def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Path | None = None,
-        device: str = "auto", progress: bool = True, weights: str | None = None, strip_frames: int = 6,
-        workers: int = 2, timeout: float = 60.0) -> list[Prediction]:
-    """Predict every file of `videos` (folders expand to their videos) with `model_path`, in input order."""
-    from pipeline.config import ExtractConfig
+        device: str = "auto", progress: bool = True, weights: str | None = None,
+        drawing: "RenderConfig | None" = None, workers: int = 2, timeout: float = 60.0) -> list[Prediction]:  # noqa: F821
+    """Predict every file of `videos` (folders expand to their videos) with `model_path`, in input order.
+
+    top_k, device and timeout are params.yaml's `predict` section; `drawing` (strip frames, GIF fps, heatmap
+    opacity) its `render` section, so a predicted overlay looks like a rendered one."""
+    from pipeline.config import ExtractConfig, RenderConfig
     from pipeline.features.extractor import Extracted, Extractor
     from pipeline.head.runtime import pick_device
 
@@ -79,6 +82,7 @@ def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Pat
     files = video_files(videos)
     if not files:
         raise PredictError("no video files given")
+    drawing = drawing if drawing is not None else RenderConfig()
     ckpt = load_checkpoint(model_path)
     dev = pick_device(device)
     backbone = rebuild_backbone(ckpt.extraction, str(dev), weights)  # checks frames too
@@ -95,7 +99,7 @@ def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Pat
         def on_result(done: Extracted) -> None:
             results[done.path] = _predict_one(done, model, ckpt, dev, k)
             if render_dir is not None and results[done.path].ok:
-                _render(results[done.path], done.decoded, Path(render_dir), names[done.path], strip_frames)
+                _render(results[done.path], done.decoded, Path(render_dir), names[done.path], drawing)
             bar.advance(note=names[done.path])
 
         extractor.run([(str(f), f) for f in files], on_result)
@@ -143,7 +147,7 @@ def unique_names(files: list[Path]) -> dict[Path, str]:
     return names
 
 
-def _render(pred: Prediction, decoded: DecodedClip, out_dir: Path, name: str, strip_frames: int) -> None:
+def _render(pred: Prediction, decoded: DecodedClip, out_dir: Path, name: str, drawing) -> None:
     """Attention blended over the very frames that were embedded: a PNG strip and a GIF."""
     from pipeline.report.overlay import render_clip
 
@@ -151,8 +155,9 @@ def _render(pred: Prediction, decoded: DecodedClip, out_dir: Path, name: str, st
     caption = f"{top} {p:.0%}" + (f" (then {', '.join(f'{c} {q:.0%}' for c, q in rest)})" if rest else "")
     title = f"{pred.file.name}: {caption}"
     pred.rendered = {key: Path(value) for key, value in
-                     render_clip(out_dir, name, decoded.frames, pred.attention, title, caption, strip_frames,
-                                   frame_index=pred.frame_index).items()}
+                     render_clip(out_dir, name, decoded.frames, pred.attention, title, caption,
+                                 drawing.strip_frames, drawing.fps, frame_index=pred.frame_index,
+                                 alpha=drawing.alpha).items()}
 
 
 # --- output -----------------------------------------------------------------------------------------------

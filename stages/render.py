@@ -5,7 +5,7 @@ the very frames those features came from (the cache's `frame_index`) and writes 
 
     clips/<clip>.png     strip: picked frames over the same frames with attention (the study's figures 1-2)
     clips/<clip>.gif     every sampled frame with its attention, per-frame prediction as caption
-    curves.png           loss and accuracy per epoch from plots/train/*.tsv (figure 3)
+    curves.png           loss and accuracy per epoch from <train_plots>/*.tsv (figure 3)
     confusion.png        the confusion matrix
     deletion.png         the deletion curve from eval.json (true-class p left, top-attended vs random cells)
     index.html           metrics, per-class accuracy, figures, every clip and the provenance; offline
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import SPLITS, ConfigError, RenderConfig, check
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.head import checkpoint as ck
 from pipeline.report import charts, page
 from pipeline.report import clips as picked
@@ -47,18 +47,24 @@ def check_config(cfg: RenderConfig, split: str) -> RenderConfig:
 
 
 def run(cache_path: Path, model_path: Path, out_dir: Path, cfg: RenderConfig, *, splits_dir: Path = Path("splits"),
-        split: str = "test", metrics_dir: Path = Path("metrics"), train_plots: Path = Path("plots/train"),
-        clips: list[str] | None = None, videos: Path | None = None, device: str = "auto",
-        progress: bool = True, data_videos: Path | None = None, boxes: Path | None = None) -> RenderSummary:
-    """Render attention strips/GIFs for chosen clips, the curves, the confusion matrix and index.html."""
+        split: str = "test", metrics_dir: Path | None = None, train_plots: Path | None = None,
+        clips: list[str] | None = None, videos: Path | None = None, progress: bool = True,
+        data_videos: Path | None = None, boxes: Path | None = None) -> RenderSummary:
+    """Render attention strips/GIFs for chosen clips, the curves, the confusion matrix and index.html.
+
+    `metrics_dir` (eval.json, train.json) and `train_plots` (loss.tsv, accuracy.tsv) default to the model's
+    folder, where `train` writes them unless told otherwise: the page shows this model's figures, not
+    whatever a metrics/ folder in the working directory holds. `split` is params.yaml's evaluate.split."""
     from pipeline.head.runtime import pick_device
 
     cfg = check_config(cfg, split)
     started = time.monotonic()
     out_dir = Path(out_dir)
+    metrics_dir = Path(metrics_dir) if metrics_dir is not None else Path(model_path).parent
+    train_plots = Path(train_plots) if train_plots is not None else Path(model_path).parent
     ckpt = ck.load(model_path)
-    dev = pick_device(device)
-    with FeatureCache(cache_path) as cache:
+    dev = pick_device(cfg.device)
+    with open_cache(cache_path) as cache:
         extraction, origin = ck.cache_provenance(cache)
         ck.require_same_extraction(ckpt, extraction, str(cache_path))
         ck.require_classes(ckpt, cache.classes, str(cache_path))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.video import splits as sp
 from pipeline.config import SplitConfig, as_dict
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.files import write_text_atomic
 
 
@@ -20,7 +20,7 @@ def run(cache_path: Path, out_dir: Path, cfg: SplitConfig, hmdb51: Path | None =
     if hmdb51 is not None and ucf101 is not None:
         raise sp.SplitError("give --hmdb51 or --ucf101, not both")
     out_dir = Path(out_dir)
-    with FeatureCache(cache_path) as cache:
+    with open_cache(cache_path) as cache:
         videos, classes = list(cache.videos), list(cache.classes)
         labels = [classes[i] for i in cache.labels]
         failed = [video for video, _ in cache.failed if not video.endswith("/")]  # "cls/" = an empty class folder

@@ -1,7 +1,9 @@
 """Stage `train`: fit the attention head on the cached features of the train split, select on val.
 
-Writes the best checkpoint (lowest validation loss) to `model`, metrics/train.json and per-epoch curves
-plots/train/{loss,accuracy}.tsv (DVC's linear plots). After every epoch it also writes `<model>.resume`
+Writes the best checkpoint (lowest validation loss) to `model`, the selected epoch's metrics (train.json) and
+per-epoch curves {loss,accuracy}.tsv (DVC's linear plots; by default beside the model, the graph names
+metrics/ and plots/train/), and `<model>.timings.json` (device, seconds per epoch): timings change on every
+run, so they stay out of the metrics git keeps. After every epoch it also writes `<model>.resume`
 (model, optimiser, schedule and random state), so `--resume` continues an interrupted or finished run
 exactly where it stopped; the curves and metrics are rewritten every epoch too, so a crash loses at most
 the epoch in flight. An epoch whose loss is not finite stops the run and is not recorded: the best epoch so
@@ -20,7 +22,7 @@ from typing import Any
 
 from pipeline.config import HeadConfig, TrainConfig, check
 from pipeline.errors import UserError
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.files import write_json_atomic, write_tsv_atomic
 from pipeline.head import checkpoint as ck
 from pipeline.head.batches import open_split
@@ -29,6 +31,8 @@ from pipeline.head.ranks import Ranks
 from pipeline.progress import progress_bar
 
 RESUME_SUFFIX = ".resume"
+TIMINGS_SUFFIX = ".timings.json"
+METRICS_NAME = "train.json"
 
 
 class TrainError(UserError):
@@ -54,20 +58,29 @@ def resume_path(model: Path) -> Path:
     return model.with_name(model.name + RESUME_SUFFIX)
 
 
+def timings_path(model: Path) -> Path:
+    return model.with_name(model.name + TIMINGS_SUFFIX)
+
+
 def run(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, cfg: TrainConfig, *,
-        metrics_path: Path = Path("metrics/train.json"), plots_dir: Path = Path("plots/train"),
+        metrics_path: Path | None = None, plots_dir: Path | None = None,
         resume: bool = False, progress: bool = True) -> TrainSummary:
     """Train the head `head` on `cache_path` with the lists in `splits_dir`; write model, metrics, curves.
+
+    `metrics_path` (default: train.json beside the model) and `plots_dir` (default: the model's folder) are
+    where the selected epoch's metrics and the per-epoch curves go: nothing is written outside the paths given.
 
     Under torchrun (WORLD_SIZE > 1) every process runs this alike: DDP, each rank its share of each batch
     (pipeline/engines/torchrun.py, pipeline/head/ranks.py); rank 0 writes and reports (`summary.main`).
     """
     from pipeline.engines.torchrun import join_ranks
 
-    head, cfg = check(head), check(cfg)
+    head, cfg, model_path = check(head), check(cfg), Path(model_path)
+    metrics_path = Path(metrics_path) if metrics_path is not None else model_path.parent / METRICS_NAME
+    plots_dir = Path(plots_dir) if plots_dir is not None else model_path.parent
     with join_ranks(cfg.device) as ranks:
-        return _train(cache_path, splits_dir, Path(model_path), head, cfg, Path(metrics_path), Path(plots_dir),
-                      resume, progress, ranks)
+        return _train(cache_path, splits_dir, model_path, head, cfg, metrics_path, plots_dir, resume, progress,
+                      ranks)
 
 
 def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfig, cfg: TrainConfig,
@@ -83,7 +96,7 @@ def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfi
     device = ranks.place(pick_device(cfg.device))
     started = time.monotonic()
     check_outputs(model_path, metrics_path, plots_dir)
-    with FeatureCache(cache_path) as cache:
+    with open_cache(cache_path) as cache:
         train_set = open_split(cache, splits_dir, "train", cfg.max_memory_gb, cfg.loader_workers)
         val_set = open_split(cache, splits_dir, "val", cfg.max_memory_gb, cfg.loader_workers)
         extraction, origin = ck.cache_provenance(cache)
@@ -110,14 +123,15 @@ def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfi
         fit(model, train_set, val_set, cfg, device, resume_from=resume_path(model_path) if resume else None,
             save_to=resume_path(model_path), identity=resume_identity(head, cfg, extraction),
             on_start=started_at if main else None, on_best=save_best if main else None,
-            on_epoch=(lambda _: write_outputs(summary, metrics_path, plots_dir)) if main else None, state=summary,
+            on_epoch=(lambda _: write_outputs(summary, metrics_path, plots_dir, model_path)) if main else None,
+            state=summary,
             bar=progress_bar("train", len(train_set), "clips", enabled=progress, label="") if main else None,
             ranks=ranks)
     summary.seconds = time.monotonic() - started
     if summary.diverged is not None:
         _report_divergence(summary, console)
     if main:
-        write_outputs(summary, metrics_path, plots_dir)
+        write_outputs(summary, metrics_path, plots_dir, model_path)
     return summary
 
 
@@ -156,8 +170,11 @@ def check_outputs(model_path: Path, metrics_path: Path, plots_dir: Path) -> None
             raise TrainError(f"cannot write {output}: it is a folder; name a file")
 
 
-def write_outputs(summary: TrainSummary, metrics_path: Path, plots_dir: Path) -> None:
-    """metrics/train.json (the selected epoch) and the per-epoch curves, for DVC metrics and plots."""
+def write_outputs(summary: TrainSummary, metrics_path: Path, plots_dir: Path, model_path: Path) -> None:
+    """train.json (the selected epoch) and the per-epoch curves, for DVC metrics and plots; the timings apart.
+
+    The metrics hold only what the data and settings decide, so a rerun of the same settings writes the same
+    file (git stays clean after `dvc repro`); seconds and the device go to `<model>.timings.json`."""
     rows, best = summary.history, summary.best
     for name, train_of, val_of in (("loss", "train_loss", "val_loss"), ("accuracy", "train_accuracy", "val_accuracy")):
         write_tsv_atomic(Path(plots_dir) / f"{name}.tsv", ["epoch", "train", "val"],
@@ -168,6 +185,9 @@ def write_outputs(summary: TrainSummary, metrics_path: Path, plots_dir: Path) ->
         value = getattr(best, key) if best else math.nan
         metrics[key] = round(value, 6) if math.isfinite(value) else None
     metrics.update(parameters=summary.parameters, train_clips=summary.train_clips, val_clips=summary.val_clips,
-                   seconds_per_epoch=round(sum(e.seconds for e in rows) / len(rows), 3) if rows else None,
-                   device=summary.device, ranks=summary.ranks)
+                   ranks=summary.ranks)
     write_json_atomic(metrics_path, metrics)
+    write_json_atomic(timings_path(model_path), {
+        "device": summary.device, "ranks": summary.ranks, "seconds": round(summary.seconds, 3) or None,
+        "seconds_per_epoch": round(sum(e.seconds for e in rows) / len(rows), 3) if rows else None,
+        "epochs": [{"epoch": e.epoch, "seconds": round(e.seconds, 3)} for e in rows]})

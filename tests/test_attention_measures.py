@@ -177,7 +177,7 @@ def test_evaluate_writes_localisation_per_class_deletion_and_the_maps(tiny_proje
               TrainConfig(epochs=1, batch_size=4, device="cpu"), metrics_path=tmp_path / "train.json",
               plots_dir=tmp_path / "plots", progress=False)
     report = evaluate.run(tiny_project["cache"], tiny_project["splits"], model, tmp_path / "m",
-                          EvaluateConfig(deletion_draws=3), plots_dir=tmp_path / "pe", device="cpu", progress=False)
+                          EvaluateConfig(deletion_draws=3, device="cpu"), plots_dir=tmp_path / "pe", progress=False)
     att = report["attention"]
     assert att["clips_with_boxes"] == report["clips"]
     for key in ("mass_in_box_centre", "mass_ratio_centre", "pointing_centre", "mass_ratio_ci", "pointing_ci"):
@@ -195,5 +195,5 @@ def test_evaluate_writes_localisation_per_class_deletion_and_the_maps(tiny_proje
         assert maps["attention"].shape == (len(keys), 6, 4, 4) and maps["frame_index"].shape == (len(keys), 6)
         np.testing.assert_allclose(maps["attention"].sum(axis=(2, 3)), 1.0, atol=1e-5)
     none = evaluate.run(tiny_project["cache"], tiny_project["splits"], model, tmp_path / "n",
-                        EvaluateConfig(deletion_draws=0), plots_dir=tmp_path / "pn", device="cpu", progress=False)
+                        EvaluateConfig(deletion_draws=0, device="cpu"), plots_dir=tmp_path / "pn", progress=False)
     assert none["deletion"] is None

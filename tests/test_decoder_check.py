@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.video import decode as video
 from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.video.decode import VideoError, decode_frames_at, decode_sampled
 
 
@@ -126,7 +126,7 @@ def test_extract_records_the_decoder_per_clip_and_render_redecodes_with_it(tmp_p
     summary = extract.run(root, cache, ExtractConfig(weights="random:0", frames=4, image_size=32, workers=1,
                                                      timeout=30.0), progress=False)
     assert summary.extracted == 2 and len(summary.redecoded) == 2
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert c.decoder == ["pyav", "pyav"]
         frames = decode_frames_at(root / c.videos[0], c.frame_index[0], c.decoder[0])
         assert stamped(frames) == c.frame_index[0].tolist()

@@ -29,12 +29,12 @@ pytestmark = pytest.mark.slow
 
 CLASSES = 8  # pipeline.video.synthetic.CLASSES
 BEFORE, AFTER = 10, 11  # clips per class: +10%
-SHARD_CLIPS = 8  # PIPELINE_SHARD_CLIPS: 80 clips -> 10 shards, the 8 new ones -> 1
+SHARD_CLIPS = 8  # extract.shard_clips: 80 clips -> 10 shards, the 8 new ones -> 1
 TINY = {
     "data": {"videos": "data/videos"},
     "synth": {"clips_per_class": BEFORE, "frames": 8, "width": 64, "height": 48},
     "extract": {"weights": "random:0", "frames": 4, "image_size": 32, "layer": "conv5_3", "batch_size": 32,
-                "workers": 1},
+                "workers": 1, "shard_clips": SHARD_CLIPS},
     "split": {"val": 0.2, "test": 0.2},
     "head": {"channels": 8},
     "train": {"epochs": 2, "patience": 2},
@@ -81,12 +81,11 @@ def locked_out(project: Project, stage: str, out: str) -> dict:
 
 
 def test_growing_a_folder_cache_under_dvc_writes_and_caches_only_the_new_shards(tmp_path):
-    from pipeline.features.cache import FeatureCache
     from pipeline.features.folder import FolderCache
+    from pipeline.features.reader import open_cache
 
     project = make_project(tmp_path, TINY)
     to_folder_form(project)
-    project.env["PIPELINE_SHARD_CLIPS"] = str(SHARD_CLIPS)
     assert not project.dvc("config", "cache.type").check().stdout.strip(), "the default cache type is tested here"
 
     first = project.dvc("repro", "evaluate", timeout=900).check()
@@ -119,7 +118,7 @@ def test_growing_a_folder_cache_under_dvc_writes_and_caches_only_the_new_shards(
     added = sorted(set(new) - set(old))
     assert added and all(re.fullmatch(r"shard-.*\.h5", name) for name in added), sorted(new)
     assert new["index.h5"][0] != old["index.h5"][0] and new["index.h5"][3] != old["index.h5"][3]
-    with FeatureCache(folder) as cache:
+    with open_cache(folder) as cache:
         assert isinstance(cache, FolderCache) and len(cache) == CLASSES * AFTER and not cache.failed
         new_keys = sorted(v for i, v in enumerate(cache.videos) if cache.location(i)[0].name in added)
     from pipeline.video.synthetic import CLASSES as NAMES, clip_key

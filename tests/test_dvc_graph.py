@@ -53,7 +53,7 @@ def ws(tmp_path_factory) -> Workspace:
 
 
 def test_repro_runs_every_stage_and_writes_well_formed_outputs(ws):
-    from pipeline.features.cache import FeatureCache
+    from pipeline.features.reader import open_cache
 
     assert ws.first.ran == STAGES, ws.first.output[-4000:]
     stages = yaml.safe_load(ws.path("dvc.yaml").read_text())["stages"]
@@ -64,7 +64,7 @@ def test_repro_runs_every_stage_and_writes_well_formed_outputs(ws):
 
     # synth + extract
     assert len([p for p in ws.path("data/videos").rglob("*") if p.is_file() and p.suffix != ".json"]) == CLIPS
-    with FeatureCache(ws.path("cache/features.h5")) as c:
+    with open_cache(ws.path("cache/features.h5")) as c:
         assert len(c) == CLIPS and len(c.videos) == CLIPS and len(c.classes) == CLASSES
         assert c.feature_shape == (TINY["extract"]["frames"], 512, *GRID)
         assert not dict(c.failed)
@@ -166,7 +166,7 @@ def test_second_repro_reruns_nothing(ws):
 
 
 def test_exp_run_reruns_exactly_the_stages_a_param_feeds(ws):
-    from pipeline.features.cache import FeatureCache
+    from pipeline.features.reader import open_cache
 
     before = {p: ws.path(p).stat().st_mtime_ns for p in ("data/videos", "cache/features.h5", "splits/test.txt")}
     head = ws.dvc("exp", "run", "-S", "head.cell=lstm").check()
@@ -186,7 +186,7 @@ def test_exp_run_reruns_exactly_the_stages_a_param_feeds(ws):
     print(f"dvc exp run -S extract.frames={frames}: {extract.seconds:.1f}s")
     assert extract.ran == ["extract", "split", "train", "evaluate", "render"], extract.output
     assert extract.skipped == ["synth"], extract.output
-    with FeatureCache(ws.path("cache/features.h5")) as c:
+    with open_cache(ws.path("cache/features.h5")) as c:
         assert len(c) == CLIPS and c.feature_shape == (frames, 512, *GRID)
     assert ws.json("metrics/eval.json")["clips"] == len(ws.lines("splits/test.txt"))
 

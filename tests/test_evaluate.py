@@ -16,7 +16,7 @@ from pipeline.report import metrics
 from pipeline.head import infer as training
 from pipeline.head.batches import open_split
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, TrainConfig
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from stages import evaluate, extract, train
 from tests.cli_helpers import assert_one_line_error, run_cli, run_in_process
 
@@ -33,14 +33,14 @@ def train_model(project: dict[str, Path], out: Path, head: HeadConfig, epochs: i
 
 def evaluate_in(project: dict[str, Path], model: Path, out: Path, cache: Path | None = None, split: str = "test",
                 boxes: Path | None = None) -> dict:
-    return evaluate.run(cache or project["cache"], project["splits"], model, out, EvaluateConfig(split=split),
-                        boxes=boxes, plots_dir=out / "plots", device="cpu", progress=False)
+    return evaluate.run(cache or project["cache"], project["splits"], model, out, EvaluateConfig(split=split, device="cpu"),
+                        boxes=boxes, plots_dir=out / "plots", progress=False)
 
 
 def infer_split(project: dict[str, Path], model: Path, split: str = "test") -> tuple[training.Outputs, list[str]]:
     import torch
 
-    with FeatureCache(project["cache"]) as cache:
+    with open_cache(project["cache"]) as cache:
         clips = open_split(cache, project["splits"], split)
         return training.infer(ck.load(model).build(), clips, 2, torch.device("cpu")), clips.keys
 
@@ -303,7 +303,7 @@ def test_attention_figures_with_the_datasets_boxes_match_a_hand_computation(cli_
     figures = json.loads((out / "eval.json").read_text())["attention"]
     boxes = json.loads((tiny_project["videos"] / "boxes.json").read_text())["videos"]
     outputs, keys = infer_split(tiny_project, model)
-    with FeatureCache(tiny_project["cache"]) as cache:
+    with open_cache(tiny_project["cache"]) as cache:
         rows = cache.indices(keys)
         frame_index, heights, widths = cache.frame_index[rows], cache.height[rows], cache.width[rows]
     assert heights.tolist() == [48] * 3 and widths.tolist() == [64] * 3

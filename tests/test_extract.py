@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.config import ExtractConfig
 from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
-from pipeline.features.cache import FeatureCache
+from pipeline.features.shards import pending_shards
+from pipeline.features.reader import open_cache
 from pipeline.video.decode import sample_indices
 from pipeline.features import extractor
 from stages import extract
@@ -36,7 +37,7 @@ def test_cache_holds_one_row_per_clip_with_labels_indices_and_provenance(mini_da
     cache = tmp_path / "f.h5"
     summary = extract.run(mini_dataset, cache, cfg(), progress=False)
     assert (summary.extracted, summary.failed) == (6, [])
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert c.classes == ["jump", "run", "walk"]
         assert len(c) == 6 and c.feature_shape == (6, 512, 2, 2)
         assert [c.classes[i] for i in c.labels] == [v.split("/")[0] for v in c.videos]
@@ -60,7 +61,7 @@ def test_stored_features_are_the_features_of_the_stored_frame_index(tmp_path):
     extract.run(root, cache, cfg(), progress=False)
     backbone = Backbone("random:0", "pool5", 64, "cpu", "fp32")
     frames = numbered_frames(45, 64, 96)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         stored, index, decoder = c.load()[0].astype(np.float32), c.frame_index[0], c.decoder[0]
     from pipeline.video.decode import decode_frames_at
 
@@ -75,7 +76,7 @@ def test_stored_features_are_the_features_of_the_stored_frame_index(tmp_path):
 def test_rerun_skips_finished_clips_and_adds_new_ones_without_touching_old(mini_dataset, tmp_path):
     cache = tmp_path / "f.h5"
     extract.run(mini_dataset, cache, cfg(), progress=False)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         before = {v: c.load([i])[0] for i, v in enumerate(c.videos)}
     again = extract.run(mini_dataset, cache, cfg(), progress=False)
     assert (again.extracted, again.skipped) == (0, 6)
@@ -83,7 +84,7 @@ def test_rerun_skips_finished_clips_and_adds_new_ones_without_touching_old(mini_
     write_video(mini_dataset / "zoom" / "first.mp4", np.zeros((10, 48, 64, 3), np.uint8))
     more = extract.run(mini_dataset, cache, cfg(), progress=False)
     assert (more.extracted, more.skipped) == (2, 6)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert c.classes == ["jump", "run", "walk", "zoom"] and len(c) == 8
         for video, feats in before.items():
             np.testing.assert_array_equal(c.load([c.indices([video])[0]])[0], feats)
@@ -104,11 +105,11 @@ def test_overwrite_with_the_same_settings_keeps_the_finished_clips(mini_dataset,
     """The DVC stage always passes --overwrite: a rerun after a code change or a crash must resume."""
     cache = tmp_path / "f.h5"
     extract.run(mini_dataset, cache, cfg(), progress=False)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         before = {v: c.load([i])[0] for i, v in enumerate(c.videos)}
     summary = extract.run(mini_dataset, cache, cfg(), overwrite=True, progress=False)
     assert (summary.extracted, summary.skipped) == (0, 6)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert sorted(c.videos) == sorted(before)
         for i, video in enumerate(c.videos):
             np.testing.assert_array_equal(c.load([i])[0], before[video])
@@ -146,7 +147,7 @@ def test_bad_inputs_are_recorded_with_reasons_and_cost_no_other_clip(tmp_path, n
                      "--no-progress")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         failed = dict(c.failed)
         videos = set(c.videos)
     assert {f"good/{n}" for n in ("ok.mp4", "one_frame.avi", "odd_size.mkv", "portrait.mp4", "naïve café ñ.mp4",
@@ -155,7 +156,7 @@ def test_bad_inputs_are_recorded_with_reasons_and_cost_no_other_clip(tmp_path, n
     assert "not a readable video" in failed["bad/text.avi"]
     assert "no video" in failed["nothing_here/"]
     assert "not a readable video" in failed["bad/truncated.mp4"] and "bad/truncated.mp4" not in videos
-    with FeatureCache(cache) as c:  # the truncated MKV is kept, cut at the last frame that decodes
+    with open_cache(cache) as c:  # the truncated MKV is kept, cut at the last frame that decodes
         row = c.videos.index("good/truncated.mkv")
         assert 10 < c.num_frames[row] < 60
         assert c.frame_index[row].tolist() == sample_indices(int(c.num_frames[row]), 4).tolist()
@@ -196,20 +197,26 @@ def test_kill_9_at_any_moment_leaves_a_complete_cache_or_none_and_a_rerun_finish
     extract.run(root, reference, cfg(), progress=False)
     cache = tmp_path / "f.h5"
     args = [sys.executable, "-m", "pipeline", "extract", str(root), str(cache), "--weights", "random:0", "--frames", "6",
-            "--image-size", "64", "--batch-size", "8", "--no-progress", "--params", "/nonexistent/params.yaml"]
-    env = dict(os.environ, PIPELINE_SHARD_CLIPS="2")
-    for delay in (0.5, 2.0, 3.0, 4.0, 5.0, 6.5):
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(delay)
+            "--image-size", "64", "--batch-size", "8", "--shard-clips", "2", "--no-progress", "--params",
+            "/nonexistent/params.yaml"]
+    # killed during start-up, then as soon as the run has written its first, second, ... shard of this run (each
+    # rerun resumes: 24 clips are 12 shards); the last one may be past the join, with the cache in place
+    for new_shards in (0, 1, 2, 3, 5):
+        before = len(pending_shards(cache))
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while (time.monotonic() < deadline and proc.poll() is None and not cache.exists()
+               and len(pending_shards(cache)) < before + new_shards):
+            time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if cache.exists():
-            with FeatureCache(cache) as c:  # complete and readable whenever it exists
+            with open_cache(cache) as c:  # complete and readable whenever it exists
                 assert len(c) == len(c.videos) and c.load().shape[0] == len(c)
     final = run_cli("extract", str(root), str(cache), "--weights", "random:0", "--frames", "6", "--image-size", "64",
                     "--no-progress")
     assert final.returncode == 0, final.stderr
-    with FeatureCache(cache) as c, FeatureCache(reference) as ref:
+    with open_cache(cache) as c, open_cache(reference) as ref:
         assert c.videos == ref.videos
         np.testing.assert_allclose(c.load().astype(np.float32), ref.load().astype(np.float32), rtol=1e-2, atol=1e-2)
     assert not list(tmp_path.glob("f.h5.parts/*"))

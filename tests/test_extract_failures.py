@@ -9,9 +9,9 @@ import pytest
 
 from pipeline.features import shards as features
 from pipeline.config import ExtractConfig
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.features.shards import shard_paths
-from pipeline.video.workers import TimedPool
+from pipeline.workers import TimedPool
 from pipeline.features import extractor
 from stages import extract
 from stages.extract import ExtractError
@@ -67,8 +67,8 @@ class PoolThatDiesAfter:
 
 
 @pytest.fixture
-def shard_per_clip(monkeypatch):
-    monkeypatch.setenv("PIPELINE_SHARD_CLIPS", "1")
+def shard_per_clip() -> ExtractConfig:
+    return ExtractConfig(**TINY, shard_clips=1)
 
 
 def test_a_dying_decoder_pool_is_an_error_not_a_hang_and_finished_clips_are_kept(mini_dataset, tmp_path,
@@ -77,10 +77,10 @@ def test_a_dying_decoder_pool_is_an_error_not_a_hang_and_finished_clips_are_kept
     monkeypatch.setattr(extractor, "TimedPool", PoolThatDiesAfter)
     with pytest.raises(ExtractError, match=r"decoding workers failed: BlockingIOError: .*Resource temporarily "
                                            r"unavailable.*rerun to resume"):
-        run_with_deadline(lambda: extract.run(mini_dataset, cache, ExtractConfig(**TINY), progress=False))
+        run_with_deadline(lambda: extract.run(mini_dataset, cache, shard_per_clip, progress=False))
     assert len(shard_paths(extract.parts_dir_for(cache))) == 2  # the two clips decoded before it died
     monkeypatch.setattr(extractor, "TimedPool", TimedPool)
-    resumed = run_with_deadline(lambda: extract.run(mini_dataset, cache, ExtractConfig(**TINY), progress=False))
+    resumed = run_with_deadline(lambda: extract.run(mini_dataset, cache, shard_per_clip, progress=False))
     assert (resumed.skipped, resumed.extracted) == (2, 4)
 
 
@@ -111,12 +111,12 @@ def test_a_dying_cache_writer_is_an_error_not_a_hang_and_written_shards_are_kept
 
     monkeypatch.setattr(features, "write_shard", disk_fills_up)
     with pytest.raises(ExtractError, match=r"cache writer failed: OSError: .*No space left on device"):
-        run_with_deadline(lambda: extract.run(mini_dataset, cache, ExtractConfig(**TINY), progress=False))
+        run_with_deadline(lambda: extract.run(mini_dataset, cache, shard_per_clip, progress=False))
     assert len(shard_paths(extract.parts_dir_for(cache))) == 1
     monkeypatch.setattr(features, "write_shard", real_write)
-    resumed = run_with_deadline(lambda: extract.run(mini_dataset, cache, ExtractConfig(**TINY), progress=False))
+    resumed = run_with_deadline(lambda: extract.run(mini_dataset, cache, shard_per_clip, progress=False))
     assert resumed.skipped == 1 and resumed.extracted == 5
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert len(c) == 6
 
 

@@ -14,8 +14,8 @@ import pytest
 from pipeline.config import ExtractConfig
 from pipeline.video.encode import Encoding, write_video
 from pipeline.features.shards import ClipFeatures, join, write_shard
-from pipeline.features.cache import FeatureCache
 from pipeline.features.provenance import source_changed, source_fingerprint
+from pipeline.features.reader import open_cache
 from stages import extract
 
 TINY = dict(weights="random:0", frames=6, image_size=64, batch_size=8, workers=2, timeout=20.0)
@@ -31,7 +31,7 @@ def run(root: Path, cache: Path, **kwargs) -> extract.ExtractSummary:
 
 def snapshot(cache: Path) -> dict[str, tuple[str, np.ndarray]]:
     """video -> (class name, features), read through the labels as every later stage does."""
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         return {v: (c.classes[c.labels[i]], c.load([i])[0]) for i, v in enumerate(c.videos)}
 
 
@@ -53,7 +53,7 @@ def other_video(path: Path, seed: int) -> None:
 def test_every_row_records_the_fingerprint_of_its_file(mini_dataset, tmp_path):
     cache = tmp_path / "f.h5"
     run(mini_dataset, cache)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         for video, source in zip(c.videos, c.source):
             assert source == source_fingerprint(mini_dataset / video)
             assert source.startswith("sha256:") and source_changed(source, mini_dataset / video) is False
@@ -97,7 +97,7 @@ def test_a_removed_class_vanishes_and_labels_still_name_the_right_class(mini_dat
     shutil.rmtree(mini_dataset / "jump")  # the first class: every other label moves down by one
     summary = run(mini_dataset, cache)
     assert summary.removed == 2 and summary.total_clips == 4
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert c.classes == ["run", "walk"]
         assert sorted(set(c.labels.tolist())) == [0, 1]
         assert [c.classes[i] for i in c.labels] == [v.split("/")[0] for v in c.videos]
@@ -127,7 +127,7 @@ def test_a_replaced_video_is_extracted_again_like_a_fresh_run(mini_dataset, tmp_
         assert after[video][0] == fresh[video][0]
         np.testing.assert_allclose(after[video][1].astype(np.float32), fresh[video][1].astype(np.float32),
                                    rtol=1e-2, atol=1e-2)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert c.source[c.indices(["walk/clip0.mkv"])[0]] == source_fingerprint(replaced)
     assert run(mini_dataset, cache).extracted == 0  # and the new fingerprint is current
 
@@ -144,14 +144,14 @@ def test_failures_follow_their_files_too(mini_dataset, tmp_path):
     write_video(mini_dataset / "later" / "a.mp4", np.zeros((10, 48, 64, 3), np.uint8))
     fixed = run(mini_dataset, cache)
     assert fixed.extracted == 2 and fixed.changed == 1 and fixed.removed == 1 and fixed.failed == []
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert {"jump/broken.mp4", "later/a.mp4"} <= set(c.videos) and c.failed == []
     (mini_dataset / "walk" / "bad.avi").write_text("garbage")
     assert {v for v, _ in run(mini_dataset, cache).failed} == {"walk/bad.avi"}
     (mini_dataset / "walk" / "bad.avi").unlink()
     gone = run(mini_dataset, cache)
     assert gone.removed == 1
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert c.failed == [] and c.failed_source == []
 
 
@@ -159,7 +159,7 @@ def test_stale_rows_in_leftover_shards_are_dropped_and_new_ones_kept(mini_datase
     """Work left in shards by an interrupted run is checked like the cache itself."""
     cache = tmp_path / "f.h5"
     run(mini_dataset, cache)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         settings, classes = c.settings, c.classes
         rows = [ClipFeatures(v, classes[c.labels[i]], c.load([i])[0], c.frame_index[i], int(c.num_frames[i]),
                              float(c.fps[i]), int(c.height[i]), int(c.width[i]), c.source[i])
@@ -175,7 +175,7 @@ def test_stale_rows_in_leftover_shards_are_dropped_and_new_ones_kept(mini_datase
     write_shard(tmp_path / "f.h5.parts", [marker], [], settings)
     summary = run(mini_dataset, cache)
     assert (summary.extracted, summary.removed, summary.changed, summary.total_clips) == (1, 1, 2, 5)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert "run/clip1.mkv" not in c
         assert c.source[c.indices(["run/clip0.mp4"])[0]] == source_fingerprint(mini_dataset / "run" / "clip0.mp4")
         assert (c.load(c.indices(["walk/clip1.avi"]))[0] == 7).all()
@@ -196,7 +196,7 @@ def test_join_drops_only_the_named_stale_entries(tmp_path):
     write_shard(parts, [row("a/1", 3, "new")], [], settings)
     result = join(cache, parts, settings, drop={("a/1", "old"), ("b/1", "b"), ("c/1", "c-old")})
     assert (result.clips, result.failed, result.classes) == (1, 0, ["a"])
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert c.videos == ["a/1"] and c.source == ["new"] and c.classes == ["a"] and c.labels.tolist() == [0]
         assert float(c.load()[0].max()) == 3
 
@@ -207,7 +207,7 @@ def test_an_old_cache_without_fingerprints_still_loads_and_resumes(mini_dataset,
     with h5py.File(cache, "r+") as h5:  # what the earlier code wrote: no source datasets
         del h5["source"], h5["failed_source"]
     before = snapshot(cache)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert c.source == [""] * 6 and len(c) == 6
     stamp = file_id(cache)
     same = run(mini_dataset, cache)
@@ -217,7 +217,7 @@ def test_an_old_cache_without_fingerprints_still_loads_and_resumes(mini_dataset,
     (mini_dataset / "jump" / "clip1.mp4").unlink()
     more = run(mini_dataset, cache)
     assert (more.extracted, more.skipped, more.removed, more.total_clips, more.unverified) == (1, 5, 1, 6, 5)
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         assert c.source[c.indices(["walk/new.mp4"])[0]].startswith("sha256:")
         assert [c.classes[i] for i in c.labels] == [v.split("/")[0] for v in c.videos]
     after = snapshot(cache)

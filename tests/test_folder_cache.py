@@ -19,6 +19,7 @@ from pipeline.features import shards as shards_module
 from pipeline.features.cache import CacheError, FeatureCache, is_folder, main_file
 from pipeline.features.folder import FolderCache
 from pipeline.features.plan import exclusive_lock, parts_dir_for, rerun_plan
+from pipeline.features.reader import open_cache
 from pipeline.features.shards import ClipFeatures, pending_shards, shard_paths, write_shard
 from pipeline.video.encode import Encoding, write_video
 from pipeline.video.folders import discover
@@ -32,8 +33,8 @@ META = ("videos", "classes", "frame_index", "num_frames", "fps", "height", "widt
         "precision", "failed", "failed_source")
 
 
-def run(root: Path, cache: Path, **kwargs) -> extract.ExtractSummary:
-    return extract.run(root, cache, ExtractConfig(**SMALL), progress=False, **kwargs)
+def run(root: Path, cache: Path, shard_clips: int = 32, **kwargs) -> extract.ExtractSummary:
+    return extract.run(root, cache, ExtractConfig(**SMALL, shard_clips=shard_clips), progress=False, **kwargs)
 
 
 def same_reads(a: FeatureCache, b: FeatureCache, exact: bool = True) -> None:
@@ -80,12 +81,12 @@ def test_the_path_chooses_the_form_and_a_folder_without_index_is_a_clear_error(t
     assert parts_dir_for(tmp_path / "features.h5") == tmp_path / "features.h5.parts"
     for folder in (tmp_path / "features", tmp_path / "made.h5"):
         with pytest.raises(CacheError, match="index.h5"):
-            FeatureCache(folder)
+            open_cache(folder)
     settings = {"frames": 2, "dtype": "float16"}
     write_shard(tmp_path / "made.h5", [ClipFeatures("a/1", "a", np.zeros((2, 4, 1, 1), np.float16),
                                                      np.arange(2, dtype=np.int32), 2, 25.0, 8, 8)], [], settings)
     with pytest.raises(CacheError, match="not a feature cache yet"):
-        FeatureCache(tmp_path / "made.h5")  # shards but no index: not a cache until a run finishes it
+        open_cache(tmp_path / "made.h5")  # shards but no index: not a cache until a run finishes it
 
 
 def test_the_lock_is_beside_the_folder(tmp_path):
@@ -97,16 +98,15 @@ def test_the_lock_is_beside_the_folder(tmp_path):
 # --- same reads ---------------------------------------------------------------------------------------
 
 
-def test_folder_and_file_of_the_same_clips_read_the_same(mini_dataset, tmp_path, monkeypatch):
-    monkeypatch.setenv("PIPELINE_SHARD_CLIPS", "2")
+def test_folder_and_file_of_the_same_clips_read_the_same(mini_dataset, tmp_path):
     (mini_dataset / "jump" / "broken.mp4").write_bytes(b"not a video")
     file, folder = tmp_path / "f.h5", tmp_path / "features"
-    run(mini_dataset, file)
-    summary = run(mini_dataset, folder)
+    run(mini_dataset, file, shard_clips=2)
+    summary = run(mini_dataset, folder, shard_clips=2)
     assert (summary.extracted, summary.total_clips, summary.total_failed) == (6, 6, 1)
     assert not (tmp_path / "features.parts").exists() and (folder / "index.h5").exists()
     assert len(shard_paths(folder)) >= 3 and not list(folder.glob("*.tmp"))
-    with FeatureCache(folder) as a, FeatureCache(file) as b:
+    with open_cache(folder) as a, open_cache(file) as b:
         assert isinstance(a, FolderCache) and type(b) is FeatureCache
         same_reads(a, b)
         assert {k: v for k, v in a.attrs.items() if k not in ("created", "feature_shape")} == \
@@ -119,7 +119,7 @@ def test_folder_and_file_of_the_same_clips_read_the_same(mini_dataset, tmp_path,
         assert a.indices(b.videos[::-1]).tolist() == b.indices(b.videos[::-1]).tolist()
         with pytest.raises(CacheError, match="no clip"):
             a.indices(["nope"])
-    with FeatureCache(folder) as a:  # close() before any read, and a shard opened only on first read
+    with open_cache(folder) as a:  # close() before any read, and a shard opened only on first read
         assert a._handles == {}
         a.load([0])
         assert len(a._handles) == 1
@@ -136,7 +136,7 @@ def test_retry_failed_and_overwrite_on_a_folder(mini_dataset, tmp_path):
     run(mini_dataset, folder)
     retried = run(mini_dataset, folder, retry_failed=True)
     assert (retried.extracted, retried.skipped, [v for v, _ in retried.failed]) == (0, 6, ["jump/broken.mp4"])
-    with FeatureCache(folder) as c:
+    with open_cache(folder) as c:
         assert [v for v, _ in c.failed] == ["jump/broken.mp4"] and len(c) == 6
         assert set(c.shards) == {p.name for p in shard_paths(folder)}  # the superseded failure's shard is gone
     other = ExtractConfig(**dict(SMALL, image_size=64))
@@ -144,7 +144,7 @@ def test_retry_failed_and_overwrite_on_a_folder(mini_dataset, tmp_path):
         extract.run(mini_dataset, folder, other, progress=False)
     redone = extract.run(mini_dataset, folder, other, overwrite=True, progress=False)
     assert redone.extracted == 6
-    with FeatureCache(folder) as c:
+    with open_cache(folder) as c:
         assert c.settings["image_size"] == 64 and c.feature_shape[-1] == 4
         assert set(c.shards) == {p.name for p in shard_paths(folder)}
 
@@ -152,13 +152,11 @@ def test_retry_failed_and_overwrite_on_a_folder(mini_dataset, tmp_path):
 # --- adding, dropping ---------------------------------------------------------------------------------
 
 
-def test_adding_clips_writes_only_new_shards_and_old_labels_map_through_the_index(mini_dataset, tmp_path,
-                                                                                  monkeypatch):
-    monkeypatch.setenv("PIPELINE_SHARD_CLIPS", "2")
+def test_adding_clips_writes_only_new_shards_and_old_labels_map_through_the_index(mini_dataset, tmp_path):
     folder = tmp_path / "features"
-    run(mini_dataset, folder)
+    run(mini_dataset, folder, shard_clips=2)
     before_ids = file_ids(folder)
-    with FeatureCache(folder) as c:
+    with open_cache(folder) as c:
         before = {v: c.load([i])[0] for i, v in enumerate(c.videos)}
     add_clip(mini_dataset / "run" / "clip2.mp4", 1)  # an existing class
     add_clip(mini_dataset / "aaa" / "clip0.mp4", 2)  # a new class, sorted first: every global label moves
@@ -167,7 +165,7 @@ def test_adding_clips_writes_only_new_shards_and_old_labels_map_through_the_inde
     after_ids = file_ids(folder)
     assert {k: after_ids[k] for k in before_ids} == before_ids  # old shards untouched: same inode, mtime, bytes
     assert len(after_ids) == len(before_ids) + 1
-    with FeatureCache(folder) as c:
+    with open_cache(folder) as c:
         assert c.classes == ["aaa", "jump", "run", "walk"]
         assert [c.classes[i] for i in c.labels] == [v.split("/")[0] for v in c.videos]
         for video, feats in before.items():
@@ -177,16 +175,14 @@ def test_adding_clips_writes_only_new_shards_and_old_labels_map_through_the_inde
             assert "aaa" not in h5.attrs["classes"]
     fresh = tmp_path / "fresh.h5"
     run(mini_dataset, fresh)
-    with FeatureCache(folder) as a, FeatureCache(fresh) as b:
+    with open_cache(folder) as a, open_cache(fresh) as b:
         same_reads(a, b, exact=False)
 
 
-def test_removed_and_changed_clips_leave_the_index_and_an_unreferenced_shard_is_deleted(mini_dataset, tmp_path,
-                                                                                         monkeypatch):
-    monkeypatch.setenv("PIPELINE_SHARD_CLIPS", "2")
+def test_removed_and_changed_clips_leave_the_index_and_an_unreferenced_shard_is_deleted(mini_dataset, tmp_path):
     folder = tmp_path / "features"
-    run(mini_dataset, folder)
-    with FeatureCache(folder) as c:
+    run(mini_dataset, folder, shard_clips=2)
+    with open_cache(folder) as c:
         by_shard: dict[str, list[str]] = {}
         for i, v in enumerate(c.videos):
             by_shard.setdefault(c.shards[c.shard[i]], []).append(v)
@@ -203,19 +199,19 @@ def test_removed_and_changed_clips_leave_the_index_and_an_unreferenced_shard_is_
     assert {k: now[k] for k in kept} == kept and len(now) == len(kept) + 1
     fresh = tmp_path / "fresh.h5"
     run(mini_dataset, fresh)
-    with FeatureCache(folder) as a, FeatureCache(fresh) as b:
+    with open_cache(folder) as a, open_cache(fresh) as b:
         assert gone not in a and emptied in a.retired and emptied not in a.shards
         same_reads(a, b, exact=False)
     # A crash between the new index and the deletion left the retired shard: it is not read back (the gone
     # clip stays gone, the old version of the changed one stays replaced) and the next run deletes it.
     shutil.copy(saved, folder / emptied)
     assert pending_shards(folder) == []
-    plan = rerun_plan(folder, discover(mini_dataset), FeatureCache(fresh).settings, retry_failed=False)
+    plan = rerun_plan(folder, discover(mini_dataset), open_cache(fresh).settings, retry_failed=False)
     assert gone not in plan.done and not plan.drop
     again = run(mini_dataset, folder)
     assert (again.extracted, again.removed, again.changed, again.total_clips) == (0, 0, 0, 5)
     assert not (folder / emptied).exists()
-    with FeatureCache(folder) as a, FeatureCache(fresh) as b:
+    with open_cache(folder) as a, open_cache(fresh) as b:
         same_reads(a, b, exact=False)
 
 
@@ -228,7 +224,7 @@ def test_a_crash_before_the_index_keeps_the_previous_index_and_the_rerun_finishe
     shutil.move(mini_dataset / "walk", aside)
     folder = tmp_path / "features"
     run(mini_dataset, folder)
-    with FeatureCache(folder) as c:
+    with open_cache(folder) as c:
         first = (list(c.videos), c.load())
     shutil.move(aside, mini_dataset / "walk")
 
@@ -240,7 +236,7 @@ def test_a_crash_before_the_index_keeps_the_previous_index_and_the_rerun_finishe
         run(mini_dataset, folder)
     monkeypatch.undo()
     (folder / "index.h5.tmp").write_bytes(b"half an index")  # what a kill -9 inside the index write leaves
-    with FeatureCache(folder) as c:  # the previous complete index, as if nothing had happened
+    with open_cache(folder) as c:  # the previous complete index, as if nothing had happened
         assert c.videos == first[0]
         np.testing.assert_array_equal(c.load(), first[1])
     assert len(pending_shards(folder)) == 1  # the new clips, renamed in place but not indexed yet
@@ -249,7 +245,7 @@ def test_a_crash_before_the_index_keeps_the_previous_index_and_the_rerun_finishe
     assert not list(folder.glob("*.tmp")) and pending_shards(folder) == []
     whole = tmp_path / "whole"
     run(mini_dataset, whole)
-    with FeatureCache(folder) as a, FeatureCache(whole) as b:
+    with open_cache(folder) as a, open_cache(whole) as b:
         same_reads(a, b, exact=False)
 
 
@@ -261,7 +257,7 @@ def test_kill_9_leaves_the_previous_index_and_a_rerun_finishes(tmp_path):
         write_video(root / "c0" / f"v{i}.mp4", rng.integers(0, 255, (16, 48, 64, 3), dtype=np.uint8))
     folder = tmp_path / "features"
     run(root, folder)
-    with FeatureCache(folder) as c:
+    with open_cache(folder) as c:
         first = list(c.videos)
     for c in (1, 2):
         for i in range(4):
@@ -269,10 +265,10 @@ def test_kill_9_leaves_the_previous_index_and_a_rerun_finishes(tmp_path):
     reference = tmp_path / "ref.h5"
     run(root, reference)
     options = ["--weights", "random:0", "--frames", "4", "--image-size", "32", "--layer", "conv5_3", "--workers", "1",
-               "--no-progress"]
+               "--shard-clips", "2", "--no-progress"]
     args = [sys.executable, "-m", "pipeline", "extract", str(root), str(folder), *options, "--params",
             "/nonexistent/params.yaml"]
-    env = dict(os.environ, PIPELINE_SHARD_CLIPS="2")
+    env = dict(os.environ)
     for kill_at in (0, 1, 2):  # during start-up, then as soon as the run has renamed a shard into the folder
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -281,12 +277,12 @@ def test_kill_9_leaves_the_previous_index_and_a_rerun_finishes(tmp_path):
             time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        with FeatureCache(folder) as c:  # the previous complete index
+        with open_cache(folder) as c:  # the previous complete index
             assert c.videos == first and c.load().shape[0] == len(first)
         assert len(pending_shards(folder)) >= kill_at  # renamed into the folder, not indexed yet
     final = run_cli("extract", str(root), str(folder), *options)
     assert final.returncode == 0, final.stderr
-    with FeatureCache(folder) as a, FeatureCache(reference) as b:
+    with open_cache(folder) as a, open_cache(reference) as b:
         same_reads(a, b, exact=False)
         assert set(a.shards) == {p.name for p in shard_paths(folder)}
     assert not list(folder.glob("*.tmp")) and pending_shards(folder) == []
@@ -295,14 +291,13 @@ def test_kill_9_leaves_the_previous_index_and_a_rerun_finishes(tmp_path):
 # --- the stages after extract ---------------------------------------------------------------------------
 
 
-def test_split_train_and_evaluate_run_on_a_folder_cache_as_on_the_file(tiny_project, tmp_path, monkeypatch):
-    monkeypatch.setenv("PIPELINE_SHARD_CLIPS", "5")
+def test_split_train_and_evaluate_run_on_a_folder_cache_as_on_the_file(tiny_project, tmp_path):
     folder = tmp_path / "features"
     extract.run(tiny_project["videos"], folder,
                 ExtractConfig(weights="random:0", frames=6, image_size=64, layer="conv5_3", batch_size=24, workers=2,
-                              timeout=30.0, device="cpu"), progress=False)
+                              timeout=30.0, device="cpu", shard_clips=5), progress=False)
     assert len(shard_paths(folder)) == 3
-    with FeatureCache(folder) as a, FeatureCache(tiny_project["cache"]) as b:
+    with open_cache(folder) as a, open_cache(tiny_project["cache"]) as b:
         same_reads(a, b, exact=False)
     splits = tmp_path / "splits"
     split.run(folder, splits, SplitConfig(seed=0, val=0.25, test=0.25))
@@ -315,12 +310,11 @@ def test_split_train_and_evaluate_run_on_a_folder_cache_as_on_the_file(tiny_proj
         train.run(cache, splits, out / "head.pt", HeadConfig(channels=8), cfg, metrics_path=out / "train.json",
                   plots_dir=out / "plots", progress=False)
         models[label] = out / "head.pt"
-    report = evaluate.run(folder, splits, models["folder"], tmp_path / "eval", EvaluateConfig(split="test"),
-                          plots_dir=tmp_path / "eval" / "plots", device="cpu", progress=False)
+    report = evaluate.run(folder, splits, models["folder"], tmp_path / "eval", EvaluateConfig(split="test", device="cpu"),
+                          plots_dir=tmp_path / "eval" / "plots", progress=False)
     assert (tmp_path / "eval" / "eval.json").exists() and report
-    rendered = render.run(folder, models["folder"], tmp_path / "report", RenderConfig(per_class=1, strip_frames=4),
-                          splits_dir=splits, metrics_dir=tmp_path / "eval", train_plots=tmp_path / "folder" / "plots",
-                          device="cpu", progress=False)
+    rendered = render.run(folder, models["folder"], tmp_path / "report", RenderConfig(per_class=1, strip_frames=4, device="cpu"),
+                          splits_dir=splits, metrics_dir=tmp_path / "eval", train_plots=tmp_path / "folder" / "plots", progress=False)
     assert (tmp_path / "report" / "index.html").exists() and rendered
     import torch
 

@@ -111,9 +111,9 @@ def test_extract(journey):
     journey.needs("synth")
     # weights come from params.yaml (random:0): README's `[--weights ...]` is optional.
     r = journey.cli("extract", "extract", "data/videos", "cache/features.h5").check()
-    from pipeline.features.cache import FeatureCache
+    from pipeline.features.reader import open_cache
 
-    with FeatureCache(journey.path("cache/features.h5")) as cache:
+    with open_cache(journey.path("cache/features.h5")) as cache:
         assert len(cache) == CLIPS, f"the cache holds {len(cache)} clips, not {CLIPS}\n{r.output[-3000:]}"
         assert len(cache.classes) == CLASSES
         assert cache.feature_shape == (TINY["extract"]["frames"], 512, 2, 2)

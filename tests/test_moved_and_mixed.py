@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, RenderConfig, SplitConfig, SynthConfig, \
     TrainConfig
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.features import provenance
 from stages import evaluate, extract, render, split, train
 
@@ -37,27 +37,27 @@ def moved(tmp_path_factory) -> dict:
 
 
 def test_evaluate_says_where_it_looked_for_boxes_and_finds_them_through_data_videos(moved, tmp_path, capsys):
-    report = evaluate.run(moved["cache"], moved["splits"], moved["model"], tmp_path / "a", EvaluateConfig(),
-                          plots_dir=tmp_path / "pa", device="cpu", progress=False)
+    report = evaluate.run(moved["cache"], moved["splits"], moved["model"], tmp_path / "a", EvaluateConfig(device="cpu"),
+                          plots_dir=tmp_path / "pa", progress=False)
     assert report["attention"]["clips_with_boxes"] == 0
     assert str(moved["old"] / "boxes.json") in report["attention"]["looked_for_boxes"]
     evaluate.print_report(report)
     out = capsys.readouterr().out
     assert "looked for" in out and "boxes.json" in out and "--boxes" in out
-    found = evaluate.run(moved["cache"], moved["splits"], moved["model"], tmp_path / "b", EvaluateConfig(),
-                         plots_dir=tmp_path / "pb", device="cpu", progress=False, videos=moved["new"])
+    found = evaluate.run(moved["cache"], moved["splits"], moved["model"], tmp_path / "b", EvaluateConfig(device="cpu"),
+                         plots_dir=tmp_path / "pb", progress=False, videos=moved["new"])
     assert found["attention"]["clips_with_boxes"] == found["clips"] > 0
 
 
 def test_render_of_a_moved_dataset_says_so_and_draws_through_data_videos_or_the_flag(moved, tmp_path):
-    cfg = RenderConfig(per_class=1, strip_frames=2)
+    cfg = RenderConfig(per_class=1, strip_frames=2, device="cpu")
     lost = render.run(moved["cache"], moved["model"], tmp_path / "r1", cfg, splits_dir=moved["splits"],
-                      metrics_dir=tmp_path, train_plots=tmp_path, device="cpu", progress=False)
+                      metrics_dir=tmp_path, train_plots=tmp_path, progress=False)
     assert lost.clips and not lost.rendered
     assert any("no dataset folder found" in note and "--videos" in note for note in lost.notes)
     for kwargs in ({"data_videos": moved["new"]}, {"videos": moved["new"]}):
         drawn = render.run(moved["cache"], moved["model"], tmp_path / "r2", cfg, splits_dir=moved["splits"],
-                           metrics_dir=tmp_path, train_plots=tmp_path, device="cpu", progress=False, **kwargs)
+                           metrics_dir=tmp_path, train_plots=tmp_path, progress=False, **kwargs)
         assert len(drawn.rendered) == len(drawn.clips) > 0
 
 
@@ -99,7 +99,7 @@ def test_a_resume_at_another_precision_records_each_clip_s_precision(mini_datase
     shutil.move(moved_away / "walk", mini_dataset / "walk")
     summary = extract.run(mini_dataset, cache, ExtractConfig(precision="bf16", **tiny), progress=False)
     assert (summary.skipped, summary.extracted) == (4, 2)  # same settings resume: precision is no setting
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         per_clip = dict(zip(c.videos, c.precision))
         assert {v for k, v in per_clip.items() if k.startswith("walk/")} == {"bf16"}
         assert {v for k, v in per_clip.items() if not k.startswith("walk/")} == {"fp32"}

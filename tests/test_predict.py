@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.head import checkpoint as ck
 from pipeline.config import ExtractConfig, HeadConfig, SplitConfig, SynthConfig, TrainConfig
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.video.synthetic import generate_dataset
 from stages import extract, predict, split, train
 from stages.predict import PredictError
@@ -57,7 +57,7 @@ def head_on_cached(trained: dict[str, Path], video: str) -> tuple[np.ndarray, np
     import torch
 
     model = ck.load(trained["model"]).build()
-    with FeatureCache(trained["cache"]) as cache:
+    with open_cache(trained["cache"]) as cache:
         row = cache.indices([video])[0]
         feats, index = cache.load([row]), cache.frame_index[row]
     with torch.inference_mode():
@@ -68,7 +68,7 @@ def head_on_cached(trained: dict[str, Path], video: str) -> tuple[np.ndarray, np
 
 def test_predict_on_a_cached_clip_reproduces_the_head_on_its_cached_features(trained):
     """Same frames, same backbone, same float16 rounding, same head: the cache's answer, within fp16."""
-    with FeatureCache(trained["cache"]) as cache:
+    with open_cache(trained["cache"]) as cache:
         keys = list(cache.videos)[:2]
     classes = ck.load(trained["model"]).classes
     preds = predict.run([trained["videos"] / k for k in keys], trained["model"], top_k=50, device="cpu",

@@ -1,7 +1,7 @@
 """`extract --engine ray` (pipeline/features/ray_extract.py) against the local engine, on the 2-core CI box.
 
 One Ray for the module (`ray.init(num_cpus=2)`, ~5 s); each run still starts its backbone actor (~5-8 s: a
-worker process importing torch). The CLI tests start their own Ray in the subprocess (PIPELINE_RAY_CPUS=2); the
+worker process importing torch). The CLI tests start their own Ray in the subprocess (--ray-cpus 2); the
 kill -9 test also checks what a killed driver leaves running, and kills whatever it left at the end.
 Skipped when Ray is not installed (the `[ray]` extra).
 """
@@ -22,12 +22,13 @@ import pytest
 pytest.importorskip("ray")
 
 from pipeline.config import ExtractConfig  # noqa: E402
-from pipeline.features.cache import FeatureCache, main_file  # noqa: E402
+from pipeline.features.cache import main_file  # noqa: E402
+from pipeline.features.reader import open_cache  # noqa: E402
 from pipeline.features.shards import pending_shards  # noqa: E402
 from pipeline.engines.ray_extract import plan_resources  # noqa: E402
-from pipeline.engines.ray_operators import PID_FILE_ENV  # noqa: E402
 from stages import extract  # noqa: E402
 from tests.cli_helpers import run_cli  # noqa: E402
+from tests.ray_slow_actor import actor_waiting_to_be_killed  # noqa: E402
 
 # Ray's own DataContext copies touch its deprecated fields (ray/data/context.py warns on every set): not ours
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")]
@@ -44,12 +45,12 @@ def ray_cluster():
     ray.shutdown()
 
 
-def cfg() -> ExtractConfig:
-    return ExtractConfig(**TINY)
+def cfg(**settings) -> ExtractConfig:
+    return ExtractConfig(**TINY | settings)
 
 
 def contents(cache: Path) -> dict:
-    with FeatureCache(cache) as c:
+    with open_cache(cache) as c:
         feats = c.load()
         return {v: dict(label=c.classes[c.labels[i]], frame_index=c.frame_index[i].tolist(),
                         num_frames=int(c.num_frames[i]), source=c.source[i], decoder=c.decoder[i],
@@ -112,15 +113,13 @@ def test_a_corrupt_clip_is_one_failure_and_the_others_complete(mini_dataset, tmp
     (mini_dataset / "jump" / "broken.avi").write_bytes(os.urandom(4096))
     summary = extract.run(mini_dataset, tmp_path / "f.h5", cfg(), progress=False, engine="ray")
     assert summary.extracted == 6 and [v for v, _ in summary.failed] == ["jump/broken.avi"]
-    with FeatureCache(tmp_path / "f.h5") as c:
+    with open_cache(tmp_path / "f.h5") as c:
         assert len(c) == 6 and [v for v, _ in c.failed] == ["jump/broken.avi"]
         assert c.failed_source[0].startswith("sha256:")  # fingerprinted, so a fixed file is retried
 
 
-def test_a_killed_backbone_actor_loses_nothing_and_duplicates_nothing(mini_dataset, tmp_path, monkeypatch):
-    pid_file = tmp_path / "actor.pid"
-    monkeypatch.setenv(PID_FILE_ENV, str(pid_file))  # the actor waits to be killed on its second batch
-    monkeypatch.setenv("PIPELINE_SHARD_CLIPS", "2")  # several shards: some written before the kill
+def test_a_killed_backbone_actor_loses_nothing_and_duplicates_nothing(mini_dataset, tmp_path):
+    pid_file = tmp_path / "actor.pid"  # the actor waits to be killed on its second batch
     killed = []
 
     def killer() -> None:
@@ -134,11 +133,11 @@ def test_a_killed_backbone_actor_loses_nothing_and_duplicates_nothing(mini_datas
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    summary = extract.run(mini_dataset, tmp_path / "ray.h5", cfg(), progress=False, engine="ray")
+    with actor_waiting_to_be_killed(pid_file):  # several shards (shard_clips 2): some written before the kill
+        summary = extract.run(mini_dataset, tmp_path / "ray.h5", cfg(shard_clips=2), progress=False, engine="ray")
     thread.join(5)
     assert killed, "the actor never reached its second batch"
     assert (summary.extracted, summary.failed, summary.total_clips) == (6, [], 6)  # each clip written once
-    monkeypatch.delenv(PID_FILE_ENV)
     extract.run(mini_dataset, tmp_path / "local.h5", cfg(), progress=False)
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
 
@@ -157,8 +156,9 @@ def test_a_rerun_extracts_only_the_missing_clips(mini_dataset, tmp_path):
 def test_the_cli_as_typed_with_its_progress_bar(mini_dataset, tmp_path):
     from tests.project_copy import run_in_pty
 
-    env = {**os.environ, "PIPELINE_RAY_CPUS": "2"}
+    env = dict(os.environ)
     argv = [sys.executable, "-m", "pipeline", "extract", str(mini_dataset), str(tmp_path / "f.h5"), "--engine", "ray",
+            "--ray-cpus", "2",
             "--weights", "random:0", "--frames", "4", "--image-size", "32", "--layer", "conv5_3",
             "--params", "/nonexistent/params.yaml"]
     status, out, _seconds = run_in_pty(argv, tmp_path, env, timeout=150)
@@ -212,7 +212,7 @@ def test_kill_9_of_the_driver_loses_nothing_leaves_no_ray_behind_and_a_rerun_res
     again extracts only the clips they lack, and the cache equals an uninterrupted local run's."""
     cache = tmp_path / ("features" if form == "folder" else "f.h5")
     pid_file = tmp_path / "actor.pid"
-    # the backbone actor's second batch waits to be killed (the test hook), so the kill lands mid-run after the first
+    # the backbone actor's second batch waits to be killed (tests/ray_slow_actor.py), so the kill lands mid-run after the first
     # batch's shard: 8 clips are 2 input blocks of 4 (CLIPS_PER_BLOCK), a backbone batch is 4 clips (--batch-size 16
     # / --frames 4), so each batch is one Ray task and the first one's rows leave it (a task's output leaves it
     # only when it ends) while the second waits
@@ -222,11 +222,11 @@ def test_kill_9_of_the_driver_loses_nothing_leaves_no_ray_behind_and_a_rerun_res
     for name in ("jump/clip2.mp4", "walk/clip2.mp4"):
         write_video(mini_dataset / name, rng.integers(0, 255, size=(12, 48, 64, 3), dtype=np.uint8),
                     enc=Encoding("libx264", "mp4", 2))
-    env = {**os.environ, "PIPELINE_RAY_CPUS": "2", "PIPELINE_SHARD_CLIPS": "1", "COLUMNS": "250",
-           PID_FILE_ENV: str(pid_file)}
-    argv = [sys.executable, "-m", "pipeline", "extract", str(mini_dataset), str(cache), "--engine", "ray",
-            "--weights", "random:0", "--frames", "4", "--image-size", "32", "--layer", "conv5_3", "--batch-size", "16",
-            "--no-progress", "--params", "/nonexistent/params.yaml"]
+    env = {**os.environ, "COLUMNS": "250"}
+    command = ["extract", str(mini_dataset), str(cache), "--engine", "ray", "--ray-cpus", "2", "--shard-clips", "1",
+               "--weights", "random:0", "--frames", "4", "--image-size", "32", "--layer", "conv5_3",
+               "--batch-size", "16", "--no-progress", "--params", "/nonexistent/params.yaml"]
+    argv = [sys.executable, "-m", "tests.ray_slow_actor", str(pid_file), *command]
     sessions = []
     try:
         with open(tmp_path / "first.log", "wb") as log:
@@ -249,11 +249,11 @@ def test_kill_9_of_the_driver_loses_nothing_leaves_no_ray_behind_and_a_rerun_res
         assert not main_file(cache).exists() and not list(extract.parts_dir_for(cache).glob("*.tmp"))
         kept = set()
         for shard in pending_shards(cache):
-            with FeatureCache(shard) as c:
+            with open_cache(shard) as c:
                 kept |= set(c.videos)
         assert len(kept) == 4, kept  # the first batch's clips, and only those: its second batch never finished
 
-        del env[PID_FILE_ENV]  # the same command again, while the agents may still be there
+        argv = [sys.executable, "-m", "pipeline", *command]  # the same command again, agents may still be there
         second = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   start_new_session=True)
         sessions.append(second.pid)
@@ -273,7 +273,7 @@ def test_kill_9_of_the_driver_loses_nothing_leaves_no_ray_behind_and_a_rerun_res
     assert_same_cache(cache, tmp_path / "local.h5")
     assert pending_shards(cache) == []
     if form == "folder":
-        with FeatureCache(cache) as c:
+        with open_cache(cache) as c:
             assert set(c.shards) == {p.name for p in extract.parts_dir_for(cache).glob("shard-*.h5")}
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import EvaluateConfig, HeadConfig, RenderConfig
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.report import attention_quality as aq
 from pipeline.video.boxes import read_boxes_file, read_dense
 from tests.cli_helpers import assert_one_line_error, run_cli, run_in_process
@@ -28,8 +28,8 @@ def evaluate_in(project: dict[str, Path], model: Path, out: Path, boxes: Path | 
     """evaluate on the test split without the deletion test (not what these tests are about, and the slow part)."""
     from stages import evaluate
 
-    return evaluate.run(project["cache"], project["splits"], model, out, EvaluateConfig(deletion_draws=0),
-                        boxes=boxes, plots_dir=out / "plots", device="cpu", progress=False)
+    return evaluate.run(project["cache"], project["splits"], model, out, EvaluateConfig(deletion_draws=0, device="cpu"),
+                        boxes=boxes, plots_dir=out / "plots", progress=False)
 
 
 def xywh(box: np.ndarray) -> list[int]:
@@ -171,7 +171,7 @@ def test_the_motion_map_is_scored_exactly_like_the_attention(evaluated, annotate
     report, out = evaluated
     att = report["attention"]
     a, b, _ = annotated["keys"]
-    with FeatureCache(tiny_project["cache"]) as cache:
+    with open_cache(tiny_project["cache"]) as cache:
         rows = cache.indices([a, b])
         motion = motion_map(torch.from_numpy(cache.load(rows))).numpy()  # (2, T, h, w)
         frame_index = cache.frame_index[rows]
@@ -273,9 +273,9 @@ def test_render_outlines_every_box_of_a_frame_and_none_where_there_is_none(impor
 
     monkeypatch.setattr(overlay, "render_clip", spy)
     a, b, c = annotated["keys"]
-    summary = render.run(tiny_project["cache"], model, tmp_path / "report", RenderConfig(strip_frames=3),
+    summary = render.run(tiny_project["cache"], model, tmp_path / "report", RenderConfig(strip_frames=3, device="cpu"),
                          splits_dir=tiny_project["splits"], metrics_dir=tmp_path / "none",
-                         train_plots=tmp_path / "none", clips=[a, b, c], device="cpu", progress=False,
+                         train_plots=tmp_path / "none", clips=[a, b, c], progress=False,
                          boxes=imported[1])
     assert len(summary.rendered) == 3, summary.skipped
     assert [len(k) for k in drawn[a]] == [0, 0, 1, 1, 0, 0]  # frames 5 and 7 only

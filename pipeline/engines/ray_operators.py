@@ -16,8 +16,6 @@ import numpy as np
 
 from pipeline.errors import first_line
 
-PID_FILE_ENV = "PIPELINE_RAY_PID_FILE"  # test hook: see BackboneActor._test_hook
-
 
 # --- stage 1: decode (Ray tasks) --------------------------------------------------------------------------
 
@@ -28,7 +26,7 @@ _POOL_TIMEOUT = None
 def _timed_pool(timeout: float):
     global _POOL, _POOL_TIMEOUT
     from pipeline.features.extractor import decode_task
-    from pipeline.video.workers import TimedPool
+    from pipeline.workers import TimedPool
 
     if _POOL is None or _POOL_TIMEOUT != timeout:
         if _POOL is not None:
@@ -90,24 +88,16 @@ class BackboneActor:
     """Built once per actor: the trunk; called on batches of decoded clips, returns their float16 cubes."""
 
     def __init__(self, weights: str, layer: str, image_size: int, device: str, precision: str, batch_size: int,
-                 threads: int, counter=None, pid_file: str = "") -> None:
+                 threads: int, counter=None) -> None:
         import torch
 
         from pipeline.features.backbone import Backbone
 
         torch.set_num_threads(max(1, threads))
         self.backbone = Backbone(weights, layer, image_size, device, precision)
-        self.batch_size, self.counter, self.pid_file, self.calls = batch_size, counter, pid_file, 0
+        self.batch_size, self.counter = batch_size, counter
         if counter is not None:
             counter.actor_ready.remote(time.time())
-
-    def _test_hook(self) -> None:
-        """Tests: on this actor's second batch, when `pid_file` does not exist yet, write the pid there and
-        wait (up to 60 s) to be killed mid-batch; a restarted actor finds the file and goes on."""
-        if self.pid_file and self.calls == 2 and not os.path.exists(self.pid_file):
-            Path(self.pid_file + ".tmp").write_text(str(os.getpid()))
-            os.replace(self.pid_file + ".tmp", self.pid_file)
-            time.sleep(60)
 
     def _embed(self, clips: list[np.ndarray]) -> list[np.ndarray]:
         """Frames of all `clips` through the trunk together, `batch_size` frames at a time."""
@@ -120,8 +110,6 @@ class BackboneActor:
         return [feats[bounds[i]:bounds[i + 1]] for i in range(len(clips))]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.calls += 1
-        self._test_hook()
         n = len(batch["key"])
         ok, error = batch["ok"].astype(bool).copy(), batch["error"].astype(object).copy()
         # failed rows: an empty cube of the same rank (Arrow cannot mix tensors of different ranks in a column)

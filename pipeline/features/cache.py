@@ -3,8 +3,10 @@ metadata eagerly and features on demand. How it is written without ever being mo
 pipeline/features/shards.py. The format: DESIGN.md, "Cache format".
 
 A cache has two forms, chosen by its path alone (`is_folder`): one self-contained file (`features.h5`), or a
-folder of immutable shards plus `index.h5` (DESIGN.md, "Past one machine"). `FeatureCache(path)` reads
-either with the same attributes and methods; the folder's reader is pipeline/features/folder.py.
+folder of immutable shards plus `index.h5` (DESIGN.md, "Past one machine"). `FeatureCache(path)` reads the
+file (or one shard); the folder's reader, `FolderCache`, is pipeline/features/folder.py, with the same
+attributes and methods. `open_cache(path)` (pipeline/features/reader.py) picks the right one for a path;
+this module never imports the folder form, so the arrows point one way: reader -> folder -> cache.
 
 Every row and every failure records a fingerprint of its source file (`source`, `failed_source`), so a rerun
 over a changed dataset can drop what is gone and redo what was replaced.
@@ -84,7 +86,8 @@ def _unattr(value: Any) -> Any:
 
 
 class FeatureCache:
-    """Read access to a joined cache, a shard or a folder cache: metadata eagerly, features on demand.
+    """Read access to a joined cache or a shard (one file): metadata eagerly, features on demand. The base of
+    `FolderCache`; `open_cache(path)` (pipeline/features/reader.py) opens either form.
 
     >>> with FeatureCache("cache/features.h5") as cache:
     ...     x = cache.load(cache.indices(["brush_hair/a.avi"]))   # (n, T, C, h, w) float16
@@ -92,16 +95,12 @@ class FeatureCache:
 
     _TABLE = "features"  # the dataset that marks a file of this form (the folder's index: "shard")
 
-    def __new__(cls, path: str | Path):
-        if cls is FeatureCache and is_folder(path):
-            from pipeline.features.folder import FolderCache
-
-            cls = FolderCache
-        return super().__new__(cls)
-
     def __init__(self, path: str | Path):
         import h5py
 
+        if type(self) is FeatureCache and is_folder(path):  # a caller's mistake, not a user's: say what to call
+            raise TypeError(f"FeatureCache reads one file, not the folder cache {path}: use "
+                            "pipeline.features.reader.open_cache(path)")
         self.path = Path(path)
         file = main_file(self.path)
         if not file.exists():
@@ -229,6 +228,3 @@ class FeatureCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# --- join ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.features.provenance import source_fingerprint
 from pipeline.video.decode import DecodedClip, VideoError, decode_sampled, enter_decode_worker, warm_decode_worker
-from pipeline.video.workers import GuardedThread, TimedPool, stop_producer
+from pipeline.workers import GuardedThread, TimedPool, stop_producer
 
 
 class ExtractError(UserError):

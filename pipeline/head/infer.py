@@ -25,10 +25,13 @@ class Outputs:
 
     @property
     def probabilities(self) -> np.ndarray:
-        """Video-level class probabilities (N, K): mean over t of the per-frame softmax."""
-        z = self.logits - self.logits.max(axis=2, keepdims=True)
-        e = np.exp(z)
-        return (e / e.sum(axis=2, keepdims=True)).mean(axis=1)
+        """Video-level class probabilities (N, K) float32: the head's `video_probabilities` (mean over t of the
+        per-frame softmax)."""
+        import torch
+
+        from pipeline.head.model import video_probabilities
+
+        return video_probabilities(torch.from_numpy(self.logits)).numpy()
 
 
 def infer(model, clips: ClipSet, batch_size: int, device, on_batch: Callable[[int], None] | None = None,
@@ -94,10 +97,20 @@ def loss_of(outputs: Outputs, attention_reg: float) -> float:
     return float(total)
 
 
+def is_correct(scores, labels):
+    """Whether the top class of each clip's (or frame's) scores is its label; an accuracy is the mean of this.
+
+    scores (N, K) video probabilities (`Outputs.probabilities`, model.video_probabilities) or (N, T, K)
+    per-frame logits, labels (N,) -> (N,) or (N, T) bool. numpy arrays or torch tensors alike (the trainer
+    counts on the device, the reports in numpy), so every accuracy the project reports is this one rule.
+    """
+    return scores.argmax(-1) == labels.reshape(-1, *[1] * (scores.ndim - 2))
+
+
 def accuracies(outputs: Outputs) -> tuple[float, float]:
     """(video accuracy, per-frame accuracy) of `outputs`."""
     if len(outputs.labels) == 0:
         return math.nan, math.nan
-    video = float((outputs.probabilities.argmax(1) == outputs.labels).mean())
-    frame = float((outputs.logits.argmax(2) == outputs.labels[:, None]).mean())
+    video = float(is_correct(outputs.probabilities, outputs.labels).mean())
+    frame = float(is_correct(outputs.logits, outputs.labels).mean())
     return video, frame

@@ -2,10 +2,10 @@
 
 Input X_t in R^{C x H x W}, t = 1..T; d = head.channels, k = head.kernel.
 
-    P_t  = W_p * X_t                                       1x1 conv, C -> d            ConvLSTMHead.w_p
-    P_t := [P_t, log(1 + D_t)]                             motion: input only (d + 1)  RecurrentHead.forward
+    P_t  = W_p * X_t                                       1x1 conv, C -> d            w_p
+    P_t := [P_t, log(1 + D_t)]                             motion: input only (d + 1)
     Z_t  = w_z * tanh(W_xa * P_t + W_ha * H_{t-1} + b_a)   1x1 convs -> 1 channel      SoftAttention
-           + beta * log M~_t                                motion: prior | input       RecurrentHead.beta
+           + beta * log M~_t                                motion: prior | input       beta
     A_t  = softmax of Z_t over the H*W positions                                       attend()
     X~_t = (H*W) * A_t (.) P_t                             uniform A_t: X~_t == P_t    attend()
     i, f, o, g = sigm, sigm, sigm, tanh(W_x * X~_t + W_h * H_{t-1} + b)   kxk, same    ConvLSTMCell
@@ -13,7 +13,11 @@ Input X_t in R^{C x H x W}, t = 1..T; d = head.channels, k = head.kernel.
     H_0, C_0 = tanh(conv(mean_t P_t))                                                  StateInit
     r_t  = sum_i A_{t,i} H_{t,i}                           readout: attention          ConvLSTMHead.readout
          = mean_i((H*W) A_{t,i} H_{t,i})                   (the (H*W) A_t attend() computes; uniform: avgpool)
-    y_t  = W_c dropout(r_t) + b_c                          per-frame logits            ConvLSTMHead.w_c
+    y_t  = W_c dropout(r_t) + b_c                          per-frame logits            w_c
+
+`ConvLSTMHead.forward` computes them in this order, one line each (H_0, C_0 before the first step), naming
+the equation and the shapes in a comment; `LSTMHead.forward` is the same with a vector state (below), and
+`MeanHead.forward` the baseline. The layers both recurrent heads share are built in `RecurrentHead`.
 
 M~_t is the clip's motion map from its own features (pipeline/features/motion.py: where X_t changes from
 X_{t-1}, camera motion taken out by the median, normalised, floored, summing to 1 over the cells); beta is a
@@ -264,10 +268,12 @@ class StateInit(nn.Module):
 
 
 class RecurrentHead(nn.Module):
-    """The recurrence both attention heads share; subclasses say only where the state lives.
+    """The layers both attention heads share, under DESIGN.md's names; each head writes out its own forward.
 
-    ConvLSTMHead keeps a (B, H, W, d) state and reads out avgpool(H_t); LSTMHead keeps a (B, d) vector, feeds
-    it avgpool(X~_t) and shows h_{t-1} to the attention broadcast over the positions.
+    ConvLSTMHead keeps a (B, H, W, d) state and reads out through the attention; LSTMHead keeps a (B, d) vector,
+    feeds it avgpool(X~_t) and shows h_{t-1} to the attention broadcast over the positions. Both build their
+    state initialiser and cell before calling this (their weights are drawn first, so a seed gives the head it
+    always gave); the order the layers are registered in here is the order of the checkpoints' state_dicts.
     """
 
     def __init__(self, in_channels: int, num_classes: int, channels: int, attention: str, dropout: float,
@@ -285,76 +291,51 @@ class RecurrentHead(nn.Module):
         self.dropout = ClipDropout(dropout, salt=1)
         self.w_c = nn.Linear(channels, num_classes)
 
-    # the three places the two heads differ
-    def state_input(self, p: torch.Tensor) -> torch.Tensor:
-        """What H_0, C_0 are computed from, given P: (B, T, H, W, d)."""
-        raise NotImplementedError
-
-    def attention_state(self, h: torch.Tensor) -> torch.Tensor:
-        """H_{t-1} as the attention sees it: (B, H, W, d) or broadcastable to it."""
-        raise NotImplementedError
-
-    def cell_input(self, x_att: torch.Tensor) -> torch.Tensor:
-        """X~_t as the cell takes it."""
-        raise NotImplementedError
-
-    def readout(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The (B, d) vector the classifier sees at step t, from H_t and (H*W) * A_t (B, H, W, 1)."""
-        raise NotImplementedError
-
     def motion_of(self, x: torch.Tensor) -> Motion | None:
         """M~_t and D_t of the clips x (B, T, C, H, W), (B, T, H, W) each; None for a head without motion."""
         return clip_motion(x) if self.uses_motion else None
+
+
+class ConvLSTMHead(RecurrentHead):
+    """Soft-attention ConvLSTM (after VideoLSTM): the equations at the top of this module, in `forward`."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int, kernel: int, attention: str, dropout: float,
+                 feature_dropout: float = 0.0, readout: str = "attention", motion: str = "none"):
+        p_channels = channels + motion_channels(motion, attention)  # of P_t
+        super().__init__(in_channels, num_classes, channels, attention, dropout, feature_dropout,
+                         StateInit(conv2d_hwc(p_channels, 2 * channels, kernel)),
+                         ConvLSTMCell(p_channels, channels, kernel), motion)
+        self.read_through_attention = readout == "attention"
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, motion: Motion | None = None) -> HeadOutput:
         """x (B, T, C, H, W); `noise` (B,) int64: each clip's dropout seed in training (see ClipDropout);
         `motion`: the clips' Motion when it comes from elsewhere (the deletion test keeps the unmodified
         clip's map), else it is computed from x before any dropout."""
-        b, t, _, h, w = x.shape
-        prior = None
-        if self.uses_motion:
+        b, t, _, height, width = x.shape
+        if self.uses_motion:  # M~_t and D_t of the clip as it came: (B, T, H, W) each
             motion = motion if motion is not None else self.motion_of(x)
-            prior = torch.log(motion.map.float()).flatten(2).unbind(1)  # T x (B, H*W): log M~_t
-        x = features_hwc(self.feature_dropout(x, noise), self.w_p.weight.dtype)  # (B, T, H, W, C)
-        p = self.w_p(x)  # (B, T, H, W, d)
+            log_m = torch.log(motion.map.float()).flatten(2).unbind(1)  # log M~_t: T x (B, H*W)
+        x = features_hwc(self.feature_dropout(x, noise), self.w_p.weight.dtype)  # X_t: (B, T, H, W, C)
+        p = self.w_p(x)  # P_t = W_p * X_t: (B, T, H, W, d)
         if self.motion_channel:  # P_t := [P_t, log(1 + D_t)]: (B, T, H, W, d + 1)
             p = torch.cat([p, torch.log1p(motion.energy).to(p.dtype).unsqueeze(-1)], dim=-1)
-        p_term = self.attention.input_term(p)  # (B, T, H, W, d)
-        state = self.init_state(self.state_input(p), x.dtype)  # H_0, C_0
-        outputs, maps = [], []
+        p_term = self.attention.input_term(p)  # W_xa * P_t + b_a, all frames at once: (B, T, H, W, d)
+        h, c = self.init_state(p.mean(dim=1), x.dtype)  # H_0, C_0 = tanh(conv(mean_t P_t)): (B, H, W, d) each
+        readouts, maps = [], []
         for step, (p_t, p_term_t) in enumerate(zip(p.unbind(1), p_term.unbind(1))):  # unbind: one gradient copy
-            z = self.attention(p_term_t, self.attention_state(state[0]))  # (B, H*W)
-            if prior is not None:
-                z = z.float() + self.beta * prior[step]  # + beta * log M~_t, in float32 like the softmax
-            x_att, a, scale = attend(p_t, z)  # (B, H, W, d), (B, H*W), (B, H, W, 1)
-            state = self.cell(self.cell_input(x_att), state)
-            outputs.append(self.readout(state[0], scale))  # (B, d)
+            z = self.attention(p_term_t, h)  # Z_t = w_z * tanh(W_xa * P_t + W_ha * H_{t-1} + b_a): (B, H*W)
+            if self.uses_motion:
+                z = z.float() + self.beta * log_m[step]  # Z_t += beta * log M~_t, in float32 like the softmax
+            x_att, a, scale = attend(p_t, z)  # A_t = softmax(Z_t): (B, H*W); X~_t = (H*W) A_t (.) P_t: (B, H, W, d)
+            h, c = self.cell(x_att, (h, c))  # i, f, o, g; C_t = f (.) C_{t-1} + i (.) g; H_t = o (.) tanh(C_t)
+            readouts.append(self.readout(h, scale))  # r_t = sum_i A_{t,i} H_{t,i} (readout mean: avgpool H_t): (B, d)
             maps.append(a)
-        logits = self.w_c(self.dropout(torch.stack(outputs, dim=1), noise))  # (B, T, K)
-        return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, h, w))
-
-
-class ConvLSTMHead(RecurrentHead):
-    """Soft-attention ConvLSTM (after VideoLSTM): the equations at the top of this module."""
-
-    def __init__(self, in_channels: int, num_classes: int, channels: int, kernel: int, attention: str, dropout: float,
-                 feature_dropout: float = 0.0, readout: str = "attention", motion: str = "none"):
-        width = channels + motion_channels(motion, attention)  # of P_t
-        super().__init__(in_channels, num_classes, channels, attention, dropout, feature_dropout,
-                         StateInit(conv2d_hwc(width, 2 * channels, kernel)), ConvLSTMCell(width, channels, kernel),
-                         motion)
-        self.read_through_attention = readout == "attention"
-
-    def state_input(self, p: torch.Tensor) -> torch.Tensor:
-        return p.mean(dim=1)  # mean_t P_t: (B, H, W, d)
-
-    def attention_state(self, h: torch.Tensor) -> torch.Tensor:
-        return h
-
-    def cell_input(self, x_att: torch.Tensor) -> torch.Tensor:
-        return x_att
+        r = torch.stack(readouts, dim=1)  # (B, T, d)
+        logits = self.w_c(self.dropout(r, noise))  # y_t = W_c dropout(r_t) + b_c: (B, T, K)
+        return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, height, width))
 
     def readout(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """r_t (B, d) from H_t (B, H, W, d) and (H*W) A_t (B, H, W, 1), as `attend` returns it."""
         if self.read_through_attention:
             return (scale * h).mean(dim=(1, 2))  # mean_i((H*W) A_{t,i} H_{t,i}) = sum_i A_{t,i} H_{t,i}
         return h.mean(dim=(1, 2))  # avgpool(H_t): readout mean, the first design
@@ -365,21 +346,34 @@ class LSTMHead(RecurrentHead):
 
     def __init__(self, in_channels: int, num_classes: int, channels: int, attention: str, dropout: float,
                  feature_dropout: float = 0.0, motion: str = "none"):
-        width = channels + motion_channels(motion, attention)  # of P_t
+        p_channels = channels + motion_channels(motion, attention)  # of P_t
         super().__init__(in_channels, num_classes, channels, attention, dropout, feature_dropout,
-                         StateInit(nn.Linear(width, 2 * channels)), LSTMCell(width, channels), motion)
+                         StateInit(nn.Linear(p_channels, 2 * channels)), LSTMCell(p_channels, channels), motion)
 
-    def state_input(self, p: torch.Tensor) -> torch.Tensor:
-        return p.mean(dim=(1, 2, 3))  # mean over frames and positions: (B, d)
-
-    def attention_state(self, h: torch.Tensor) -> torch.Tensor:
-        return h[:, None, None, :]  # h_{t-1} broadcast over the positions
-
-    def cell_input(self, x_att: torch.Tensor) -> torch.Tensor:
-        return x_att.mean(dim=(1, 2))  # avgpool(X~_t) = sum_i A_{t,i} P_{t,i}
-
-    def readout(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return h  # h_t: a vector state has no positions to weight (head.readout does not apply)
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, motion: Motion | None = None) -> HeadOutput:
+        """As ConvLSTMHead.forward, with a vector state: x (B, T, C, H, W), `noise` (B,), `motion`."""
+        b, t, _, height, width = x.shape
+        if self.uses_motion:  # M~_t and D_t of the clip as it came: (B, T, H, W) each
+            motion = motion if motion is not None else self.motion_of(x)
+            log_m = torch.log(motion.map.float()).flatten(2).unbind(1)  # log M~_t: T x (B, H*W)
+        x = features_hwc(self.feature_dropout(x, noise), self.w_p.weight.dtype)  # X_t: (B, T, H, W, C)
+        p = self.w_p(x)  # P_t = W_p * X_t: (B, T, H, W, d)
+        if self.motion_channel:  # P_t := [P_t, log(1 + D_t)]: (B, T, H, W, d + 1)
+            p = torch.cat([p, torch.log1p(motion.energy).to(p.dtype).unsqueeze(-1)], dim=-1)
+        p_term = self.attention.input_term(p)  # W_xa * P_t + b_a, all frames at once: (B, T, H, W, d)
+        h, c = self.init_state(p.mean(dim=(1, 2, 3)), x.dtype)  # h_0, c_0 = tanh(W mean over t and i of P_t): (B, d)
+        readouts, maps = [], []
+        for step, (p_t, p_term_t) in enumerate(zip(p.unbind(1), p_term.unbind(1))):  # unbind: one gradient copy
+            z = self.attention(p_term_t, h[:, None, None, :])  # Z_t, h_{t-1} broadcast over the positions: (B, H*W)
+            if self.uses_motion:
+                z = z.float() + self.beta * log_m[step]  # Z_t += beta * log M~_t, in float32 like the softmax
+            x_att, a, _ = attend(p_t, z)  # A_t = softmax(Z_t): (B, H*W); X~_t = (H*W) A_t (.) P_t: (B, H, W, d)
+            h, c = self.cell(x_att.mean(dim=(1, 2)), (h, c))  # LSTM on avgpool(X~_t) = sum_i A_{t,i} P_{t,i}
+            readouts.append(h)  # r_t = h_t: a vector state has no positions to weight (head.readout does not apply)
+            maps.append(a)
+        r = torch.stack(readouts, dim=1)  # (B, T, d)
+        logits = self.w_c(self.dropout(r, noise))  # y_t = W_c dropout(r_t) + b_c: (B, T, K)
+        return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, height, width))
 
 
 class MeanHead(nn.Module):
@@ -441,7 +435,11 @@ def head_loss(out: HeadOutput, labels: torch.Tensor, attention_reg: float) -> tu
 
 
 def video_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Video prediction: the mean over t of the per-frame softmax, (B, T, K) -> (B, K)."""
+    """Video prediction: the mean over t of the per-frame softmax, (B, T, K) -> (B, K) float32.
+
+    The project's one definition: training, validation, evaluate, render and predict all call it (numpy
+    outputs through `infer.Outputs.probabilities`); accuracy is `infer.is_correct` of its result.
+    """
     return torch.softmax(logits.float(), dim=-1).mean(dim=1)
 
 

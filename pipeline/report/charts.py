@@ -1,8 +1,9 @@
 """The report's charts, drawn with matplotlib: training curves (figure 3), the confusion matrix and the
 deletion curve (true-class probability left after deleting the top-attended or random cells, over k).
 
-Kept apart from overlay.py because they need matplotlib (Agg backend, imported lazily, so nothing else
-pays for it) where the overlays need only numpy and PIL. Every PNG goes through the one atomic writer.
+Kept apart from overlay.py, which blends heatmaps into frames pixel by pixel (numpy and PIL, matplotlib only for
+its colour map): these are figures with axes (Agg backend, imported lazily). Every PNG goes through the one
+atomic writer.
 """
 from __future__ import annotations
 

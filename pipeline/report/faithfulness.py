@@ -32,6 +32,8 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.head.infer import is_correct
+
 K = (1, 3, 5)  # cells deleted per frame in the table (DESIGN.md); always on the curve
 SMALL = (1, 2, 3, 5)  # the curve's first k, where the top curve falls fastest
 
@@ -90,7 +92,7 @@ def _delete_first(order: np.ndarray, k: int, shape: tuple[int, ...]) -> np.ndarr
 
 def _figures(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(video accuracy, mean probability of the true class) of (N, K) video probabilities."""
-    return (float((probabilities.argmax(1) == labels).mean()),
+    return (float(is_correct(probabilities, labels).mean()),
             float(probabilities[np.arange(len(labels)), labels].mean()))
 
 

@@ -1,7 +1,8 @@
 """The figures `evaluate` reports (and `render` shows): accuracy, localisation against boxes, the CSVs and
 the saved maps.
 
-Video and per-frame accuracy are the head's `accuracies` (pipeline/head/infer.py) (one definition for the curves and the metrics).
+Video and per-frame accuracy are the head's `accuracies`, each clip's hit its `is_correct` (pipeline/head/infer.py:
+one definition for the curves, the metrics and the deletion test).
 Pure numpy over the head's outputs, so they can be computed again from saved outputs or by other tools.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.files import atomic_file
-from pipeline.head.infer import accuracies
+from pipeline.head.infer import accuracies, is_correct
 from pipeline.report import attention_quality as aq
 from pipeline.report import bootstrap
 from pipeline.video.boxes import VideoBoxes
@@ -38,7 +39,7 @@ def accuracy_report(outputs, classes: list[str], motion: np.ndarray | None = Non
         per_class[name] = {"clips": n, "accuracy": _num(confusion[i, i] / n) if n else None}
     t, h, w = outputs.attention.shape[1:] if outputs.attention.ndim == 4 else (0, 1, 1)
     entropy = aq.entropy(outputs.attention) if len(labels) else np.zeros(0)
-    right = (predicted == labels).astype(np.float64)  # (N,), for the interval
+    right = is_correct(probs, labels).astype(np.float64) if len(labels) else np.zeros(0)  # (N,), for the interval
     video, frame = accuracies(outputs)  # nan (shown as None) without clips
     return {
         "video_accuracy": _num(video),

@@ -4,11 +4,13 @@ Frames are resized *whole* (no crop) before the backbone, so an attention grid o
 whole picture: cell (i, j) is the rectangle [j*W/w, (j+1)*W/w) x [i*H/h, (i+1)*H/h) of the frame, and
 upsampling it bilinearly with half-pixel centres puts the heat where the features came from.
 
-Images are drawn with numpy + PIL, no matplotlib. Every file goes through the one atomic writer
-(`pipeline.files.atomic_path`): readers never see half an image.
+Images are drawn with numpy + PIL; only the colour map is matplotlib's (`COLOUR_MAP`, imported when the
+first heatmap is coloured). Every file goes through the one atomic writer (`pipeline.files.atomic_path`):
+readers never see half an image.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -39,12 +41,21 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # --- colours and blending ----------------------------------------------------------------------------------
 
 
+COLOUR_MAP = "jet"  # matplotlib's name: dark blue (cold) through cyan, green, yellow to dark red (hot)
+
+
+@functools.lru_cache(maxsize=None)
+def _colour_map():
+    import matplotlib
+
+    return matplotlib.colormaps[COLOUR_MAP]
+
+
 def jet(values: np.ndarray) -> np.ndarray:
-    """The classic "jet" colour map in numpy: [0, 1] floats -> uint8 RGB (..., 3), blue (cold) to red (hot)."""
-    x = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
-    centres = np.array([3.0, 2.0, 1.0], dtype=np.float32)  # r, g, b peak at 3/4, 1/2, 1/4
-    rgb = np.clip(1.5 - np.abs(4.0 * x - centres), 0.0, 1.0)
-    return (rgb * 255.0 + 0.5).astype(np.uint8)
+    """matplotlib's "jet" colour map (`COLOUR_MAP`): [0, 1] floats -> uint8 RGB (..., 3), blue (cold) to red
+    (hot); values outside [0, 1] take the end colours."""
+    x = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    return np.asarray(_colour_map()(x, bytes=True), dtype=np.uint8)[..., :3]
 
 
 def _bilinear_weights(size: int, cells: int) -> np.ndarray:

@@ -1,2 +1,2 @@
 """A dataset on disk: exact in-order decoding, encoding, the synthetic set, class folders and the
-boxes format, splits, the timed worker pool."""
+boxes format, splits."""
