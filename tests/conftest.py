@@ -1,4 +1,5 @@
-"""Shared fixtures: small generated videos, written once per session."""
+"""Shared fixtures, built once per session: small generated videos, stage two's tiny inputs, and the prepared
+projects the CLI/DVC tests copy (tests/project_copy.py)."""
 from __future__ import annotations
 
 import os
@@ -71,3 +72,23 @@ def tiny_project(tmp_path_factory) -> dict[str, Path]:
                                              batch_size=24, workers=2, timeout=30.0, device="cpu"), progress=False)
     split.run(cache, root / "splits", SplitConfig(seed=0, val=0.25, test=0.25))
     return {"root": root, "videos": videos, "cache": cache, "splits": root / "splits"}
+
+
+@pytest.fixture(scope="session")
+def fresh_project(tmp_path_factory):
+    """The checkout's git files made a fresh, offline git + DVC project with tests/project_copy.py's TINY params,
+    committed, nothing run: the template the CLI/DVC tests copy (`project_copy.copy_project`). Read-only."""
+    from tests.project_copy import TINY, make_project
+
+    return make_project(tmp_path_factory.mktemp("fresh_project"), TINY)
+
+
+@pytest.fixture(scope="session")
+def reproduced_project(fresh_project, tmp_path_factory):
+    """`fresh_project` after one full `dvc repro` (its Result in `.first`), built once for tests/test_dvc_graph.py
+    and the DVC half of tests/test_journey.py, which copy it. Read-only."""
+    from tests.project_copy import reproduce
+
+    built = reproduce(fresh_project, tmp_path_factory.mktemp("reproduced_project"))
+    print(f"\nreproduced_project: dvc repro (everything) {built.first.seconds:.1f}s")
+    return built

@@ -1,5 +1,10 @@
 """A copy of this repository made a fresh, offline git + DVC project with tiny parameters, for tests that run
-the DVC graph or the CLI end to end (tests/test_dvc_graph.py, tests/test_journey.py).
+the DVC graph or the CLI end to end (tests/test_dvc_graph.py, tests/test_journey.py, tests/test_dvc_folder_cache.py).
+
+Those tests copy prepared projects rather than build their own (tests/conftest.py, session-scoped):
+`fresh_project` (`make_project` with `TINY`: committed, nothing run) and `reproduced_project` (a copy of it
+after one full `dvc repro`, ~40 s on 2 cores, then moved, so copies read their own data/videos). `copy_project`
+copies one (files, git and DVC state, outputs, DVC cache and logs) in about a second.
 
 The copy holds the checkout's git files only (tracked ones plus untracked ones git does not ignore): no data,
 caches or outputs of the real checkout. DVC and git in it are kept off everything outside it: their global and
@@ -30,6 +35,23 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tiny run the CLI/DVC tests share (tests/test_journey.py, tests/test_dvc_graph.py; tests/test_progress_on.py
+# passes the same synth and extract values as flags). Every value must already be a key of the real params.yaml
+# (checked): the same sections and fields the real run has, only smaller.
+TINY = {
+    "data": {"videos": "data/videos"},  # the synth stage writes there
+    "synth": {"clips_per_class": 3, "frames": 8, "width": 64, "height": 48},
+    # 32 px through conv5_3 (stride 16) still gives a 2x2 grid, which the ConvLSTM head and render need.
+    "extract": {"weights": "random:0", "frames": 4, "image_size": 32, "layer": "conv5_3", "batch_size": 16,
+                "workers": 1},
+    # 3 clips a class: round(0.34 * 3) = 1 each for test and val, one left for train (pipeline/video/splits.py).
+    "split": {"val": 0.34, "test": 0.34},
+    "head": {"channels": 8},
+    "train": {"epochs": 2, "patience": 2},
+    "render": {"per_class": 1, "strip_frames": 2},
+}
+
 RUNNING = re.compile(r"Running stage '([^']+)'")
 UNCHANGED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 
@@ -248,3 +270,35 @@ def make_project(tmp: Path, tiny: dict[str, dict], kind: type[P] = Project) -> P
     project.git("add", "-A")
     project.git("commit", "-q", "-m", "a fresh clone, tiny params")
     return project
+
+
+def copy_project(template: Project, tmp: Path, kind: type[P] = Project, tiny: dict[str, dict] | None = None) -> P:
+    """In the empty folder `tmp`: `repo/`, a copy of the prepared project `template` (every file: git and DVC
+    state, outputs and DVC cache too), `logs/` with the template's logs, and git/DVC config of its own. With
+    `tiny`, params.yaml becomes the real one with those values instead, committed. The template is not touched."""
+    root, logs = tmp / "repo", tmp / "logs"
+    shutil.copytree(template.root, root, symlinks=True)
+    shutil.copytree(template.logs, logs)
+    project = kind(root, logs, clean_env(tmp, root))
+    if tiny is not None:
+        real = yaml.safe_load((REPO / "params.yaml").read_text())
+        project.path("params.yaml").write_text(yaml.safe_dump(tiny_params(real, tiny), sort_keys=False))
+        project.git("add", "-A")
+        project.git("commit", "-q", "-m", "other tiny params")
+    return project
+
+
+class Reproduced(Project):
+    first: Result  # the full `dvc repro` that built it
+
+
+def reproduce(template: Project, tmp: Path) -> Reproduced:
+    """A copy of `template` in `tmp` after one full `dvc repro` (which must succeed), not committed, then moved
+    to `tmp/prepared`: the path extract recorded as the dataset root is gone, so the graph's stages in a copy
+    read that copy's data/videos (params.yaml's data.videos), never this one's."""
+    built = copy_project(template, tmp, Reproduced)
+    built.first = built.dvc("repro", name="dvc-repro", timeout=900).check()
+    moved = tmp / "prepared"
+    os.rename(built.root, moved)
+    built.root = moved
+    return built

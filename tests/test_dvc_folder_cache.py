@@ -11,9 +11,10 @@ on ext4) its relink leaves unchanged workspace copies alone. This test pins both
 worse: there the relink checks only the first cache type, `reflink`, and rewrites the whole workspace file from
 the cache on every repro; numbers in docs/BENCHMARKS.md, "Past one machine".)
 
-A copy of the repository, offline, tiny params (tests/project_copy.py); its dvc.yaml is edited to the folder
-form. The dataset grows the way a user's does under the graph: synth's `clips_per_class` 10 -> 11 writes the
-same first 10 clips of every class again (same bytes, so extract keeps them) plus one new one per class.
+A copy of the repository, offline, tiny params (tests/conftest.py's `fresh_project` copied, with this module's
+TINY: tests/project_copy.py); its dvc.yaml is edited to the folder form. The dataset grows the way a user's
+does under the graph: synth's `clips_per_class` 10 -> 11 writes the same first 10 clips of every class again
+(same bytes, so extract keeps them) plus one new one per class.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.project_copy import Project, make_project
+from tests.project_copy import Project, copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -80,11 +81,11 @@ def locked_out(project: Project, stage: str, out: str) -> dict:
     return next(o for o in lock["stages"][stage]["outs"] if o["path"] == out)
 
 
-def test_growing_a_folder_cache_under_dvc_writes_and_caches_only_the_new_shards(tmp_path):
+def test_growing_a_folder_cache_under_dvc_writes_and_caches_only_the_new_shards(fresh_project, tmp_path):
     from pipeline.features.folder import FolderCache
     from pipeline.features.reader import open_cache
 
-    project = make_project(tmp_path, TINY)
+    project = copy_project(fresh_project, tmp_path, tiny=TINY)
     to_folder_form(project)
     assert not project.dvc("config", "cache.type").check().stdout.strip(), "the default cache type is tested here"
 

@@ -2,7 +2,8 @@
 
 A copy of the repository made a fresh, offline git + DVC project with tiny parameters (tests/project_copy.py),
 so the whole graph synth -> extract -> split -> train -> evaluate -> render runs from nothing in well under a
-minute on 2 CPU cores.
+minute on 2 CPU cores. That first `dvc repro` runs once a session (tests/conftest.py `reproduced_project`,
+shared with tests/test_journey.py); this module works in a copy of the result.
 """
 from __future__ import annotations
 
@@ -15,25 +16,12 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import yaml
 
-from tests.project_copy import Project, Result, make_project
+from tests.project_copy import TINY, Project, Result, copy_project
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["synth", "extract", "split", "train", "evaluate", "render"]
 
-# Every value changed here must already be a key of the real params.yaml (checked).
-TINY = {
-    "data": {"videos": "data/videos"},  # the synth stage writes there
-    "synth": {"clips_per_class": 3, "frames": 8, "width": 64, "height": 48},
-    # 32 px through conv5_3 (stride 16) still gives a 2x2 grid, which the ConvLSTM head and render need.
-    "extract": {"weights": "random:0", "frames": 4, "image_size": 32, "layer": "conv5_3", "batch_size": 16,
-                "workers": 1},
-    # 3 clips a class: round(0.34 * 3) = 1 each for test and val, one left for train (pipeline/video/splits.py).
-    "split": {"val": 0.34, "test": 0.34},
-    "head": {"channels": 8},
-    "train": {"epochs": 2, "patience": 2},
-    "render": {"per_class": 1, "strip_frames": 2},
-}
 CLASSES = 8  # pipeline.video.synthetic.CLASSES
 CLIPS = CLASSES * TINY["synth"]["clips_per_class"]
 GRID = (2, 2)  # conv5_3 at 32 px
@@ -44,10 +32,10 @@ class Workspace(Project):
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Workspace:
-    """The copy with tiny params, committed, after one full `dvc repro`."""
-    w = make_project(tmp_path_factory.mktemp("dvc_graph"), TINY, Workspace)
-    w.first = w.dvc("repro", timeout=900).check()
+def ws(reproduced_project, tmp_path_factory) -> Workspace:
+    """The copy with tiny params (tests/project_copy.py's TINY), committed, after one full `dvc repro`."""
+    w = copy_project(reproduced_project, tmp_path_factory.mktemp("dvc_graph"), Workspace)
+    w.first = reproduced_project.first
     print(f"\ndvc repro (everything): {w.first.seconds:.1f}s")
     return w
 

@@ -172,6 +172,7 @@ def test_accuracy_report_votes_with_mean_softmax_not_mean_logits_or_frame_majori
     assert text.splitlines() == ["video,true,predicted,probability", f"a/1,a,a,{p_a:.6f}", f"b/2,b,b,{p_b:.6f}"]
 
 
+@pytest.mark.slow  # fast form: tests/test_train.py reproduces the recorded val accuracy from the model
 def test_the_val_split_reproduces_the_val_accuracy_train_recorded(tiny_project, model, tmp_path):
     report = evaluate_in(tiny_project, model, tmp_path, split="val")
     ckpt = ck.load(model)
@@ -319,6 +320,7 @@ def test_attention_figures_with_the_datasets_boxes_match_a_hand_computation(cli_
     assert 0 < uniform < 1  # the actor fills part of the frame, not none or all of it
 
 
+@pytest.mark.slow  # fast form: the uniform-attention mass test above, tests/test_head.py's uniform attention
 def test_uniform_attention_scores_exactly_its_baseline(tiny_project, tmp_path):
     model = train_model(tiny_project, tmp_path, HeadConfig(channels=8, attention="none"), epochs=1)
     figures = evaluate_in(tiny_project, model, tmp_path / "eval")["attention"]
@@ -327,6 +329,7 @@ def test_uniform_attention_scores_exactly_its_baseline(tiny_project, tmp_path):
     assert figures["mass_ratio"] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow  # fast form: tests/test_real_boxes.py and tests/test_outputs_stay_put.py pass boxes explicitly
 def test_boxes_given_with_a_flag_are_used_for_a_cache_without_them(cli_eval, tiny_project, model, unboxed_cache,
                                                                    tmp_path):
     _, out = cli_eval

@@ -50,6 +50,7 @@ def other_video(path: Path, seed: int) -> None:
     os.replace(tmp, path)
 
 
+@pytest.mark.slow  # fast form: the leftover-shards and the old-cache tests check fingerprints too
 def test_every_row_records_the_fingerprint_of_its_file(mini_dataset, tmp_path):
     cache = tmp_path / "f.h5"
     run(mini_dataset, cache)
@@ -59,6 +60,7 @@ def test_every_row_records_the_fingerprint_of_its_file(mini_dataset, tmp_path):
             assert source.startswith("sha256:") and source_changed(source, mini_dataset / video) is False
 
 
+@pytest.mark.slow  # fast form: the old-cache test (a rerun leaves the file alone), tests/test_extract.py's reruns
 def test_unchanged_rerun_does_no_work_and_leaves_the_cache_file_alone(mini_dataset, tmp_path):
     cache = tmp_path / "f.h5"
     run(mini_dataset, cache)
@@ -76,6 +78,7 @@ def test_unchanged_rerun_does_no_work_and_leaves_the_cache_file_alone(mini_datas
     assert not list(tmp_path.glob("f.h5.parts/*.h5")) and not (tmp_path / "f.h5.tmp").exists()
 
 
+@pytest.mark.slow  # fast form: a removed class (below)
 def test_a_removed_video_is_dropped_and_the_rest_kept_as_they_were(mini_dataset, tmp_path):
     cache = tmp_path / "f.h5"
     run(mini_dataset, cache)
@@ -108,6 +111,7 @@ def test_a_removed_class_vanishes_and_labels_still_name_the_right_class(mini_dat
         np.testing.assert_array_equal(feats, before[video][1])
 
 
+@pytest.mark.slow  # fast form: the leftover-shards test (a changed file is extracted again there too)
 def test_a_replaced_video_is_extracted_again_like_a_fresh_run(mini_dataset, tmp_path):
     cache = tmp_path / "f.h5"
     run(mini_dataset, cache)
@@ -132,6 +136,7 @@ def test_a_replaced_video_is_extracted_again_like_a_fresh_run(mini_dataset, tmp_
     assert run(mini_dataset, cache).extracted == 0  # and the new fingerprint is current
 
 
+@pytest.mark.slow  # fast form: tests/test_folder_cache.py's retry of a failure, the stale rules in the tests here
 def test_failures_follow_their_files_too(mini_dataset, tmp_path):
     broken = mini_dataset / "jump" / "broken.mp4"
     broken.write_bytes(b"not a video")
@@ -239,6 +244,7 @@ def test_source_changed_looks_at_content_not_just_the_stat(tmp_path, change):
     assert source_changed(recorded, path) is True
 
 
+@pytest.mark.slow  # fast form: the same counts in process (leftover shards, a removed class, the old cache)
 def test_the_cli_summary_reports_stale_entries(mini_dataset, tmp_path):
     cache = tmp_path / "f.h5"
     run(mini_dataset, cache)

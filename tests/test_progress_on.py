@@ -255,7 +255,7 @@ def test_split(project, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_train(project, mode):
     if mode == "file":
-        run, model, metrics = _built(project, "train"), "models/head.pt", "metrics/train.json"
+        run, model, metrics = _built(project, "train"), "models/head.pt", "models/train.json"  # beside the model
     else:
         model, metrics = "models/head-pty.pt", "metrics-pty/train.json"
         run = project.cli(mode, "train", "train", "cache/features.h5", "splits", model, "--metrics", metrics,

@@ -1,6 +1,6 @@
 """`extract --engine ray` (pipeline/features/ray_extract.py) against the local engine, on the 2-core CI box.
 
-One Ray for the module (`ray.init(num_cpus=2)`, ~5 s); each run still starts its backbone actor (~5-8 s: a
+One Ray for the module's slow tests (`ray.init(num_cpus=2)`, ~5 s); each run still starts its backbone actor (~5-8 s: a
 worker process importing torch). The CLI tests start their own Ray in the subprocess (--ray-cpus 2); the
 kill -9 test also checks what a killed driver leaves running, and kills whatever it left at the end.
 Skipped when Ray is not installed (the `[ray]` extra).
@@ -31,12 +31,14 @@ from tests.cli_helpers import run_cli  # noqa: E402
 from tests.ray_slow_actor import actor_waiting_to_be_killed  # noqa: E402
 
 # Ray's own DataContext copies touch its deprecated fields (ray/data/context.py warns on every set): not ours
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+# The tests that run Ray are slow and run beside the module's Ray (as they always have, the CLI ones too); the
+# rest (sizing, the actor's body called directly, one-line errors) are in the fast set.
 TINY = dict(weights="random:0", frames=4, image_size=32, layer="conv5_3", workers=1, device="cpu", batch_size=8,
             timeout=30.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def ray_cluster():
     import ray
 
@@ -99,6 +101,8 @@ def test_a_clip_the_backbone_cannot_take_is_its_own_failure_not_the_batchs():
     assert np.array_equal(out["features"][0], want)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
 def test_ray_cache_equals_the_local_engines(mini_dataset, tmp_path):
     local = extract.run(mini_dataset, tmp_path / "local.h5", cfg(), progress=False)
     ray_run = extract.run(mini_dataset, tmp_path / "ray.h5", cfg(), progress=False, engine="ray")
@@ -109,6 +113,8 @@ def test_ray_cache_equals_the_local_engines(mini_dataset, tmp_path):
     assert not list(extract.parts_dir_for(tmp_path / "ray.h5").glob("*.h5"))  # joined, shards gone
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_corrupt_clip_is_one_failure_and_the_others_complete(mini_dataset, tmp_path):
     (mini_dataset / "jump" / "broken.avi").write_bytes(os.urandom(4096))
     summary = extract.run(mini_dataset, tmp_path / "f.h5", cfg(), progress=False, engine="ray")
@@ -118,6 +124,8 @@ def test_a_corrupt_clip_is_one_failure_and_the_others_complete(mini_dataset, tmp
         assert c.failed_source[0].startswith("sha256:")  # fingerprinted, so a fixed file is retried
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_killed_backbone_actor_loses_nothing_and_duplicates_nothing(mini_dataset, tmp_path):
     pid_file = tmp_path / "actor.pid"  # the actor waits to be killed on its second batch
     killed = []
@@ -142,6 +150,8 @@ def test_a_killed_backbone_actor_loses_nothing_and_duplicates_nothing(mini_datas
     assert_same_cache(tmp_path / "ray.h5", tmp_path / "local.h5")
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_rerun_extracts_only_the_missing_clips(mini_dataset, tmp_path):
     from pipeline.video.encode import Encoding, write_video
 
@@ -153,6 +163,8 @@ def test_a_rerun_extracts_only_the_missing_clips(mini_dataset, tmp_path):
     assert (summary.extracted, summary.skipped, summary.total_clips) == (1, 6, 7)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")  # and its own Ray, in the CLI's process
 def test_the_cli_as_typed_with_its_progress_bar(mini_dataset, tmp_path):
     from tests.project_copy import run_in_pty
 
@@ -202,6 +214,8 @@ def summary_row(out: str) -> dict[str, str]:
     return dict(zip(header, rows[rows.index(header) + 1]))
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")  # and its own Ray, in the CLI's process
 @pytest.mark.parametrize("form", ["folder"])  # the one-file form's shards (<cache>.parts/) resume the same way: the
 # local engine's kill -9 test covers that path, and a Ray run into a .h5 cache is tested above (CI time: ~40 s a form)
 def test_kill_9_of_the_driver_loses_nothing_leaves_no_ray_behind_and_a_rerun_resumes(mini_dataset, tmp_path, form):

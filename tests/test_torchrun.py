@@ -18,7 +18,7 @@ import pytest
 
 from tests.test_train import cli_args, outputs_in, read_tsv, resume_state_of, state_of
 
-pytestmark = pytest.mark.slow
+# Every test that launches torchrun is slow; the dropout masks and the one-line refusal are in the fast set.
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
@@ -58,6 +58,7 @@ def one_process(tiny_project, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_train_what_one_process_trains(tiny_project, one_process, tmp_path):
     result = launch(*cli_args(tiny_project, tmp_path, "--epochs", "4", "--batch-size", "5"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -93,6 +94,7 @@ def test_dropout_masks_follow_the_clip_not_its_batch():
     assert torch.equal(drop.eval()(x, clip_noise(0, 2, np.arange(6))), x)
 
 
+@pytest.mark.slow
 def test_early_stopping_is_decided_alike_on_every_rank(tiny_project, tmp_path):
     # patience 1 at a huge lr stops after a bad epoch; a rank that went on alone would hang the other
     args = cli_args(tiny_project, tmp_path, "--epochs", "12", "--patience", "1", "--lr", "0.3")
@@ -105,6 +107,7 @@ def test_early_stopping_is_decided_alike_on_every_rank(tiny_project, tmp_path):
     assert got["epochs_run"] < 12
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_on_every_rank_with_one_line_each(tiny_project, tmp_path):
     result = launch(*cli_args(tiny_project, tmp_path, "--epochs", "3", "--lr", "1e20"), timeout=180)
     # torchrun itself reports a failed child with its own traceback (ChildFailedError); none comes from ours
@@ -117,6 +120,7 @@ def test_a_diverging_run_stops_on_every_rank_with_one_line_each(tiny_project, tm
     assert not outputs_in(tmp_path)["model"].exists()
 
 
+@pytest.mark.slow
 def test_a_run_cut_short_resumes_under_torchrun(tiny_project, one_process, tmp_path, monkeypatch):
     """One process stops in epoch 3 (Ctrl-C); two ranks finish it: the model is the straight run's."""
     from pipeline.head import fit as fitting
@@ -139,6 +143,7 @@ def test_a_run_cut_short_resumes_under_torchrun(tiny_project, one_process, tmp_p
     assert len(read_tsv(outputs_in(tmp_path)["plots"] / "loss.tsv")[1]) == 4
 
 
+@pytest.mark.slow
 def test_a_folder_cache_trains_under_torchrun(tiny_project, tmp_path):
     from pipeline.features.reader import open_cache
     from pipeline.features.shards import ClipFeatures, write_index, write_shard
@@ -173,6 +178,7 @@ def test_world_size_without_torchrun_is_one_line(tiny_project, tmp_path):
     assert "MASTER_ADDR, MASTER_PORT not set: start the run with torchrun" in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["pty", "file"])
 def test_torchrun_as_typed_with_the_progress_bar_on(tiny_project, tmp_path, where):
     """The bar on (the default), to a terminal and to a file: rank 0 draws it and prints the one table."""

@@ -292,7 +292,8 @@ def test_early_stopping_keeps_the_best_val_epoch(tiny_project, tmp_path):
     assert resume_state_of(paths["model"])["next_epoch"] == metrics["epochs_run"]
 
 
-@pytest.mark.parametrize("loader_workers", [2, 0])  # data-loader processes with their own handles; a thread
+# 2: data-loader processes with their own handles (slow; fast form: the streamed-split test below); 0: a thread
+@pytest.mark.parametrize("loader_workers", [pytest.param(2, marks=pytest.mark.slow), 0])
 def test_streaming_from_the_file_trains_the_same_model_as_in_memory(tiny_project, reference, tmp_path,
                                                                     loader_workers):
     _, ref = reference
