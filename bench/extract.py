@@ -6,16 +6,22 @@
   clip written: worker start-up and the backbone's first call included) and the whole run (rerun plan, lock,
   the last shard's write and the join included too; the backbone's build is not); with a timeline of where
   its time went (the profile)
-* bare backbone: the same frames, pre-decoded and pre-processed, through `Backbone.forward` in batches
+* bare backbone: the same frames, pre-decoded and pre-processed, through `Backbone.forward` in batches, eager
+  and compiled (`extract.compile`, torch.compile with frozen weights) alternately: `trunk_compiled_over_eager`
 * naive: decode every frame, then push the sampled frames one at a time through an fp32 trunk
 * decode check: seconds per clip of `decode_sampled` checked against PyAV (what extract runs) vs decord
   alone, interleaved clip by clip, so the cost of never trusting decord blindly is a ratio of one run
 
 End to end and the bare trunk alternate (bare, end to end, bare, ... `--rounds` end-to-end runs) and each run's
-ratio is taken against the mean of the bare runs just before and after it (the bare figure of a shared 2-core
+ratio is taken against the mean of the bare runs just before and after it, of the trunk the run used (`--compile`:
+the end-to-end runs' extract.compile, default on) (the bare figure of a shared 2-core
 machine moves by up to 10% from one minute to the next); the median round decides, every round is printed.
 
-    python bench/extract.py [--clips 12] [--rounds 3] [--frames 30] [--image-size 224] [--threads N]
+    python bench/extract.py [--clips 100] [--rounds 3] [--frames 30] [--image-size 224] [--compile on|off]
+
+At 100 clips or more the run's fixed costs (start-up to the first backbone call, the compilation in it, the
+last shard and the join: `startup_s`, `first_call_s`, `join_s`) weigh what they weigh in a user's dataset; at a
+handful of clips they are a third of the run and the ratio says more about them than about extraction.
 
 Batch size, precision and threads are pinned (flags) and printed with the figures.
 """
@@ -54,8 +60,8 @@ def make_clips(root: Path, clips: int, length: int, width: int, height: int) -> 
 def bare_backbone(backbone, decoded: list[np.ndarray], batch: int) -> float:
     import torch
 
-    x = torch.cat([backbone.preprocess(torch.from_numpy(f)) for f in decoded])  # (N*T, 3, S, S)
-    backbone.forward(x[:batch])  # warm-up
+    x = torch.cat([backbone.preprocess(torch.from_numpy(f)) for f in decoded[:8]])  # (8*T, 3, S, S): enough
+    backbone.forward(x[:batch])  # warm-up (a compiled trunk compiles here)
     start = time.perf_counter()
     for i in range(0, len(x), batch):
         backbone.forward(x[i:i + batch])
@@ -90,7 +96,7 @@ def naive(paths: list[Path], frames: int, image_size: int, weights: str) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=12)
+    parser.add_argument("--clips", type=int, default=100)
     parser.add_argument("--length", type=int, default=90, help="frames per generated clip")
     parser.add_argument("--frames", type=int, default=30, help="T, frames sampled per clip")
     parser.add_argument("--image-size", type=int, default=224)
@@ -101,6 +107,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", help="auto = bf16 where the CPU has it, else fp32")
     parser.add_argument("--weights", default="random:0")
+    parser.add_argument("--compile", default="on", choices=("auto", "on", "off"),
+                        help="extract.compile of the end-to-end runs (their ratio is against the same trunk bare)")
     parser.add_argument("--naive-clips", type=int, default=4, help="clips for the (slow) naive baseline")
     parser.add_argument("--read-clips", type=int, default=200, help="clips in the cache-read benchmark")
     parser.add_argument("--rounds", type=int, default=3, help="end to end / bare trunk pairs; the median decides")
@@ -123,14 +131,24 @@ def main() -> None:
         root = Path(tmp) / "videos"
         paths = make_clips(root, args.clips, args.length, 320, 240)
         cfg = dict(weights=args.weights, frames=args.frames, image_size=args.image_size, batch_size=args.batch_size,
-                   workers=args.workers, device=args.device, precision=args.precision)
+                   workers=args.workers, device=args.device, precision=args.precision, compile=args.compile)
         backbone = Backbone(args.weights, "pool5", args.image_size, args.device, args.precision)
-        decoded = [decode_sampled(p, args.frames).frames for p in paths]
+        compiled = Backbone(args.weights, "pool5", args.image_size, args.device, args.precision)
+        t0 = time.perf_counter()
+        compiled.compile("on", 1)
+        decoded = [decode_sampled(p, args.frames).frames for p in paths[:8]]
+        compiled.forward(compiled.preprocess(torch.from_numpy(decoded[0]))[:1].repeat(args.batch_size, 1, 1, 1))
+        compile_seconds = time.perf_counter() - t0  # the first compiled call, in this process
+        trunks = {"eager": [], "compiled": []}
+        for _ in range(3):  # eager, compiled, eager, ...: the pair's ratio from the same minutes
+            for name, model in (("eager", backbone), ("compiled", compiled)):
+                trunks[name].append(bare_backbone(model, decoded, args.batch_size))
+        used = compiled if compiled.trunk_form == "compiled" and args.compile != "off" else backbone
         rounds = []
-        before = bare_backbone(backbone, decoded, args.batch_size)
+        before = bare_backbone(used, decoded, args.batch_size)
         for r in range(args.rounds):  # bare, e2e, bare, e2e, ..., bare: each run against its two neighbours
             run = end_to_end_run(root, Path(tmp) / f"f{r}.h5", cfg, torch.get_num_threads())
-            after = bare_backbone(backbone, decoded, args.batch_size)
+            after = bare_backbone(used, decoded, args.batch_size)
             run["bare"], run["bare_before"], run["bare_after"], before = (before + after) / 2, before, after, after
             for name in ("steady", "extraction", "whole"):
                 run[f"{name}_over_bare"] = run[name] / run["bare"]
@@ -147,7 +165,8 @@ def main() -> None:
     figures = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"cpu capability {torch.backends.cpu.get_cpu_capability()}",
-        "precision": backbone.precision, "device": str(backbone.device),
+        "cpu_flags": cpu_flags(),
+        "precision": backbone.precision, "device": str(backbone.device), "compile": args.compile,
         "clips": args.clips, "frames": args.frames, "image_size": args.image_size,
         "batch_size": args.batch_size, "threads": torch.get_num_threads(), "workers": args.workers,
         "rounds": [figures_of(r) for r in rounds],
@@ -155,6 +174,14 @@ def main() -> None:
         "end_to_end_fps": round(median("extraction"), 2),
         "end_to_end_fps_whole_run": round(median("whole"), 2),
         "bare_backbone_fps": round(median("bare"), 2), "naive_fps": round(baseline, 2),
+        "trunk_eager_fps": round(statistics.median(trunks["eager"]), 2),
+        "trunk_compiled_fps": round(statistics.median(trunks["compiled"]), 2),
+        "trunk_compiled_over_eager": round(statistics.median(c / e for e, c in zip(trunks["eager"], trunks["compiled"])), 3),
+        "first_compiled_call_s": round(compile_seconds, 2),
+        "startup_s": median_profile(rounds, "startup_s (first dispatch -> first call)"),
+        "first_call_s": median_profile(rounds, "first_call_s"),
+        "join_s": median_profile(rounds, "join_s"),
+        "outside_extraction_s": median_profile(rounds, "outside_extraction_s (plan, lock, last shard, join)"),
         "steady_over_bare": round(median("steady_over_bare"), 3),
         "end_to_end_over_bare": round(median("extraction_over_bare"), 3),
         "whole_run_over_bare": round(median("whole_over_bare"), 3),
@@ -167,6 +194,19 @@ def main() -> None:
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+def median_profile(rounds: list[dict], key: str) -> float:
+    return round(statistics.median(r["profile"][key] for r in rounds), 3)
+
+
+def cpu_flags() -> str:
+    """The lscpu flags that decide the trunk's kernels (DEVELOPERS: record them with every benchmark)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"
 
 
 def figures_of(run: dict) -> dict:
@@ -230,6 +270,17 @@ def one_end_to_end_run(job: dict) -> None:
         return add(self, clip)
 
     extractor._Batcher.add = arrived
+    joins: list[float] = []
+    join = extract.join
+
+    def timed_join(*a, **k):
+        start = time.monotonic()
+        try:
+            return join(*a, **k)
+        finally:
+            joins.append(time.monotonic() - start)
+
+    extract.join = timed_join
     summary = extract.run(Path(job["root"]), Path(job["cache"]), ExtractConfig(**job["cfg"]), progress=False)
     t = timings[0]
     durations = [end - start for start, end, _ in calls]
@@ -244,6 +295,7 @@ def one_end_to_end_run(job: dict) -> None:
         "first_call_s": round(durations[0], 3), "steady_call_s (median)": round(statistics.median(full), 3),
         "backbone_calls_s": round(sum(durations), 3), "calls": len(calls),
         "gaps_between_calls_s": round(gaps, 3), "tail_after_last_call_s": round(t.finished - calls[-1][1], 3),
+        "join_s": round(sum(joins), 3),
     }
     print(json.dumps({"steady": summary.steady_frames_per_second, "extraction": summary.frames / t.seconds,
                       "whole": summary.frames / summary.seconds, "profile": profile}))

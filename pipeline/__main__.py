@@ -120,6 +120,9 @@ def extract(
     timeout: Optional[float] = typer.Option(None, show_default=_from_params("extract", "timeout"), help="Seconds per clip before it is recorded as failed."),
     device: Optional[str] = typer.Option(None, show_default=_from_params("extract", "device"), help="auto | cpu | cuda."),
     precision: Optional[str] = typer.Option(None, show_default=_from_params("extract", "precision"), help="auto | fp32 | bf16."),
+    compile: Optional[str] = typer.Option(None, show_default=_from_params("extract", "compile"),
+                                          help="auto | on | off: the trunk through torch.compile (auto: on a CPU, "
+                                          "when the run has frames enough to win the compilation back)."),
     shard_clips: Optional[int] = typer.Option(None, show_default=_from_params("extract", "shard_clips"), help="Clips per shard written as the run goes: the most a crash "
                                               "can lose."),
     ray_cpus: Optional[int] = typer.Option(None, show_default=_from_params("extract", "ray_cpus"), help="With --engine ray and no --address: CPUs the local Ray may use "
@@ -146,7 +149,8 @@ def extract(
 
         cfg = load_section("extract", params, weights=weights, frames=frames, image_size=image_size, layer=layer,
                            batch_size=batch_size, workers=workers, timeout=timeout, device=device,
-                           precision=precision, shard_clips=shard_clips, ray_cpus=ray_cpus, ray_threads=ray_threads)
+                           precision=precision, compile=compile, shard_clips=shard_clips, ray_cpus=ray_cpus,
+                           ray_threads=ray_threads)
         if engine not in stage.ENGINES:
             raise UserError(f"unknown --engine {engine!r}: choose {' or '.join(stage.ENGINES)}")
         if address and engine != "ray":
@@ -348,6 +352,8 @@ def predict(
     weights: Optional[str] = typer.Option(None, help="The VGG-16 weights file the model's features were extracted "
                                           "with, when it records a file; its sha256 must match."),
     timeout: Optional[float] = typer.Option(None, show_default=_from_params("predict", "timeout"), help="Seconds per file before it is recorded as failed."),
+    compile: Optional[str] = typer.Option(None, show_default=_from_params("predict", "compile"),
+                                          help="auto | on | off: the trunk through torch.compile, as extract."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     params: Path = PARAMS_OPTION,
 ) -> None:
@@ -359,10 +365,10 @@ def predict(
         from pipeline.config import load_section
         from stages import predict as stage
 
-        cfg = load_section("predict", params, top_k=top_k, device=device, timeout=timeout)
+        cfg = load_section("predict", params, top_k=top_k, device=device, timeout=timeout, compile=compile)
         predictions = stage.run(videos, model, top_k=cfg.top_k, render_dir=render, device=cfg.device,
                                 progress=progress, weights=weights, drawing=load_section("render", params),
-                                timeout=cfg.timeout)
+                                timeout=cfg.timeout, compile=cfg.compile)
         _print_predictions(predictions, model)
         if json_out is not None:
             stage.write_json(predictions, model, json_out)
@@ -397,6 +403,67 @@ def _print_predictions(predictions, model_path: Path, console=None) -> None:
         if pred.rendered:
             outputs = ", ".join(str(v) for v in pred.rendered.values())
             console.print(f"  rendered {escape(str(pred.file))}: {escape(outputs)}", highlight=False)
+
+
+@app.command()
+def watch(
+    source: str = typer.Argument(..., help="A video file, a folder of them (played in order, time running on), a URL "
+                                 "(rtsp://, http://, ...) or a camera device (/dev/video0)."),
+    model: Path = typer.Option(Path("models/head.pt"), "--model", help="Checkpoint written by `train`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the annotated video here, as it goes: .mp4/.mkv/.mov "
+                                       "(H.264) or .avi (MPEG-4); it stays playable however the run ends."),
+    events: Optional[Path] = typer.Option(None, "--events", help="Write events here, one JSON line each, flushed as "
+                                          "each closes: start, end (s from the source's start), label, "
+                                          "probability (peak), box (where the attention was, in pixels)."),
+    alert: Optional[list[str]] = typer.Option(None, "--alert", help="CLASS[:THRESHOLD]: report events of this class "
+                                              "(repeatable; default: every class at --threshold)."),
+    weights: Optional[str] = typer.Option(None, help="The VGG-16 weights file the model's features were extracted "
+                                          "with, when it records a file; its sha256 must match."),
+    realtime: bool = typer.Option(False, "--realtime", help="Read a file at its own frame rate, as a camera delivers "
+                                  "it: frames the model cannot keep up with are dropped (counted)."),
+    window: Optional[int] = typer.Option(None, show_default=_from_params("watch", "window"), help="T: sampled frames each window scores (0: the model's frames)."),
+    stride: Optional[int] = typer.Option(None, show_default=_from_params("watch", "stride"), help="S: a window is scored every S sampled frames."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", show_default=_from_params("watch", "top_k"), help="Classes shown per window."),
+    threshold: Optional[float] = typer.Option(None, show_default=_from_params("watch", "threshold"), help="An event starts when a window's probability reaches this."),
+    hysteresis: Optional[float] = typer.Option(None, show_default=_from_params("watch", "hysteresis"), help="... and ends when it falls below threshold - hysteresis."),
+    min_duration: Optional[float] = typer.Option(None, show_default=_from_params("watch", "min_duration"), help="Seconds an event must last to be reported."),
+    queue: Optional[int] = typer.Option(None, show_default=_from_params("watch", "queue"), help="A live source: sampled frames that may wait for the model; "
+                                        "beyond, the oldest is dropped (bounds the latency)."),
+    read_timeout: Optional[float] = typer.Option(None, show_default=_from_params("watch", "read_timeout"), help="Seconds without a frame before the source counts "
+                                                 "as stalled (broken)."),
+    device: Optional[str] = typer.Option(None, show_default=_from_params("watch", "device"), help="auto | cpu | cuda."),
+    batch: Optional[int] = typer.Option(None, show_default=_from_params("watch", "batch"), help="Most sampled frames the backbone embeds at once."),
+    compile: Optional[str] = typer.Option(None, show_default=_from_params("watch", "compile"),
+                                          help="auto | on | off: the trunk through torch.compile, as extract (auto: a file "
+                                          "by its length; a stream, a camera or --realtime stays eager, on compiles them "
+                                          "too and their first frames wait for the compilation)."),
+    progress: bool = typer.Option(True, help="Show the live view (top classes, sampled fps, latency, drops)."),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Watch a file, a folder, a stream or a camera with a trained head: top classes, attention and events, online.
+
+    Frames are sampled at the interval the model was trained at (recorded in the checkpoint); the backbone
+    runs once per sampled frame and the head scores the last T of them every S frames. A live source (a URL,
+    a camera, or --realtime) drops frames the model cannot keep up with (counted, latency bounded); a file
+    is processed whole, as fast as it can be.
+
+    [bold]python -m pipeline watch[/] cam.mp4 --model models/head.pt --out annotated.mp4 --events events.jsonl --alert fight:0.9
+
+    Exit status: 0 the source ended or the run was stopped (Ctrl-C, SIGTERM), 1 the source broke (cut short,
+    a decoding error, a stall), 2 bad arguments (the model, the source cannot be opened, --out, --alert).
+    """
+    with _user_errors():
+        from pipeline.config import load_section
+        from stages import watch as stage
+
+        cfg = load_section("watch", params, window=window, stride=stride, top_k=top_k, threshold=threshold,
+                           hysteresis=hysteresis, min_duration=min_duration, queue=queue,
+                           read_timeout=read_timeout, device=device, batch=batch, compile=compile)
+        summary = stage.run(source, model, cfg, out=out, events=events, alerts=alert or (), weights=weights,
+                            realtime=realtime, progress=progress, alpha=load_section("render", params).alpha)
+        stage.print_summary(summary)
+        if summary.outcome == "broken":
+            raise typer.Exit(1)
 
 
 @app.command()

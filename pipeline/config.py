@@ -27,6 +27,7 @@ PARAMS_FILE = "params.yaml"
 # The allowed values of the choice settings; head.py, backbone.py and training.py use these same tuples.
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILES = ("auto", "on", "off")
 LAYERS = ("pool5", "conv5_3")
 CELLS = ("convlstm", "lstm", "mean")
 ATTENTIONS = ("soft", "none")
@@ -75,6 +76,7 @@ class ExtractConfig:
     timeout: float = _setting(60.0, above=0)  # seconds per clip before it is recorded as failed
     device: str = _setting("auto", choices=DEVICES)
     precision: str = _setting("auto", choices=PRECISIONS)
+    compile: str = _setting("auto", choices=COMPILES)  # the trunk through torch.compile; auto: when it pays back
     shard_clips: int = _setting(32, at_least=1)  # clips per shard flushed: what a crash can lose at most
     ray_cpus: int = _setting(0, at_least=0)  # --engine ray, a local Ray: CPUs it may use (0: every core)
     ray_threads: int = _setting(0, at_least=0)  # --engine ray: torch threads per backbone actor (0: sized)
@@ -148,7 +150,23 @@ class PredictConfig:
     top_k: int = _setting(5, at_least=1)  # classes shown per file (at most the model's classes)
     device: str = _setting("auto", choices=DEVICES)
     timeout: float = _setting(60.0, above=0)  # seconds per file before it is recorded as failed
+    compile: str = _setting("auto", choices=COMPILES)  # as extract.compile, decided on the files' frames
     # its strips and GIFs are drawn with render's strip_frames, fps and alpha
+
+
+@dataclass
+class WatchConfig:
+    window: int = _setting(0, at_least=0)  # T: sampled frames the head scores at once (0: the model's frames)
+    stride: int = _setting(1, at_least=1)  # S: a window is scored every S sampled frames
+    top_k: int = _setting(3, at_least=1)  # classes shown per window (at most the model's classes)
+    threshold: float = _setting(0.8, above=0, at_most=1)  # an event starts at this window probability
+    hysteresis: float = _setting(0.2, at_least=0, below=1)  # ... and ends below threshold - hysteresis
+    min_duration: float = _setting(1.0, at_least=0)  # seconds an event must last to be reported
+    queue: int = _setting(8, at_least=1)  # a live source: sampled frames waiting; beyond, the oldest is dropped
+    read_timeout: float = _setting(10.0, above=0)  # seconds without a frame before a source counts as stalled
+    device: str = _setting("auto", choices=DEVICES)
+    batch: int = _setting(8, at_least=1)  # most sampled frames the backbone embeds at once (a file; a backlog)
+    compile: str = _setting("auto", choices=COMPILES)  # as extract.compile, on the run's sampled frames (live: many)
 
 
 SECTIONS: dict[str, type] = {
@@ -161,6 +179,7 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "render": RenderConfig,
     "predict": PredictConfig,
+    "watch": WatchConfig,
 }
 
 _TYPES = {"int": int, "float": float, "str": str}

@@ -113,6 +113,7 @@ def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: 
                 if engine == "ray":
                     _extract_ray(todo, cfg, parts, settings, summary, strict, progress, address)
                 else:
+                    backbone.compile(cfg.compile, len(todo) * cfg.frames)
                     _extract(todo, backbone, cfg, writer, summary, strict, progress, pool)
         except BaseException:
             _flush_kept(writer)  # finished clips survive an interruption, a --strict stop or a dead thread
@@ -164,7 +165,8 @@ def _extract(todo, backbone, cfg: ExtractConfig, writer: ShardWriter, summary: E
             if done.ok:
                 d = done.decoded
                 writing.put(writes, ClipFeatures(clip.video, clip.label, done.features, d.frame_index, d.num_frames,
-                                                 d.fps, d.height, d.width, done.source, d.decoder, backbone.precision))
+                                                 d.fps, d.height, d.width, done.source, d.decoder, backbone.precision,
+                                                 backbone.trunk_form))
                 summary.extracted += 1
                 summary.frames += len(done.features)
                 if d.decoder != "decord":

@@ -29,7 +29,7 @@ def run(cache_path: Path, show_failed: int = 20) -> dict:
 
     prov = Table(title=escape(str(cache_path)), show_header=False)
     for key in ("format_version", "backbone", "layer", "weights", "image_size", "frames", "sampling", "dtype",
-                "precision", "dataset_root", "created", "versions"):
+                "precision", "trunk", "dataset_root", "created", "versions"):
         if key in described["attrs"]:
             prov.add_row(key, escape(str(described["attrs"][key])))
     prov.add_row("clips", str(described["clips"]))

@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.errors import first_line
 from pipeline.features.rebuild import PredictError, rebuild_backbone
+from pipeline.head.infer import infer_clip, top_classes
 from pipeline.progress import progress_bar
 from pipeline.video.decode import DecodedClip
 from pipeline.video.folders import video_files
@@ -42,36 +43,16 @@ class Prediction:
         return self.error is None
 
 
-# --- the model --------------------------------------------------------------------------------------------
-
-
-def apply_head(model, features: "torch.Tensor", device) -> tuple[np.ndarray, np.ndarray]:  # noqa: F821
-    """float16 (T, C, h, w) -> (video probabilities (K,), attention (T, h, w)), as evaluate computes them."""
-    import torch
-
-    from pipeline.head.model import video_probabilities
-    from pipeline.head.runtime import autocast
-
-    with torch.inference_mode(), autocast(device):
-        out = model(features.unsqueeze(0).to(device))
-    probs = video_probabilities(out.logits)[0].float().cpu().numpy()
-    return probs, out.attention[0].float().cpu().numpy()
-
-
-def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [(classes[i], float(probs[i])) for i in order]
-
-
 # --- the stage --------------------------------------------------------------------------------------------
 
 
 def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Path | None = None,
         device: str = "auto", progress: bool = True, weights: str | None = None,
-        drawing: "RenderConfig | None" = None, workers: int = 2, timeout: float = 60.0) -> list[Prediction]:  # noqa: F821
+        drawing: "RenderConfig | None" = None, workers: int = 2, timeout: float = 60.0,
+        compile: str = "auto") -> list[Prediction]:  # noqa: F821
     """Predict every file of `videos` (folders expand to their videos) with `model_path`, in input order.
 
-    top_k, device and timeout are params.yaml's `predict` section; `drawing` (strip frames, GIF fps, heatmap
+    top_k, device, timeout and compile are params.yaml's `predict` section; `drawing` (strip frames, GIF fps, heatmap
     opacity) its `render` section, so a predicted overlay looks like a rendered one."""
     from pipeline.config import ExtractConfig, RenderConfig
     from pipeline.features.extractor import Extracted, Extractor
@@ -91,6 +72,7 @@ def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Pat
         raise PredictError(f"{model_path}: its backbone gives features {[frames, *backbone.out_shape]}, its head "
                            f"expects {list(ckpt.feature_shape)}: the checkpoint is inconsistent; retrain")
     model = ckpt.build().to(dev)
+    backbone.compile(compile, len(files) * frames)  # extract's rule: compiled when the files' frames pay it back
     names = unique_names(files)
     results: dict[Path, Prediction] = {}
     extractor = Extractor(backbone, frames, ExtractConfig().batch_size, min(workers, len(files)), timeout)
@@ -126,7 +108,7 @@ def _predict_one(done, model, ckpt, dev, k: int) -> Prediction:
         return Prediction(done.path, error=first_line(Exception(done.error), 200))
     import torch
 
-    probs, attention = apply_head(model, torch.from_numpy(done.features), dev)  # (T, C, h, w) checked up front
+    probs, attention = infer_clip(model, torch.from_numpy(done.features), dev)  # (T, C, h, w) checked up front
     return Prediction(done.path, top_classes(probs, ckpt.classes, k), probs, attention,
                       np.asarray(done.decoded.frame_index, dtype=np.int32), done.decoded.decoder)
 

@@ -101,6 +101,8 @@ def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfi
         val_set = open_split(cache, splits_dir, "val", cfg.max_memory_gb, cfg.loader_workers)
         extraction, origin = ck.cache_provenance(cache)
         classes, shape = list(cache.classes), list(cache.feature_shape)
+        # seconds between the sampled frames of the train clips: the rate `watch` samples a stream at
+        interval = ck.clips_sample_interval(cache.frame_index[train_set.index], cache.fps[train_set.index])
         seed_everything(cfg.seed)
         model = build_head(head, shape[1], len(classes)).to(device)
         summary = TrainSummary(model=model_path, parameters=count_parameters(model), device=str(device),
@@ -116,7 +118,8 @@ def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfi
 
         def save_best(epoch: Epoch) -> None:
             info = dict(dataclasses.asdict(cfg), epoch=epoch.epoch, val_loss=epoch.val_loss,
-                        val_accuracy=epoch.val_accuracy, train_clips=len(train_set), val_clips=len(val_set))
+                        val_accuracy=epoch.val_accuracy, train_clips=len(train_set), val_clips=len(val_set),
+                        sample_interval=interval)
             ck.save(model_path, ck.Checkpoint(model.state_dict(), head, classes, shape, extraction, origin, info))
 
         main = ranks.main  # the other ranks train alike and write nothing

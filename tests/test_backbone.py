@@ -161,6 +161,7 @@ def test_asking_for_cuda_without_it_is_a_clear_error():
         backbone.resolve_device("cuda")
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_bf16_autocast_matches_cpu_fp32(fp32_64):
     gpu = Backbone("random:0", layer="conv5_3", image_size=64, device="cuda", precision="auto")
@@ -171,3 +172,55 @@ def test_cuda_bf16_autocast_matches_cpu_fp32(fp32_64):
     assert gpu.device.type == "cuda" and gpu.precision == "bf16"
     assert features.device.type == "cuda" and features.dtype == torch.float32
     assert ((features.cpu() - reference).norm() / reference.norm()).item() < 0.03
+
+
+# --- the compiled trunk (extract.compile) -------------------------------------------------------------------
+
+
+def test_auto_compiles_a_native_bf16_cpu_run_with_frames_enough_to_win_it_back(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(backbone, "cpu_supports_bf16", lambda: True)
+    assert not backbone.compile_wanted("auto", cpu, backbone.COMPILE_MIN_FRAMES - 1, "bf16")
+    assert backbone.compile_wanted("auto", cpu, backbone.COMPILE_MIN_FRAMES, "bf16")
+    assert not backbone.compile_wanted("auto", cpu, 10**6, "fp32")  # measured: no gain in fp32
+    assert not backbone.compile_wanted("auto", cuda, 10**6, "bf16")  # unmeasured there: eager unless asked
+    monkeypatch.setattr(backbone, "cpu_supports_bf16", lambda: False)
+    assert not backbone.compile_wanted("auto", cpu, 10**6, "bf16")  # emulated bf16: slow either way
+    assert backbone.compile_wanted("on", cpu, 1) and not backbone.compile_wanted("off", cpu, 10**6)
+    with pytest.raises(ValueError, match="compile"):
+        backbone.compile_wanted("yes", cpu, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_features_equal_eager_ones_and_the_short_last_batch_compiles_nothing_new(precision):
+    import torch._dynamo
+
+    eager = Backbone("random:0", layer="conv5_3", image_size=64, device="cpu", precision=precision)
+    compiled = Backbone("random:0", layer="conv5_3", image_size=64, device="cpu", precision=precision)
+    assert compiled.compile("on", 1) and compiled.trunk_form == "compiled" and eager.trunk_form == "eager"
+    x = eager.preprocess(frames(11, 48, 64))
+    torch._dynamo.utils.counters.clear()
+    got = torch.cat([compiled.forward(x[:8]), compiled.forward(x[8:])])  # a batch of 8, then a short one of 3
+    want = eager.forward(x)
+    tolerance = 1e-4 if precision == "fp32" else 2e-2  # bf16: ~3 significant digits
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one shape compiled, the last padded
+
+
+def test_a_trunk_that_cannot_compile_says_so_in_one_line_and_runs_eager(fp32_64, monkeypatch, capsys):
+    def broken(module, **kwargs):
+        def fails(x):
+            raise RuntimeError("Compiler: cc not found\nmore detail")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = Backbone("random:0", layer="conv5_3", image_size=64, device="cpu", precision="fp32")
+    assert model.compile("on", 1)
+    x = model.preprocess(frames(4, 48, 64))
+    torch.testing.assert_close(model.forward(x), fp32_64.forward(x))
+    assert model.trunk_form == "eager"  # what the cache will record for these clips
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "compiled trunk is unavailable" in lines[0] and "cc not found" in lines[0]
+    model.forward(x)
+    assert not capsys.readouterr().err  # said once

@@ -49,6 +49,19 @@ def test_cache_holds_one_row_per_clip_with_labels_indices_and_provenance(mini_da
     assert not list((tmp_path / "f.h5.parts").glob("*.h5"))
 
 
+def test_the_cache_records_per_clip_whether_the_trunk_ran_compiled(mini_dataset, tmp_path, monkeypatch):
+    import torch
+
+    eager = tmp_path / "eager.h5"
+    extract.run(mini_dataset, eager, cfg(), progress=False)  # 36 frames: auto stays eager
+    walk = next((mini_dataset / "walk").iterdir())
+    (mini_dataset / "walk" / f"more{walk.suffix}").write_bytes(walk.read_bytes())
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # compiling itself: tests/test_backbone.py
+    extract.run(mini_dataset, eager, cfg(compile="on"), progress=False)  # the same cache, one clip more, compiled
+    with open_cache(eager) as c:
+        assert c.trunk == ["compiled" if v.startswith("walk/more") else "eager" for v in c.videos]
+
+
 def test_stored_features_are_the_features_of_the_stored_frame_index(tmp_path):
     """Exactness end to end: re-embedding the frame named by frame_index reproduces the stored row."""
     import torch
@@ -90,7 +103,8 @@ def test_rerun_skips_finished_clips_and_adds_new_ones_without_touching_old(mini_
             np.testing.assert_array_equal(c.load([c.indices([video])[0]])[0], feats)
 
 
-@pytest.mark.parametrize("change", [dict(frames=5), dict(image_size=96), dict(layer="conv5_3"), dict(weights="random:1")])
+@pytest.mark.parametrize("change", [dict(frames=5), *(pytest.param(c, marks=pytest.mark.slow) for c in (  # one key
+    dict(image_size=96), dict(layer="conv5_3"), dict(weights="random:1")))])  # in the fast set, the others slow
 def test_rerun_with_other_settings_refuses_unless_overwrite(mini_dataset, tmp_path, change):
     cache = tmp_path / "f.h5"
     extract.run(mini_dataset, cache, cfg(), progress=False)
@@ -163,6 +177,7 @@ def test_bad_inputs_are_recorded_with_reasons_and_cost_no_other_clip(tmp_path, n
     assert all(reason and "\n" not in reason for reason in failed.values())
 
 
+@pytest.mark.slow  # fast form: tests/test_workers.py (a hanging task times out, alone)
 def test_a_hanging_clip_is_recorded_as_timed_out(mini_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(extractor, "decode_task", _hang_on_jump)
     summary = extract.run(mini_dataset, tmp_path / "f.h5", cfg(timeout=5.0), progress=False)

@@ -259,7 +259,8 @@ def _run(todo: Sequence, cfg, parts_dir: Path, settings: dict[str, Any], address
                             fn_constructor_kwargs=dict(weights=cfg.weights, layer=cfg.layer,
                                                        image_size=cfg.image_size, device=device,
                                                        precision=cfg.precision, batch_size=cfg.batch_size,
-                                                       threads=plan.threads, counter=counter),
+                                                       threads=plan.threads, counter=counter, compile=cfg.compile,
+                                                       frames=len(rows) * cfg.frames // plan.actors),
                             compute=ray.data.ActorPoolStrategy(size=plan.actors), **actor_args)
         sink = sink_class(ray)(parts_dir, settings, shard_clips, counter)
         plan_done = time.monotonic()

@@ -88,13 +88,14 @@ class BackboneActor:
     """Built once per actor: the trunk; called on batches of decoded clips, returns their float16 cubes."""
 
     def __init__(self, weights: str, layer: str, image_size: int, device: str, precision: str, batch_size: int,
-                 threads: int, counter=None) -> None:
+                 threads: int, counter=None, compile: str = "off", frames: int = 0) -> None:
         import torch
 
         from pipeline.features.backbone import Backbone
 
         torch.set_num_threads(max(1, threads))
         self.backbone = Backbone(weights, layer, image_size, device, precision)
+        self.backbone.compile(compile, frames)  # `frames`: this actor's share of the run
         self.batch_size, self.counter = batch_size, counter
         if counter is not None:
             counter.actor_ready.remote(time.time())
@@ -130,7 +131,7 @@ class BackboneActor:
             self.counter.embedded.remote(time.time(), frames)
         out = {k: v for k, v in batch.items() if k != "frames"}
         out.update(ok=ok, error=error.astype(str), features=_column(features),
-                   precision=np.array([self.backbone.precision] * n))
+                   precision=np.array([self.backbone.precision] * n), trunk=np.array([self.backbone.trunk_form] * n))
         return out
 
 
@@ -191,7 +192,8 @@ def sink_class(ray):
                         clips.append(ClipFeatures(str(r["key"]), str(r["label"]), np.asarray(r["features"]),
                                                   np.asarray(r["frame_index"], np.int32), int(r["num_frames"]),
                                                   float(r["fps"]), int(r["height"]), int(r["width"]),
-                                                  str(r["source"]), str(r["decoder"]), str(r["precision"])))
+                                                  str(r["source"]), str(r["decoder"]), str(r["precision"]),
+                                                  str(r["trunk"])))
                         if clips[-1].decoder != "decord":
                             redecoded.append((clips[-1].video, str(r["note"])))
                     else:

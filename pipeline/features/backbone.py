@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torchvision.models.vgg as tv_vgg
 from torch import Tensor, nn
 
-from pipeline.config import PRECISIONS
+from pipeline.config import COMPILES, PRECISIONS
 from pipeline.features.weights import WeightsError, conv_shapes, imagenet_state_dict, load_state_dict_file, \
     state_dict_sha256
 
@@ -97,6 +97,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+# `compile: auto` compiles the trunk where it was measured to pay: a CPU running bf16 natively (AMX or AVX-512
+# BF16), for a run of at least COMPILE_MIN_FRAMES frames. There inductor's frozen, pre-packed oneDNN kernels ran
+# 1.66x eager (67.5 vs 40.5 frames/s, 224 px, batch 32, Xeon with AMX; issue 24) after a first call of ~5-13 s:
+# ~500 frames win it back, the threshold doubles that. In fp32 (AVX-512 without BF16, bench/extract.py,
+# docs/BENCHMARKS.md "compiled trunk") compiled ran 0.98-1.0x eager: nothing to win, auto stays eager. CUDA: eager
+# under auto (no GPU was lent to measure it); `on` compiles anywhere.
+COMPILE_MIN_FRAMES = 1000
+
+
+def compile_wanted(mode: str, device: torch.device, frames: int, precision: str = "bf16") -> bool:
+    """Whether a run of `frames` frames on `device` at `precision` compiles its trunk under `extract.compile`."""
+    if mode not in COMPILES:
+        raise ValueError(f"unknown compile {mode!r}: choose one of {', '.join(COMPILES)}")
+    if mode == "auto":
+        return device.type == "cpu" and precision == "bf16" and cpu_supports_bf16() and frames >= COMPILE_MIN_FRAMES
+    return mode == "on"
+
+
 def output_shape(trunk: nn.Sequential, image_size: int) -> tuple[int, int, int]:
     """(C, h, w) of the trunk at SxS input: convs keep the size (3x3, padding 1), each 2x2 pool floors it."""
     channels, size = 3, image_size
@@ -145,6 +163,9 @@ class Backbone:
         self.weights_sha256 = state_dict_sha256(state_dict)
         trunk.load_state_dict(state_dict, assign=True)
         self.trunk = self._deployed(trunk)
+        self.trunk_form = "eager"  # or "compiled": what made the features, recorded per clip like precision
+        self._compiled: nn.Module | None = None
+        self._compiled_batch = 0
         if self.device.type == "cpu":
             keep_freed_memory()
         self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
@@ -155,6 +176,43 @@ class Backbone:
         trunk.eval().requires_grad_(False)
         dtype = torch.bfloat16 if self.precision == "bf16" and self.device.type == "cpu" else torch.float32
         return trunk.to(self.device, dtype=dtype, memory_format=torch.channels_last)
+
+    def compile(self, mode: str, frames: int) -> bool:
+        """Compile the trunk (torch.compile, inductor, weights frozen into the graph so oneDNN gets them
+        pre-packed) when `compile_wanted(mode, device, frames)`; True when it will run compiled.
+
+        Compilation happens at the first call and once only: every batch is padded to the first one's size (a
+        run's batches are all `batch_size` frames but the last). Inductor keeps what it built in its on-disk
+        cache (TORCHINDUCTOR_CACHE_DIR, by default under the system's temp folder), so a later run with the same
+        shapes compiles faster. Where compiling is unavailable or fails, the first call says so in one line and
+        the run goes on eager.
+        """
+        if not compile_wanted(mode, self.device, frames, self.precision):
+            return False
+        import torch._inductor.config as inductor
+
+        inductor.freezing = True  # constants folded, weights pre-packed: the CPU gain (eager + compile alone: ~1x)
+        self._compiled = torch.compile(self.trunk, dynamic=False)
+        self.trunk_form = "compiled"
+        return True
+
+    def _run_compiled(self, x: Tensor) -> Tensor | None:
+        """x (B, 3, S, S) channels_last through the compiled trunk in padded batches; None once it failed."""
+        batch = self._compiled_batch = self._compiled_batch or x.shape[0]
+        outputs = []
+        try:
+            for start in range(0, x.shape[0], batch):
+                part = x[start:start + batch]
+                short = batch - part.shape[0]
+                if short:  # (batch, 3, S, S): the shape compiled, not a second compilation for the last batch
+                    part = torch.cat([part, part.new_zeros((short, *part.shape[1:]))]).contiguous(
+                        memory_format=torch.channels_last)
+                outputs.append(self._compiled(part)[:batch - short])
+        except Exception as exc:  # noqa: BLE001 - no compiler, an inductor bug: eager gives the same features
+            self._compiled, self.trunk_form = None, "eager"
+            _say_eager(exc)
+            return None
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     @torch.inference_mode()
     def preprocess(self, frames: Tensor) -> Tensor:
@@ -174,9 +232,12 @@ class Backbone:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16" and self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = self.trunk(x)
+                y = None if self._compiled is None else self._run_compiled(x)
+                y = self.trunk(x) if y is None else y
         else:
-            y = self.trunk(x.to(next(self.trunk.parameters()).dtype))
+            x = x.to(next(self.trunk.parameters()).dtype)
+            y = None if self._compiled is None else self._run_compiled(x)
+            y = self.trunk(x) if y is None else y
         return y.float().contiguous()  # (B, C, h, w)
 
     def embed(self, frames: Tensor) -> Tensor:
@@ -188,3 +249,14 @@ class Backbone:
         return {"backbone": "vgg16", "layer": self.layer, "weights": self.weights_label,
                 "weights_sha256": self.weights_sha256, "image_size": self.image_size,
                 "mean": list(MEAN), "std": list(STD), "precision": self.precision}
+
+
+def _say_eager(exc: BaseException) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from pipeline.errors import first_line
+
+    Console(stderr=True, soft_wrap=True).print(
+        f"[yellow]note[/] the compiled trunk is unavailable here ({escape(type(exc).__name__)}: "
+        f"{escape(first_line(exc))[:200]}); extracting eager (extract.compile: off skips the attempt)", highlight=False)

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.features.provenance import SETTINGS_KEYS, jsonable, precision_summary
+from pipeline.features.provenance import SETTINGS_KEYS, jsonable, per_row_summary
 
 FORMAT_VERSION = 1
 FILE_SUFFIXES = (".h5", ".hdf5")
@@ -129,6 +129,7 @@ class FeatureCache:
             # caches from before these were recorded: decord made every frame, at the one recorded precision
             self.decoder = self._per_row("decoder", len(self.videos), "decord")
             self.precision = self._per_row("precision", len(self.videos), str(self.attrs.get("precision") or ""))
+            self.trunk = self._per_row("trunk", len(self.videos), "eager")  # before extract.compile: eager
             self._read_more(h5)
         except CacheError:
             h5.close()
@@ -178,7 +179,7 @@ class FeatureCache:
     @property
     def precision_summary(self) -> str:
         """The backbone precision of the rows: "bf16", or "mixed: bf16 12, fp32 3" when runs differed."""
-        return precision_summary(self.precision)
+        return per_row_summary(self.precision)
 
     @property
     def feature_shape(self) -> tuple[int, ...]:

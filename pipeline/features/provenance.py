@@ -83,8 +83,8 @@ def source_changed(fingerprint: str, path: str | Path) -> bool | None:
         return True
 
 
-def precision_summary(per_row: Sequence[str]) -> str:
-    """One precision when every row has it; else each with its count ("mixed: bf16 12, fp32 3")."""
+def per_row_summary(per_row: Sequence[str]) -> str:
+    """One value (precision, trunk) when every row has it; else each with its count ("mixed: bf16 12, fp32 3")."""
     counts: dict[str, int] = {}
     for value in per_row:
         counts[value or "unknown"] = counts.get(value or "unknown", 0) + 1

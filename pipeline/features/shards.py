@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.features.cache import FORMAT_VERSION, INDEX_NAME, FeatureCache, attr, is_folder, main_file, str_dtype
 from pipeline.features.folder import FolderCache, indexed_names, retired_names
-from pipeline.features.provenance import precision_summary
+from pipeline.features.provenance import per_row_summary
 from pipeline.files import atomic_path
 
 SHARD_GLOB = "shard-*.h5"
@@ -61,6 +61,7 @@ class ClipFeatures:
     source: str = ""  # source_fingerprint of the file the features were made from; "" = not recorded
     decoder: str = "decord"  # which decoder made the frames (pipeline.video.decode.DECODERS); render decodes the same way
     precision: str = ""  # the backbone's precision for this clip (fp32 | bf16): one cache may mix them
+    trunk: str = "eager"  # eager | compiled: how the backbone ran (extract.compile), within bf16 of each other
 
 
 def _write_table(h5, clips: Sequence[ClipFeatures], labels: np.ndarray, frames: int) -> None:
@@ -81,6 +82,7 @@ def _write_table(h5, clips: Sequence[ClipFeatures], labels: np.ndarray, frames: 
     h5.create_dataset("source", data=[c.source for c in clips], dtype=str_dtype())
     h5.create_dataset("decoder", data=[c.decoder for c in clips], dtype=str_dtype())
     h5.create_dataset("precision", data=[c.precision for c in clips], dtype=str_dtype())
+    h5.create_dataset("trunk", data=[c.trunk for c in clips], dtype=str_dtype())
 
 
 def _write_failed(h5, failed: Sequence[tuple[str, str]], sources: Sequence[str] | None = None) -> None:
@@ -200,7 +202,7 @@ class Collected:
     def meta(self, videos: Sequence[str]) -> dict[str, list]:
         """The eagerly read per-row metadata of `videos`, from whichever source holds each."""
         meta: dict[str, list] = {k: [] for k in ("frame_index", "num_frames", "fps", "height", "width", "source",
-                                                 "decoder", "precision")}
+                                                 "decoder", "precision", "trunk")}
         for video in videos:
             s, r = self.rows[video]
             for key in meta:
@@ -243,9 +245,10 @@ def _write_rows(h5, picked: Collected, videos: list[str], classes: list[str], at
     h5.create_dataset("frame_index", data=np.array(meta["frame_index"], dtype=np.int32).reshape(n, frames))
     for key, dtype in (("num_frames", np.int32), ("fps", np.float32), ("height", np.int16), ("width", np.int16)):
         h5.create_dataset(key, data=np.array(meta[key], dtype=dtype))
-    for key in ("source", "decoder", "precision"):
+    for key in ("source", "decoder", "precision", "trunk"):
         h5.create_dataset(key, data=meta[key], dtype=str_dtype())
-    h5.attrs["precision"] = precision_summary(meta["precision"])  # of the rows, whatever run made them
+    h5.attrs["precision"] = per_row_summary(meta["precision"])  # of the rows, whatever run made them
+    h5.attrs["trunk"] = per_row_summary(meta["trunk"])  # "compiled", "eager" or "mixed: compiled 12, eager 3"
     failed_keys = sorted(picked.failed)
     _write_failed(h5, [(v, picked.failed[v][0]) for v in failed_keys], [picked.failed[v][1] for v in failed_keys])
 

@@ -10,7 +10,9 @@ weights_only=True)` opens it without running any pickled code:
     feature_shape               [T, C, h, w] of the cached features it was trained on
     extraction                  the cache's extraction settings (backbone, layer, weights + sha256, frames, ...)
     cache                       where they came from: path, dataset_root, created, versions
-    train                       TrainConfig as a dict, plus epoch and the validation metrics of that epoch
+    train                       TrainConfig as a dict, plus epoch and the validation metrics of that epoch,
+                                and sample_interval: the train clips' mean seconds between sampled frames
+                                (what `watch` samples a stream at; `sample_interval()` for older files)
 
 Stages that apply a checkpoint to features (evaluate, render, predict) call `require_same_extraction`, so
 a head is never fed features made another way.
@@ -201,3 +203,40 @@ def require_classes(ckpt: Checkpoint, classes: list[str], where: str) -> None:
         hint = f" (e.g. {', '.join(missing[:3])} unknown to the model)" if missing else ""
         raise CheckpointError(f"{where} has classes other than the model's {len(ckpt.classes)}{hint}; "
                               "retrain on this cache")
+
+
+# --- the rate the clips were sampled at (what `watch` samples a stream at) ----------------------------------
+
+# A checkpoint from before the interval was recorded: its clips are taken as 2 s long (HMDB-51's and the
+# fight set's clips are 2-5 s; the embedded set's 48 frames at 25 fps are 1.9 s), so T frames span 2 s.
+FALLBACK_CLIP_SECONDS = 2.0
+
+
+def clips_sample_interval(frame_index, fps) -> float | None:
+    """The mean time in seconds between the sampled frames of clips (frame_index (N, T), fps (N,)): per clip
+    the mean step of its frame_index over its fps, then the mean over the clips; None where no clip says
+    (a clip with one sampled frame, or no usable fps, is left out)."""
+    import numpy as np
+
+    index = np.asarray(frame_index, dtype=np.float64)
+    rate = np.asarray(fps, dtype=np.float64)
+    if index.ndim != 2 or index.shape[1] < 2 or not len(index):
+        return None
+    step = (index[:, -1] - index[:, 0]) / (index.shape[1] - 1)  # (N,) frames between samples, on average
+    usable = np.isfinite(rate) & (rate > 0) & (step > 0)
+    if not usable.any():
+        return None
+    return float(np.mean(step[usable] / rate[usable]))
+
+
+def sample_interval(ckpt: Checkpoint) -> tuple[float, str | None]:
+    """(seconds between sampled frames the head was trained on, None), or for a checkpoint that does not
+    record it, (FALLBACK_CLIP_SECONDS / T, a one-line note saying so)."""
+    recorded = ckpt.train.get("sample_interval")
+    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and recorded > 0:
+        return float(recorded), None
+    frames = max(int(ckpt.feature_shape[0]), 1)
+    interval = FALLBACK_CLIP_SECONDS / frames
+    return interval, (f"{ckpt.source or 'the checkpoint'} does not record its clips' sampling interval (trained "
+                      f"before it was recorded): taking {FALLBACK_CLIP_SECONDS:g} s clips, one frame every "
+                      f"{interval:.3f} s ({frames} frames); retrain to record the real one")

@@ -69,6 +69,25 @@ def infer(model, clips: ClipSet, batch_size: int, device, on_batch: Callable[[in
                    clips.labels.numpy() if rows is None else clips.labels.numpy()[rows])
 
 
+def infer_clip(model, features, device) -> tuple[np.ndarray, np.ndarray]:
+    """`infer` for one clip at a time (predict's files, watch's windows): float16 features (T, C, h, w) ->
+    (video probabilities (K,), attention (T, h, w)), float32 numpy, with `model` already in eval mode."""
+    import torch
+
+    from pipeline.head.model import video_probabilities
+
+    with torch.inference_mode(), autocast(device):
+        out = model(features.unsqueeze(0).to(device))  # (1, T, C, h, w) in
+    return video_probabilities(out.logits)[0].float().cpu().numpy(), out.attention[0].float().cpu().numpy()
+
+
+def top_classes(probabilities: np.ndarray, classes: list[str], k: int) -> list[tuple[str, float]]:
+    """The k most probable (class, probability) of one clip's video probabilities (K,), best first; ties in
+    class order."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [(classes[i], float(probabilities[i])) for i in order]
+
+
 def interleave(parts: list[Outputs]) -> Outputs:
     """The outputs of a whole set from its ranks' shares (rank r held positions r, r + N, ...: Ranks.share)."""
     if len(parts) == 1:
