@@ -291,6 +291,21 @@ class RecurrentHead(nn.Module):
         self.dropout = ClipDropout(dropout, salt=1)
         self.w_c = nn.Linear(channels, num_classes)
 
+    def inputs(self, x: torch.Tensor, noise: torch.Tensor | None, motion: Motion | None):
+        """The equations both heads start with, all frames at once: P_t from X_t (with the motion channel), its
+        attention term and log M~_t. x (B, T, C, H, W) -> P (B, T, H, W, d[+1]), W_xa * P_t + b_a (B, T, H, W, d),
+        log M~_t as T x (B, H*W) (None without motion guidance), and X_t's dtype (the state's)."""
+        log_m = None
+        if self.uses_motion:  # M~_t and D_t of the clip as it came, before any dropout: (B, T, H, W) each
+            motion = motion if motion is not None else self.motion_of(x)
+            log_m = torch.log(motion.map.float()).flatten(2).unbind(1)  # log M~_t: T x (B, H*W)
+        x = features_hwc(self.feature_dropout(x, noise), self.w_p.weight.dtype)  # X_t: (B, T, H, W, C)
+        p = self.w_p(x)  # P_t = W_p * X_t: (B, T, H, W, d)
+        if self.motion_channel:  # P_t := [P_t, log(1 + D_t)]: (B, T, H, W, d + 1)
+            p = torch.cat([p, torch.log1p(motion.energy).to(p.dtype).unsqueeze(-1)], dim=-1)
+        p_term = self.attention.input_term(p)  # W_xa * P_t + b_a: (B, T, H, W, d)
+        return p, p_term, log_m, x.dtype
+
     def motion_of(self, x: torch.Tensor) -> Motion | None:
         """M~_t and D_t of the clips x (B, T, C, H, W), (B, T, H, W) each; None for a head without motion."""
         return clip_motion(x) if self.uses_motion else None
@@ -312,15 +327,8 @@ class ConvLSTMHead(RecurrentHead):
         `motion`: the clips' Motion when it comes from elsewhere (the deletion test keeps the unmodified
         clip's map), else it is computed from x before any dropout."""
         b, t, _, height, width = x.shape
-        if self.uses_motion:  # M~_t and D_t of the clip as it came: (B, T, H, W) each
-            motion = motion if motion is not None else self.motion_of(x)
-            log_m = torch.log(motion.map.float()).flatten(2).unbind(1)  # log M~_t: T x (B, H*W)
-        x = features_hwc(self.feature_dropout(x, noise), self.w_p.weight.dtype)  # X_t: (B, T, H, W, C)
-        p = self.w_p(x)  # P_t = W_p * X_t: (B, T, H, W, d)
-        if self.motion_channel:  # P_t := [P_t, log(1 + D_t)]: (B, T, H, W, d + 1)
-            p = torch.cat([p, torch.log1p(motion.energy).to(p.dtype).unsqueeze(-1)], dim=-1)
-        p_term = self.attention.input_term(p)  # W_xa * P_t + b_a, all frames at once: (B, T, H, W, d)
-        h, c = self.init_state(p.mean(dim=1), x.dtype)  # H_0, C_0 = tanh(conv(mean_t P_t)): (B, H, W, d) each
+        p, p_term, log_m, dtype = self.inputs(x, noise, motion)  # P_t, W_xa * P_t + b_a, log M~_t
+        h, c = self.init_state(p.mean(dim=1), dtype)  # H_0, C_0 = tanh(conv(mean_t P_t)): (B, H, W, d) each
         readouts, maps = [], []
         for step, (p_t, p_term_t) in enumerate(zip(p.unbind(1), p_term.unbind(1))):  # unbind: one gradient copy
             z = self.attention(p_term_t, h)  # Z_t = w_z * tanh(W_xa * P_t + W_ha * H_{t-1} + b_a): (B, H*W)
@@ -353,15 +361,8 @@ class LSTMHead(RecurrentHead):
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, motion: Motion | None = None) -> HeadOutput:
         """As ConvLSTMHead.forward, with a vector state: x (B, T, C, H, W), `noise` (B,), `motion`."""
         b, t, _, height, width = x.shape
-        if self.uses_motion:  # M~_t and D_t of the clip as it came: (B, T, H, W) each
-            motion = motion if motion is not None else self.motion_of(x)
-            log_m = torch.log(motion.map.float()).flatten(2).unbind(1)  # log M~_t: T x (B, H*W)
-        x = features_hwc(self.feature_dropout(x, noise), self.w_p.weight.dtype)  # X_t: (B, T, H, W, C)
-        p = self.w_p(x)  # P_t = W_p * X_t: (B, T, H, W, d)
-        if self.motion_channel:  # P_t := [P_t, log(1 + D_t)]: (B, T, H, W, d + 1)
-            p = torch.cat([p, torch.log1p(motion.energy).to(p.dtype).unsqueeze(-1)], dim=-1)
-        p_term = self.attention.input_term(p)  # W_xa * P_t + b_a, all frames at once: (B, T, H, W, d)
-        h, c = self.init_state(p.mean(dim=(1, 2, 3)), x.dtype)  # h_0, c_0 = tanh(W mean over t and i of P_t): (B, d)
+        p, p_term, log_m, dtype = self.inputs(x, noise, motion)  # P_t, W_xa * P_t + b_a, log M~_t
+        h, c = self.init_state(p.mean(dim=(1, 2, 3)), dtype)  # h_0, c_0 = tanh(W mean over t and i of P_t): (B, d)
         readouts, maps = [], []
         for step, (p_t, p_term_t) in enumerate(zip(p.unbind(1), p_term.unbind(1))):  # unbind: one gradient copy
             z = self.attention(p_term_t, h[:, None, None, :])  # Z_t, h_{t-1} broadcast over the positions: (B, H*W)
