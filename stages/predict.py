@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.errors import first_line
 from pipeline.features.rebuild import PredictError, rebuild_backbone
+from pipeline.head import checkpoint as ck
 from pipeline.head.infer import infer_clip, top_classes
 from pipeline.progress import progress_bar
 from pipeline.video.decode import DecodedClip
@@ -64,13 +65,10 @@ def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Pat
     if not files:
         raise PredictError("no video files given")
     drawing = drawing if drawing is not None else RenderConfig()
-    ckpt = load_checkpoint(model_path)
+    ckpt = ck.load(model_path)
     dev = pick_device(device)
-    backbone = rebuild_backbone(ckpt.extraction, str(dev), weights)  # checks frames too
+    backbone = rebuild_backbone(ckpt.extraction, str(dev), weights, ckpt.feature_shape, str(model_path))
     frames, k = int(ckpt.extraction["frames"]), min(top_k, len(ckpt.classes))
-    if [frames, *backbone.out_shape] != list(ckpt.feature_shape):
-        raise PredictError(f"{model_path}: its backbone gives features {[frames, *backbone.out_shape]}, its head "
-                           f"expects {list(ckpt.feature_shape)}: the checkpoint is inconsistent; retrain")
     model = ckpt.build().to(dev)
     backbone.compile(compile, len(files) * frames)  # extract's rule: compiled when the files' frames pay it back
     names = unique_names(files)
@@ -86,20 +84,6 @@ def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Pat
 
         extractor.run([(str(f), f) for f in files], on_result)
     return [results[f] for f in files]
-
-
-def load_checkpoint(path: Path):
-    """`checkpoint.load`, with any file torch cannot unpickle also a one-line error (torch's weights-only
-    unpickler raises KeyError, IndexError, ... on arbitrary bytes, beyond what `load` catches)."""
-    from pipeline.head import checkpoint as ck
-
-    try:
-        return ck.load(path)
-    except ck.CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever torch.load raises on a foreign file
-        raise PredictError(f"{path}: not a readable head checkpoint ({exc.__class__.__name__}: "
-                           f"{first_line(exc, 200)})") from None
 
 
 def _predict_one(done, model, ckpt, dev, k: int) -> Prediction:

@@ -45,8 +45,10 @@ def _precision(recorded: Any, device: str) -> str:
     return precision
 
 
-def rebuild_backbone(extraction: dict[str, Any], device: str, weights: str | None = None):
-    """The backbone of `extraction` (a checkpoint's record), checked to make the very same features."""
+def rebuild_backbone(extraction: dict[str, Any], device: str, weights: str | None = None,
+                     feature_shape: list[int] | None = None, source: str = ""):
+    """The backbone of `extraction` (a checkpoint's record), checked to make the very same features, and, given
+    the checkpoint's `feature_shape` [T, C, h, w] (from file `source`), to make features of that shape."""
     from pipeline.features.backbone import Backbone
     from pipeline.features.provenance import extraction_settings, settings_mismatch
     from pipeline.features.weights import WeightsError
@@ -65,4 +67,7 @@ def rebuild_backbone(extraction: dict[str, Any], device: str, weights: str | Non
         detail = "; ".join(d.replace("cache has", "model has").replace("asked for", "here") for d in diffs[:3])
         raise PredictError(f"this backbone would not make the features the model was trained on ({detail}); "
                            "use the weights it was extracted with, or retrain")
+    if feature_shape is not None and [frames, *backbone.out_shape] != list(feature_shape):
+        raise PredictError(f"{source}: its backbone gives features {[frames, *backbone.out_shape]}, its head "
+                           f"expects {list(feature_shape)}: the checkpoint is inconsistent; retrain")
     return backbone

@@ -127,11 +127,15 @@ def load(path: str | Path) -> Checkpoint:
     if problem:
         raise CheckpointError(f"{path}: malformed head checkpoint: {problem}")
     head_fields = {f.name for f in dataclasses.fields(HeadConfig)}
-    head = {**PRE_KEYS, **{k: v for k, v in payload["head"].items() if k in head_fields}}
-    return Checkpoint(state_dict=dict(payload["state_dict"]), head=HeadConfig(**head),
-                      classes=list(payload["classes"]), feature_shape=list(payload["feature_shape"]),
-                      extraction=dict(payload["extraction"]), cache=dict(payload.get("cache") or {}),
-                      train=dict(payload.get("train") or {}), source=str(path))
+    try:  # _type_problem checks what it knows; anything else of a foreign payload is one line too
+        head = {**PRE_KEYS, **{k: v for k, v in payload["head"].items() if k in head_fields}}
+        return Checkpoint(state_dict=dict(payload["state_dict"]), head=HeadConfig(**head),
+                          classes=list(payload["classes"]), feature_shape=list(payload["feature_shape"]),
+                          extraction=dict(payload["extraction"]), cache=dict(payload.get("cache") or {}),
+                          train=dict(payload.get("train") or {}), source=str(path))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a readable head checkpoint ({exc.__class__.__name__}: "
+                              f"{first_line(exc, 200)})") from None
 
 
 def _type_problem(payload: dict[str, Any]) -> str | None:

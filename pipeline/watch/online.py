@@ -117,21 +117,10 @@ def load_online(model_path, device: str, weights: str | None, window: int, strid
     from pipeline.head import checkpoint as ck
     from pipeline.head.runtime import pick_device
 
-    try:
-        ckpt = ck.load(model_path)
-    except ck.CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever torch.load raises on a foreign file
-        from pipeline.errors import first_line
-
-        raise WatchError(f"{model_path}: not a readable head checkpoint ({exc.__class__.__name__}: "
-                         f"{first_line(exc, 200)})") from None
+    ckpt = ck.load(model_path)
     dev = pick_device(device)
-    backbone = rebuild_backbone(ckpt.extraction, str(dev), weights)
+    backbone = rebuild_backbone(ckpt.extraction, str(dev), weights, ckpt.feature_shape, str(model_path))
     frames = int(ckpt.feature_shape[0])
-    if list(backbone.out_shape) != list(ckpt.feature_shape[1:]):
-        raise PredictError(f"{model_path}: its backbone gives features {list(backbone.out_shape)}, its head "
-                           f"expects {list(ckpt.feature_shape[1:])}: the checkpoint is inconsistent; retrain")
     window = window or frames
     if window < 2 and ckpt.head.motion != "none":
         raise WatchError(f"watch.window = {window}: a motion-guided head needs at least 2 frames a window")
