@@ -347,6 +347,14 @@ def test_a_checkpoint_saved_before_readout_existed_loads_as_the_mean_readout(tmp
 REFERENCE = Path(__file__).parent / "data" / "head_before_motion.pt"
 
 
+def assert_matches_stored(actual: torch.Tensor, stored: torch.Tensor) -> None:
+    """A reference stored on one machine, compared on another: float32 kernels differ in their last bits by
+    CPU (oneDNN picks AVX2, AVX-512 or AVX-512 BF16 paths, summing in another order), so a stored output is
+    compared within a tolerance a few hundred times float32's rounding; exact equality is kept for two paths
+    computed on one machine (the tests above)."""
+    torch.testing.assert_close(actual, stored, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("cell", ["convlstm", "lstm"])
 def test_motion_none_is_the_head_before_motion_existed_bit_for_bit(cell):
     """tests/data/head_before_motion.pt: weights, input and outputs saved by the code before head.motion
@@ -357,9 +365,10 @@ def test_motion_none_is_the_head_before_motion_existed_bit_for_bit(cell):
     head.eval()
     with torch.no_grad():
         out = head(ref["x"])
-    assert torch.equal(out.logits, ref["logits"]) and torch.equal(out.attention, ref["attention"])
+    assert_matches_stored(out.logits, ref["logits"])
+    assert_matches_stored(out.attention, ref["attention"])
     head.train()
-    assert torch.equal(head(ref["x"], torch.tensor([5, 6])).logits.detach(), ref["train_logits"])
+    assert_matches_stored(head(ref["x"], torch.tensor([5, 6])).logits.detach(), ref["train_logits"])
 
 
 def moving_patch(t: int = 6, c: int = 4, size: int = 7) -> torch.Tensor:
@@ -440,7 +449,7 @@ def test_a_checkpoint_from_before_head_motion_loads_as_the_head_it_was_trained_a
 
     assert loaded.head.motion == "none" and HeadConfig().motion == "input"
     with torch.no_grad():
-        assert torch.equal(loaded.build()(ref["x"]).logits, ref["logits"])
+        assert_matches_stored(loaded.build()(ref["x"]).logits, ref["logits"])
 
 
 def test_motion_input_gives_p_t_the_cells_own_motion_energy_as_one_more_channel():
