@@ -123,17 +123,17 @@ def main() -> None:
 
     import torch
 
-    from pipeline.head.batches import open_split
-    from pipeline.head.infer import accuracies, infer, loss_of
-    from pipeline.head.runtime import pick_device, seed_everything
-    from pipeline.video.splits import SplitError
     from pipeline.config import load_section
+    from pipeline.errors import first_line
     from pipeline.features.cache import CacheError
     from pipeline.features.reader import open_cache
-    from pipeline.errors import first_line
+    from pipeline.head.batches import open_split
+    from pipeline.head.infer import accuracies, infer, loss_of
     from pipeline.head.model import build_head
-    from pipeline.video.synthetic import BOXES_FILE, read_boxes_file
+    from pipeline.head.runtime import pick_device, seed_everything
     from pipeline.report.metrics import attention_report
+    from pipeline.video.splits import SplitError
+    from pipeline.video.synthetic import BOXES_FILE, read_boxes_file
 
     try:  # bad input: one line, before any training
         head_cfg = load_section("head", args.params)

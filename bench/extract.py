@@ -317,8 +317,8 @@ def decode_check_cost(paths: list[Path], frames: int, rounds: int = 3) -> tuple[
 
 def cache_read_rate(folder: Path, clips: int, frames: int) -> float:
     """Warm read of a whole `clips`-clip cache (random 512x7x7 cubes) into memory, GB/s (best of three)."""
-    from pipeline.features.shards import ClipFeatures, join, write_shard
     from pipeline.features.reader import open_cache
+    from pipeline.features.shards import ClipFeatures, join, write_shard
 
     rng = np.random.default_rng(0)
     settings = {"frames": frames, "dtype": "float16"}

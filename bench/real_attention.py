@@ -46,7 +46,7 @@ def one_run(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from pipeline.config import EvaluateConfig, make
+    from pipeline.config import make
     from stages import evaluate, split, train
 
     start = time.perf_counter()

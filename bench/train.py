@@ -50,12 +50,12 @@ def head_epoch(cache_path: Path, cell: str, max_memory_gb: float, device: str, e
     """Seconds per epoch (after one warm-up batch) of the default head of kind `cell`."""
     import torch
 
-    from pipeline.head.fit import make_optimiser, train_epoch
-    from pipeline.head.runtime import pick_device, seed_everything
-    from pipeline.head.batches import ClipSet
     from pipeline.config import HeadConfig, TrainConfig
     from pipeline.features.reader import open_cache
+    from pipeline.head.batches import ClipSet
+    from pipeline.head.fit import make_optimiser, train_epoch
     from pipeline.head.model import build_head
+    from pipeline.head.runtime import pick_device, seed_everything
 
     cfg = TrainConfig(device=device, max_memory_gb=max_memory_gb)
     dev = pick_device(device)

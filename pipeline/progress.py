@@ -44,8 +44,16 @@ def progress_bar(name: str, total: int | None, unit: str = "", *, enabled: bool 
     """
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     columns: list = [TextColumn(f"[bold]{escape(name)}")]
     if label is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import os
 import queue
 import time
 from dataclasses import dataclass, field

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from pipeline.head.infer import infer_clip, top_classes
 from pipeline.progress import progress_bar
 from pipeline.video.decode import DecodedClip
 from pipeline.video.folders import video_files
+
+if TYPE_CHECKING:
+    from pipeline.config import RenderConfig
 
 __all__ = ["Prediction", "PredictError", "run"]
 
@@ -50,7 +53,7 @@ class Prediction:
 def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Path | None = None,
         device: str = "auto", progress: bool = True, weights: str | None = None,
         drawing: "RenderConfig | None" = None, workers: int = 2, timeout: float = 60.0,
-        compile: str = "auto") -> list[Prediction]:  # noqa: F821
+        compile: str = "auto") -> list[Prediction]:
     """Predict every file of `videos` (folders expand to their videos) with `model_path`, in input order.
 
     top_k, device, timeout and compile are params.yaml's `predict` section; `drawing` (strip frames, GIF fps, heatmap

@@ -8,10 +8,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from pipeline.video import splits as sp
 from pipeline.config import SplitConfig, as_dict
 from pipeline.features.reader import open_cache
 from pipeline.files import write_text_atomic
+from pipeline.video import splits as sp
 
 
 def run(cache_path: Path, out_dir: Path, cfg: SplitConfig, hmdb51: Path | None = None, ucf101: Path | None = None,

@@ -15,8 +15,15 @@ from typing import Any, Sequence
 from pipeline.config import SynthConfig, as_dict, check
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
-from pipeline.video.synthetic import (BOXES_FILE, GENERATOR_VERSION, SYNTH_ENCODINGS, SynthSummary, check_config,
-                                generate_dataset, read_boxes)
+from pipeline.video.synthetic import (
+    BOXES_FILE,
+    GENERATOR_VERSION,
+    SYNTH_ENCODINGS,
+    SynthSummary,
+    check_config,
+    generate_dataset,
+    read_boxes,
+)
 
 MANIFEST = "synth.json"
 MANIFEST_FORMAT = 1

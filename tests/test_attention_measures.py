@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.report import attention_quality as aq
-from pipeline.report import bootstrap
-from pipeline.report import faithfulness
-from pipeline.report import overlay
+from pipeline.report import bootstrap, faithfulness, overlay
 
 
 def test_the_centre_prior_is_a_gaussian_at_the_centre_with_sigma_a_quarter_of_the_short_side():

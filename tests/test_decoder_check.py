@@ -11,10 +11,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from pipeline.video import decode as video
-from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
 from pipeline.features.reader import open_cache
+from pipeline.video import decode as video
 from pipeline.video.decode import VideoError, decode_frames_at, decode_sampled
+from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
 
 
 def stamped(frames: np.ndarray) -> list[int]:

@@ -122,7 +122,8 @@ def test_growing_a_folder_cache_under_dvc_writes_and_caches_only_the_new_shards(
     with open_cache(folder) as cache:
         assert isinstance(cache, FolderCache) and len(cache) == CLASSES * AFTER and not cache.failed
         new_keys = sorted(v for i, v in enumerate(cache.videos) if cache.location(i)[0].name in added)
-    from pipeline.video.synthetic import CLASSES as NAMES, clip_key
+    from pipeline.video.synthetic import CLASSES as NAMES
+    from pipeline.video.synthetic import clip_key
 
     assert new_keys == sorted(clip_key(name, BEFORE) for name in NAMES)  # the new shard: the new clips only
 

@@ -119,7 +119,7 @@ def test_repro_runs_every_stage_and_writes_well_formed_outputs(ws):
         target = (reports / unquote(parts.path)).resolve()
         assert target.is_file(), f"index.html links {link}, which is not there"
         assert target.is_relative_to(reports.resolve()), f"index.html links outside reports/: {link}"
-    linked = {(reports / unquote(urlsplit(l).path)).resolve() for l in links}
+    linked = {(reports / unquote(urlsplit(link).path)).resolve() for link in links}
     assert {p.resolve() for p in strips + gifs} <= linked, "a rendered clip is not on the page"
 
 

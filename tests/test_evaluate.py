@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.report import attention_quality as aq
-from pipeline.head import checkpoint as ck
-from pipeline.report import metrics
-from pipeline.head import infer as training
-from pipeline.head.batches import open_split
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, TrainConfig
 from pipeline.features.reader import open_cache
+from pipeline.head import checkpoint as ck
+from pipeline.head import infer as training
+from pipeline.head.batches import open_split
+from pipeline.report import attention_quality as aq
+from pipeline.report import metrics
 from stages import evaluate, extract, train
 from tests.cli_helpers import assert_one_line_error, run_cli, run_in_process
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from pipeline.config import ExtractConfig
-from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
-from pipeline.features.shards import pending_shards
-from pipeline.features.reader import open_cache
-from pipeline.video.decode import sample_indices
 from pipeline.features import extractor
+from pipeline.features.reader import open_cache
+from pipeline.features.shards import pending_shards
+from pipeline.video.decode import sample_indices
+from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
 from stages import extract
 from stages.extract import ExtractError, exclusive_lock
 from tests.conftest import overstate_avi_frame_count

@@ -7,12 +7,12 @@ import threading
 
 import pytest
 
-from pipeline.features import shards as features
 from pipeline.config import ExtractConfig
+from pipeline.features import extractor
+from pipeline.features import shards as features
 from pipeline.features.reader import open_cache
 from pipeline.features.shards import shard_paths
 from pipeline.workers import TimedPool
-from pipeline.features import extractor
 from stages import extract
 from stages.extract import ExtractError
 from tests.cli_helpers import assert_one_line_error

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import ExtractConfig
-from pipeline.video.encode import Encoding, write_video
-from pipeline.features.shards import ClipFeatures, join, write_shard
 from pipeline.features.provenance import source_changed, source_fingerprint
 from pipeline.features.reader import open_cache
+from pipeline.features.shards import ClipFeatures, join, write_shard
+from pipeline.video.encode import Encoding, write_video
 from stages import extract
 
 TINY = dict(weights="random:0", frames=6, image_size=64, batch_size=8, workers=2, timeout=20.0)

@@ -7,10 +7,17 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, RenderConfig, SplitConfig, SynthConfig, \
-    TrainConfig
-from pipeline.features.reader import open_cache
+from pipeline.config import (
+    EvaluateConfig,
+    ExtractConfig,
+    HeadConfig,
+    RenderConfig,
+    SplitConfig,
+    SynthConfig,
+    TrainConfig,
+)
 from pipeline.features import provenance
+from pipeline.features.reader import open_cache
 from stages import evaluate, extract, render, split, train
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.head import checkpoint as ck
 from pipeline.config import ExtractConfig, HeadConfig, SplitConfig, SynthConfig, TrainConfig
 from pipeline.features.reader import open_cache
+from pipeline.head import checkpoint as ck
 from pipeline.video.synthetic import generate_dataset
 from stages import extract, predict, split, train
 from stages.predict import PredictError

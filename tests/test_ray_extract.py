@@ -22,10 +22,10 @@ import pytest
 pytest.importorskip("ray")
 
 from pipeline.config import ExtractConfig  # noqa: E402
+from pipeline.engines.ray_extract import plan_resources  # noqa: E402
 from pipeline.features.cache import main_file  # noqa: E402
 from pipeline.features.reader import open_cache  # noqa: E402
 from pipeline.features.shards import pending_shards  # noqa: E402
-from pipeline.engines.ray_extract import plan_resources  # noqa: E402
 from stages import extract  # noqa: E402
 from tests.cli_helpers import run_cli  # noqa: E402
 from tests.ray_slow_actor import actor_waiting_to_be_killed  # noqa: E402
@@ -292,8 +292,8 @@ def test_kill_9_of_the_driver_loses_nothing_leaves_no_ray_behind_and_a_rerun_res
 
 
 def test_without_ray_installed_it_is_one_line(monkeypatch):
-    from pipeline.errors import UserError
     from pipeline.engines import ray_extract
+    from pipeline.errors import UserError
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as without the extra
     with pytest.raises(UserError) as err:

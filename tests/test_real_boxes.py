@@ -165,8 +165,9 @@ def test_evaluate_skips_and_counts_frames_without_a_box_and_scores_the_middle_an
 
 
 def test_the_motion_map_is_scored_exactly_like_the_attention(evaluated, annotated, tiny_project):
-    from pipeline.features.motion import motion_map
     import torch
+
+    from pipeline.features.motion import motion_map
 
     report, out = evaluated
     att = report["attention"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import re
 import shutil
 import subprocess
@@ -13,11 +12,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import (
+    EvaluateConfig,
+    ExtractConfig,
+    HeadConfig,
+    RenderConfig,
+    SplitConfig,
+    SynthConfig,
+    TrainConfig,
+)
+from pipeline.features.reader import open_cache
 from pipeline.head import checkpoint as ck
 from pipeline.report import overlay
-from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, RenderConfig, SplitConfig, SynthConfig, TrainConfig
 from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
-from pipeline.features.reader import open_cache
 from pipeline.video.synthetic import generate_dataset
 from stages import evaluate, extract, render, split, train
 

@@ -12,8 +12,19 @@ import pytest
 
 from pipeline.config import SplitConfig
 from pipeline.features.shards import ClipFeatures, join, write_shard
-from pipeline.video.splits import (FAILED, NOT_IN_CACHE, UNLISTED, UNUSED, SplitError, class_of, hmdb51, read_split,
-                             stratified, ucf101, write_splits)
+from pipeline.video.splits import (
+    FAILED,
+    NOT_IN_CACHE,
+    UNLISTED,
+    UNUSED,
+    SplitError,
+    class_of,
+    hmdb51,
+    read_split,
+    stratified,
+    ucf101,
+    write_splits,
+)
 from stages import split as stage
 
 

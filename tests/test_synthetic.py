@@ -15,8 +15,19 @@ import pytest
 import pipeline
 from pipeline.config import SynthConfig
 from pipeline.video.encode import Encoding
-from pipeline.video.synthetic import (BOXES_FILE, CLASSES, MOTIONS, SYNTH_ENCODINGS, actor_path, clip_key, clip_rng,
-                                generate_clip, generate_dataset, path_boxes, read_boxes)
+from pipeline.video.synthetic import (
+    BOXES_FILE,
+    CLASSES,
+    MOTIONS,
+    SYNTH_ENCODINGS,
+    actor_path,
+    clip_key,
+    clip_rng,
+    generate_clip,
+    generate_dataset,
+    path_boxes,
+    read_boxes,
+)
 from stages import synth as stage
 
 TINY = SynthConfig(seed=3, clips_per_class=4, frames=12, width=64, height=48)

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.config import HeadConfig, TrainConfig
+from pipeline.features.reader import open_cache
 from pipeline.head import checkpoint as ck
 from pipeline.head import fit as fitting
 from pipeline.head import infer as training
 from pipeline.head.batches import open_split
-from pipeline.config import HeadConfig, TrainConfig
-from pipeline.features.reader import open_cache
 from stages import train
 from tests.cli_helpers import assert_one_line_error, run_cli, run_in_process
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.video.encode import ENCODINGS, Encoding, read_frame_number
 from pipeline.video.decode import VideoError, decode_frames_at, decode_sampled, sample_indices
+from pipeline.video.encode import ENCODINGS, Encoding, read_frame_number
 from tests.conftest import overstate_avi_frame_count
 
 

@@ -71,7 +71,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-
 from pipeline.engines.ray_operators import BackboneActor, Counter, decode_batch, sink_class
 from pipeline.errors import UserError, first_line
 

@@ -7,7 +7,6 @@ Every row between the stages has the same columns (Ray requires it); a clip that
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import first_line
-
 
 # --- stage 1: decode (Ray tasks) --------------------------------------------------------------------------
 

@@ -14,8 +14,13 @@ import torchvision.models.vgg as tv_vgg
 from torch import Tensor, nn
 
 from pipeline.config import COMPILES, PRECISIONS
-from pipeline.features.weights import WeightsError, conv_shapes, imagenet_state_dict, load_state_dict_file, \
-    state_dict_sha256
+from pipeline.features.weights import (
+    WeightsError,
+    conv_shapes,
+    imagenet_state_dict,
+    load_state_dict_file,
+    state_dict_sha256,
+)
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB, as torchvision's VGG16_Weights.IMAGENET1K_V1 expects
 STD = (0.229, 0.224, 0.225)

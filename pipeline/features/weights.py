@@ -33,8 +33,7 @@ from torch import Tensor
 
 from pipeline.errors import describe
 from pipeline.features import weights_convert, weights_index
-from pipeline.features.weights_layout import (  # noqa: F401 (the layout is re-exported: callers import it here)
-    VGG16_CFG, WeightsError, conv_shapes, expected_shapes, validated)
+from pipeline.features.weights_layout import VGG16_CFG, WeightsError, conv_shapes, expected_shapes, validated  # noqa: F401 (the layout is re-exported: callers import it here)
 from pipeline.files import atomic_file, atomic_path
 
 TORCHVISION_FILE = "vgg16-397923af.pth"

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import HeadConfig
-from pipeline.files import atomic_file
-from pipeline.features.provenance import SETTINGS_KEYS, settings_mismatch
+from pipeline.errors import UserError, first_line
 from pipeline.features.cache import FeatureCache
-from pipeline.errors import first_line
-from pipeline.errors import UserError
+from pipeline.features.provenance import SETTINGS_KEYS, settings_mismatch
+from pipeline.files import atomic_file
 
 FORMAT = "videoattn-head"
 FORMAT_VERSION = 1

@@ -72,7 +72,6 @@ from pipeline.config import HeadConfig, check
 from pipeline.features.motion import Motion, clip_motion
 
 
-
 class HeadOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, K) per-frame logits y_t
     attention: torch.Tensor  # (B, T, H, W) attention maps A_t, each sums to 1

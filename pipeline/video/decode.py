@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import first_line
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 VIDEO_EXTENSIONS = frozenset(
     {".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ogv"}

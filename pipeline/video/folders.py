@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.video.decode import is_video_file
 from pipeline.errors import UserError
+from pipeline.video.decode import is_video_file
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, Iterable, Sequence
 
-from pipeline.files import write_text_atomic
 from pipeline.errors import UserError
+from pipeline.files import write_text_atomic
 
 SPLIT_NAMES = ("train", "val", "test")
 FOLDS = (1, 2, 3)  # both HMDB-51 and UCF-101 publish three

@@ -113,7 +113,7 @@ def load_online(model_path, device: str, weights: str | None, window: int, strid
     """(OnlineModel, checkpoint, sample interval in seconds, note or None) for a checkpoint written by train.
 
     The backbone is the checkpoint's own, rebuilt and checked (`rebuild_backbone`, as predict does)."""
-    from pipeline.features.rebuild import PredictError, rebuild_backbone
+    from pipeline.features.rebuild import rebuild_backbone
     from pipeline.head import checkpoint as ck
     from pipeline.head.runtime import pick_device
 
