@@ -243,6 +243,13 @@ def train(
     dropout: Optional[float] = typer.Option(None, show_default=_from_params("head", "dropout"), help="Dropout before the classifier."),
     feature_dropout: Optional[float] = typer.Option(None, show_default=_from_params("head", "feature_dropout"), help="Training-time dropout of whole input channels "
                                                     "(one mask per clip, shared over frames and positions)."),
+    appearance: Optional[str] = typer.Option(None, show_default=_from_params("head", "appearance"),
+                                             help="attended: the frame's features weighted by the attention, "
+                                             "W_g LN(sum_i A_ti X_ti), added to the logits | mean: the same with "
+                                             "the plain mean (reads past the attention) | none."),
+    heads: Optional[int] = typer.Option(None, show_default=_from_params("head", "heads"),
+                                        help="Heads trained together from different initial weights; the model's "
+                                        "video probability is the mean of theirs, its map the mean of their maps."),
     seed: Optional[int] = typer.Option(None, show_default=_from_params("train", "seed"), help="Seed: the same seed gives the same model."),
     epochs: Optional[int] = typer.Option(None, show_default=_from_params("train", "epochs"), help="Most epochs to train."),
     batch_size: Optional[int] = typer.Option(None, show_default=_from_params("train", "batch_size"), help="Clips per batch."),
@@ -253,6 +260,9 @@ def train(
                                                   "(0: off; it spreads attention over every cell)."),
     patience: Optional[int] = typer.Option(None, show_default=_from_params("train", "patience"), help="Stop after this many epochs without a better val loss."),
     motion_lr: Optional[float] = typer.Option(None, show_default=_from_params("train", "motion_lr"), help="Learning rate of the motion prior's weight beta."),
+    jitter: Optional[float] = typer.Option(None, show_default=_from_params("train", "jitter"),
+                                           help="Temporal jitter: each clip trains on a window of (1 - jitter) of "
+                                           "its cached frames at a random offset (evaluation reads them all)."),
     device: Optional[str] = typer.Option(None, show_default=_from_params("train", "device"), help="auto | cpu | cuda (bf16 autocast on CUDA)."),
     max_memory_gb: Optional[float] = typer.Option(None, show_default=_from_params("train", "max_memory_gb"), help="Load a split into memory when it fits under this; "
                                                   "else stream it from the cache."),
@@ -278,10 +288,10 @@ def train(
 
         head = load_section("head", params, cell=cell, attention=attention, readout=readout, motion=motion,
                             channels=channels, kernel=kernel,
-                            dropout=dropout, feature_dropout=feature_dropout)
+                            dropout=dropout, feature_dropout=feature_dropout, appearance=appearance, heads=heads)
         cfg = load_section("train", params, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, schedule=schedule, attention_reg=attention_reg,
-                           patience=patience, motion_lr=motion_lr, device=device, max_memory_gb=max_memory_gb,
+                           patience=patience, motion_lr=motion_lr, jitter=jitter, device=device, max_memory_gb=max_memory_gb,
                            loader_workers=loader_workers)
         summary = stage.run(cache, splits, model, head, cfg, metrics_path=metrics, plots_dir=plots, resume=resume,
                             progress=progress)

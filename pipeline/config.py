@@ -34,6 +34,7 @@ ATTENTIONS = ("soft", "none")
 SCHEDULES = ("cosine", "step")
 READOUTS = ("attention", "mean")
 MOTIONS = ("none", "prior", "input")
+APPEARANCES = ("none", "attended", "mean")
 SPLITS = ("train", "val", "test")
 
 
@@ -101,13 +102,33 @@ class HeadConfig:
     # none: no motion term | prior: + beta * log M~_t on Z_t | input: the prior, and log(1 + D_t) as one more
     # channel of P_t (soft attention only). input: 74% on the fight set's val splits, prior 67%, none 66%
     motion: str = _setting("input", choices=MOTIONS)
+    # none | attended: + W_g LN(sum_i A_ti X_ti), the frame's appearance read through the attention, on y_t |
+    # mean: the same with the plain mean over the cells (reads past the attention: kept to measure against)
+    appearance: str = _setting("none", choices=APPEARANCES)
+    heads: int = _setting(1, at_least=1)  # heads trained together from different initial weights, averaged
+
+    @property
+    def uses_motion(self) -> bool:
+        """Motion guides the attention (motion: prior | input): only a soft attention can be guided."""
+        return self.motion in ("prior", "input") and self.attention == "soft" and self.cell != "mean"
+
+    @property
+    def motion_channels(self) -> int:
+        """Channels that motion adds to P_t: 1 (log(1 + D_t)) for motion: input where motion applies, else 0."""
+        return int(self.uses_motion and self.motion == "input")
+
+    @property
+    def uses_appearance(self) -> bool:
+        """The appearance term applies to the attention heads (mean has no attention to read through)."""
+        return self.appearance != "none" and self.cell != "mean"
 
     @property
     def label(self) -> str:
         """"convlstm/soft/attention": the cell, the attention and, where it applies, the readout."""
         label = f"{self.cell}/{self.attention}" + (f"/{self.readout}" if self.cell == "convlstm" else "")
-        guided = self.motion != "none" and self.cell != "mean" and self.attention == "soft"
-        return label + (f"/motion-{self.motion}" if guided else "")
+        label += f"/motion-{self.motion}" if self.uses_motion else ""
+        label += f"/appearance-{self.appearance}" if self.uses_appearance else ""
+        return label + (f" x{self.heads}" if self.heads > 1 else "")
 
 
 @dataclass
@@ -120,6 +141,9 @@ class TrainConfig:
     schedule: str = _setting("cosine", choices=SCHEDULES)
     attention_reg: float = _setting(0.0, at_least=0)  # Sharma's term spreads attention: against localising
     motion_lr: float = _setting(1e-2, at_least=0)  # beta's own rate: at the main rate it barely leaves 1
+    # temporal jitter: each clip trains on a window of (1 - jitter) of its cached frames at an offset drawn
+    # per clip and epoch (evaluation reads all of them)
+    jitter: float = _setting(0.0, at_least=0, below=1)
     patience: int = _setting(8, at_least=1)
     device: str = _setting("auto", choices=DEVICES)
     max_memory_gb: float = _setting(8.0, at_least=0)  # load the split into memory when it fits under this

@@ -10,6 +10,8 @@ outside the paths given). Two measures of the attention:
   others counted), beside uniform attention, a centre prior and the clip's motion map, overall and per class;
 * faithfulness, on any dataset: the deletion test and its curve over k, 1 to half the cells
   (pipeline/report/faithfulness.py).
+Beside the head's accuracy, the baseline a sceptic runs first: a linear probe on each clip's mean feature,
+fitted on the train split with its L2 strength chosen on val (pipeline/report/probe.py), in `baselines`.
 The figures are computed in pipeline/report/; this module says which, on what, and where they go.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pipeline.head import checkpoint as ck
 from pipeline.head.batches import open_split
 from pipeline.progress import progress_bar
 from pipeline.report import boxes as gt
-from pipeline.report import faithfulness, metrics
+from pipeline.report import faithfulness, metrics, probe
 from pipeline.report.motion_baseline import motion_maps
 from pipeline.report.tables import print_report
 from pipeline.video.folders import first_existing
@@ -68,6 +70,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
                 deletion = faithfulness.deletion_test(rerun, outputs.attention, outputs.labels, cfg.deletion_draws,
                                                       on_pass=lambda: bar.advance(note="deletion test"))
         motion = motion_maps(clips, cfg.batch_size, dev)  # (N, T, h, w): the motion baseline, boxes or not
+        baselines = {"linear_probe": linear_probe_of(cache, splits_dir, clips, cfg.batch_size)}
         rows = clips.index
         frame_index = cache.frame_index[rows]  # (N, T)
         attention = metrics.attention_report(outputs.attention, [cache.videos[i] for i in rows], truth,
@@ -77,7 +80,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
     report = {"split": cfg.split, "clips": len(clips), **report,
               "attention": dict(attention, boxes=gt.shown(truth_path) if truth_path else None,
                                 looked_for_boxes=[gt.shown(p) for p in looked] if not truth else []),
-              "deletion": deletion,
+              "deletion": deletion, "baselines": baselines,
               "model": {"path": str(model_path), "head": ckpt.head.label,
                         "epoch": ckpt.train.get("epoch"), "weights": ckpt.extraction.get("weights")}}
     write_json_atomic(Path(out_dir) / "eval.json", report)
@@ -86,3 +89,23 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
     write_text_atomic(plots_dir / "confusion.csv", metrics.confusion_csv(clips.keys, outputs, ckpt.classes))
     metrics.write_maps(Path(out_dir) / MAPS_FILE, clips.keys, outputs, frame_index, ckpt.classes)
     return report
+
+
+def linear_probe_of(cache, splits_dir: Path, clips, batch_size: int) -> dict[str, Any]:
+    """The linear probe (pipeline/report/probe.py) trained on the train split, chosen on val (C = 1 where there
+    is no val list), scored on `clips`; a note instead where the splits folder has no train list."""
+    from pipeline.video.splits import SplitError
+
+    def features_of(name: str):
+        chosen = open_split(cache, splits_dir, name, max_memory_gb=0) if name else clips  # streamed
+        return probe.mean_features(chosen, batch_size), chosen.labels.numpy()
+
+    try:
+        train = features_of("train")
+    except SplitError as exc:
+        return {"video_accuracy": None, "note": f"no linear probe: {exc}"}
+    try:
+        val = features_of("val")
+    except SplitError:
+        val = (np.zeros((0, train[0].shape[1])), np.zeros(0, np.int64))
+    return probe.linear_probe(train, val, features_of(""))

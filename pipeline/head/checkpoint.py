@@ -99,7 +99,7 @@ def save(path: str | Path, ckpt: Checkpoint) -> Path:
 
 # what a head config without the key was: a checkpoint from before the key existed loads as the head it was
 # trained as, never as today's default
-PRE_KEYS = {"readout": "mean", "motion": "none"}
+PRE_KEYS = {"readout": "mean", "motion": "none", "appearance": "none", "heads": 1}
 
 
 def load(path: str | Path) -> Checkpoint:

@@ -71,6 +71,25 @@ def clip_noise(seed: int, epoch: int, rows: np.ndarray) -> "torch.Tensor":  # no
     return torch.tensor([(base + int(r)) % 2**63 for r in rows], dtype=torch.int64)
 
 
+def jitter_frames(x: "torch.Tensor", jitter: float, noise: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """Temporal jitter: each clip's window of T - round(jitter * T) consecutive cached frames, at an offset drawn
+    from its dropout seed (a function of the clip and the epoch, so any rank or batch draws the same one).
+
+    x (B, T, C, h, w) -> (B, L, C, h, w). Why: on a few hundred clips the head learns the clips by heart within a
+    few epochs; a shifted window is another clip of the same action at the same frame spacing (the motion
+    energy between neighbouring frames keeps its scale, which a random subset of frames would not), and it
+    costs no new extraction. Evaluation reads every frame."""
+    import torch
+
+    t = x.shape[1]
+    length = t - int(round(jitter * t))
+    if length >= t or length < 1:
+        return x
+    offsets = (noise % (t - length + 1)).to(x.device)  # (B,)
+    frames = offsets[:, None] + torch.arange(length, device=x.device)  # (B, L)
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], frames]
+
+
 def train_epoch(model, clips: ClipSet, optimiser, cfg: TrainConfig, device, epoch: int,
                 on_batch: Callable[[int], None] | None = None, ranks: Ranks = ALONE) -> EpochResult:
     """One pass over `clips` in a seeded random order (seed, epoch), updating `model` in place.
@@ -99,8 +118,9 @@ def train_epoch(model, clips: ClipSet, optimiser, cfg: TrainConfig, device, epoc
         n = len(batch.rows)
         x = batch.features.to(device, non_blocking=True)
         y = batch.labels.to(device)
+        noise = clip_noise(cfg.seed, epoch, batch.rows)
         with autocast(device):
-            out = model(x, clip_noise(cfg.seed, epoch, batch.rows))
+            out = model(jitter_frames(x, cfg.jitter, noise), noise)
             loss, _ = head_loss(out, y, cfg.attention_reg)
         # DDP averages over the ranks: N * (n / B) makes that average the global batch's mean loss
         step_loss = loss * (0.0 if empty else n * ranks.world / len(whole)) if ranks.distributed else loss

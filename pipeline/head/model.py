@@ -75,6 +75,7 @@ from pipeline.features.motion import Motion, clip_motion
 class HeadOutput(NamedTuple):
     logits: torch.Tensor  # (B, T, K) per-frame logits y_t
     attention: torch.Tensor  # (B, T, H, W) attention maps A_t, each sums to 1
+    members: torch.Tensor | None = None  # (M, B, T, K) each head's own logits, for a HeadEnsemble in training
 
 
 def conv_hwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +120,8 @@ class ClipDropout(nn.Module):
         if noise is None:
             u = torch.rand(x.shape[0], *shape, device=x.device)
         else:  # (B,) int64 seeds
-            u = torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed((int(s) * 2 + self.salt) % 2**63))
-                             for s in noise.tolist()]).to(x.device)
+            seeds = [(int(s) * 2 + self.salt) % 2**63 for s in noise.tolist()]
+            u = torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(x.device)
         return x * ((u >= self.p).to(x.dtype) / (1.0 - self.p))
 
 
@@ -203,9 +204,32 @@ def make_attention(kind: str, channels: int, in_channels: int) -> nn.Module:
     return SoftAttention(channels, in_channels) if kind == "soft" else UniformAttention()
 
 
-def motion_channels(motion: str, attention: str) -> int:
-    """Channels that motion adds to P_t: 1 (log(1 + D_t)) for motion: input with soft attention, else 0."""
-    return int(motion == "input" and attention == "soft")
+class Appearance(nn.Module):
+    """y_t += W_g dropout(LN(a_t)): the frame's appearance, a_t = sum_i A_{t,i} X_{t,i} (attended) or the mean
+    of X_t over the cells (mean), straight to the logits.
+
+    Why (docs/DESIGN.md, "Small real datasets"): where appearance decides the class, a linear probe on the
+    clip's mean feature beats a head that must learn W_p, the cell and the readout from a few clips a class;
+    this gives the classifier that linear path. `attended` reads it through A_t, so the attention stays the
+    only way evidence reaches the classifier and the deletion test still measures what the map is worth;
+    `mean` reads past it (kept to measure against). W_g starts at zero: training starts from the head alone.
+    """
+
+    def __init__(self, kind: str, in_channels: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.attended = kind == "attended"
+        self.norm = nn.LayerNorm(in_channels)
+        self.dropout = ClipDropout(dropout, salt=2)
+        self.w_g = nn.Linear(in_channels, num_classes, bias=False)  # b_c is the head's one bias
+        nn.init.zeros_(self.w_g.weight)
+
+    def forward(self, x: torch.Tensor, maps: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, H, W, C) the features as the head saw them, maps (B, T, H*W) A_t -> (B, T, K)."""
+        if self.attended:
+            a = torch.einsum("bti,btic->btc", maps.to(x.dtype), x.flatten(2, 3))  # sum_i A_ti X_ti: (B, T, C)
+        else:
+            a = x.mean(dim=(2, 3))  # mean_i X_ti: (B, T, C)
+        return self.w_g(self.dropout(self.norm(a), noise))  # (B, T, K)
 
 
 # --- recurrent cells -------------------------------------------------------------------------------------
@@ -267,7 +291,7 @@ class StateInit(nn.Module):
 
 
 class RecurrentHead(nn.Module):
-    """The layers both attention heads share, under DESIGN.md's names; each head writes out its own forward.
+    """The layers both attention heads share, under docs/DESIGN.md's names; each head writes out its own forward.
 
     ConvLSTMHead keeps a (B, H, W, d) state and reads out through the attention; LSTMHead keeps a (B, d) vector,
     feeds it avgpool(X~_t) and shows h_{t-1} to the attention broadcast over the positions. Both build their
@@ -275,25 +299,28 @@ class RecurrentHead(nn.Module):
     always gave); the order the layers are registered in here is the order of the checkpoints' state_dicts.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int, attention: str, dropout: float,
-                 feature_dropout: float, init_state: StateInit, cell: nn.Module, motion: str = "none"):
+    def __init__(self, cfg: HeadConfig, in_channels: int, num_classes: int, *, init_state: StateInit,
+                 cell: nn.Module):
         super().__init__()
-        self.uses_motion = motion in ("prior", "input") and attention == "soft"  # attention none stays uniform
+        self.uses_motion = cfg.uses_motion  # attention none stays uniform
         if self.uses_motion:
             self.beta = nn.Parameter(torch.ones(()))  # weight of log M~_t in Z_t: the prior at face value to start
-        self.motion_channel = motion_channels(motion, attention) == 1  # P_t gets log(1 + D_t) as one more channel
-        self.feature_dropout = FeatureDropout(feature_dropout)
-        self.w_p = nn.Linear(in_channels, channels, bias=False)  # 1x1 conv
-        self.attention = make_attention(attention, channels, channels + motion_channels(motion, attention))
+        self.motion_channel = cfg.motion_channels == 1  # P_t gets log(1 + D_t) as one more channel
+        self.feature_dropout = FeatureDropout(cfg.feature_dropout)
+        self.w_p = nn.Linear(in_channels, cfg.channels, bias=False)  # 1x1 conv
+        self.attention = make_attention(cfg.attention, cfg.channels, cfg.channels + cfg.motion_channels)
         self.init_state = init_state
         self.cell = cell
-        self.dropout = ClipDropout(dropout, salt=1)
-        self.w_c = nn.Linear(channels, num_classes)
+        self.dropout = ClipDropout(cfg.dropout, salt=1)
+        self.w_c = nn.Linear(cfg.channels, num_classes)
+        # registered last, so the layers above draw the weights they always drew for a seed
+        self.appearance = Appearance(cfg.appearance, in_channels, num_classes, cfg.dropout) \
+            if cfg.uses_appearance else None
 
     def inputs(self, x: torch.Tensor, noise: torch.Tensor | None, motion: Motion | None):
         """The equations both heads start with, all frames at once: P_t from X_t (with the motion channel), its
-        attention term and log M~_t. x (B, T, C, H, W) -> P (B, T, H, W, d[+1]), W_xa * P_t + b_a (B, T, H, W, d),
-        log M~_t as T x (B, H*W) (None without motion guidance), and X_t's dtype (the state's)."""
+        attention term and log M~_t. x (B, T, C, H, W) -> X_t as the head sees it (B, T, H, W, C), P (B, T, H, W,
+        d[+1]), W_xa * P_t + b_a (B, T, H, W, d), log M~_t as T x (B, H*W) (None without motion guidance)."""
         log_m = None
         if self.uses_motion:  # M~_t and D_t of the clip as it came, before any dropout: (B, T, H, W) each
             motion = motion if motion is not None else self.motion_of(x)
@@ -303,7 +330,17 @@ class RecurrentHead(nn.Module):
         if self.motion_channel:  # P_t := [P_t, log(1 + D_t)]: (B, T, H, W, d + 1)
             p = torch.cat([p, torch.log1p(motion.energy).to(p.dtype).unsqueeze(-1)], dim=-1)
         p_term = self.attention.input_term(p)  # W_xa * P_t + b_a: (B, T, H, W, d)
-        return p, p_term, log_m, x.dtype
+        return x, p, p_term, log_m
+
+    def outputs(self, x: torch.Tensor, r: torch.Tensor, maps: list[torch.Tensor], noise: torch.Tensor | None,
+                size: tuple[int, int]) -> HeadOutput:
+        """y_t = W_c dropout(r_t) + b_c (+ W_g dropout(LN(a_t)) with an appearance term) and the maps:
+        x (B, T, H, W, C), r (B, T, d), maps T x (B, H*W) -> logits (B, T, K), attention (B, T, H, W)."""
+        a = torch.stack(maps, dim=1)  # A_t: (B, T, H*W)
+        logits = self.w_c(self.dropout(r, noise))  # y_t = W_c dropout(r_t) + b_c: (B, T, K)
+        if self.appearance is not None:
+            logits = logits + self.appearance(x, a, noise)  # + W_g dropout(LN(a_t)): (B, T, K)
+        return HeadOutput(logits, a.view(*a.shape[:2], *size))
 
     def motion_of(self, x: torch.Tensor) -> Motion | None:
         """M~_t and D_t of the clips x (B, T, C, H, W), (B, T, H, W) each; None for a head without motion."""
@@ -313,21 +350,19 @@ class RecurrentHead(nn.Module):
 class ConvLSTMHead(RecurrentHead):
     """Soft-attention ConvLSTM (after VideoLSTM): the equations at the top of this module, in `forward`."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int, kernel: int, attention: str, dropout: float,
-                 feature_dropout: float = 0.0, readout: str = "attention", motion: str = "none"):
-        p_channels = channels + motion_channels(motion, attention)  # of P_t
-        super().__init__(in_channels, num_classes, channels, attention, dropout, feature_dropout,
-                         StateInit(conv2d_hwc(p_channels, 2 * channels, kernel)),
-                         ConvLSTMCell(p_channels, channels, kernel), motion)
-        self.read_through_attention = readout == "attention"
+    def __init__(self, cfg: HeadConfig, in_channels: int, num_classes: int):
+        p_channels = cfg.channels + cfg.motion_channels  # of P_t
+        super().__init__(cfg, in_channels, num_classes,
+                         init_state=StateInit(conv2d_hwc(p_channels, 2 * cfg.channels, cfg.kernel)),
+                         cell=ConvLSTMCell(p_channels, cfg.channels, cfg.kernel))
+        self.read_through_attention = cfg.readout == "attention"
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, motion: Motion | None = None) -> HeadOutput:
         """x (B, T, C, H, W); `noise` (B,) int64: each clip's dropout seed in training (see ClipDropout);
-        `motion`: the clips' Motion when it comes from elsewhere (the deletion test keeps the unmodified
+        `motion`: the clips's Motion when it comes from elsewhere (the deletion test keeps the unmodified
         clip's map), else it is computed from x before any dropout."""
-        b, t, _, height, width = x.shape
-        p, p_term, log_m, dtype = self.inputs(x, noise, motion)  # P_t, W_xa * P_t + b_a, log M~_t
-        h, c = self.init_state(p.mean(dim=1), dtype)  # H_0, C_0 = tanh(conv(mean_t P_t)): (B, H, W, d) each
+        x, p, p_term, log_m = self.inputs(x, noise, motion)  # X_t, P_t, W_xa * P_t + b_a, log M~_t
+        h, c = self.init_state(p.mean(dim=1), x.dtype)  # H_0, C_0 = tanh(conv(mean_t P_t)): (B, H, W, d) each
         readouts, maps = [], []
         for step, (p_t, p_term_t) in enumerate(zip(p.unbind(1), p_term.unbind(1))):  # unbind: one gradient copy
             z = self.attention(p_term_t, h)  # Z_t = w_z * tanh(W_xa * P_t + W_ha * H_{t-1} + b_a): (B, H*W)
@@ -337,9 +372,7 @@ class ConvLSTMHead(RecurrentHead):
             h, c = self.cell(x_att, (h, c))  # i, f, o, g; C_t = f (.) C_{t-1} + i (.) g; H_t = o (.) tanh(C_t)
             readouts.append(self.readout(h, scale))  # r_t = sum_i A_{t,i} H_{t,i} (readout mean: avgpool H_t): (B, d)
             maps.append(a)
-        r = torch.stack(readouts, dim=1)  # (B, T, d)
-        logits = self.w_c(self.dropout(r, noise))  # y_t = W_c dropout(r_t) + b_c: (B, T, K)
-        return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, height, width))
+        return self.outputs(x, torch.stack(readouts, dim=1), maps, noise, x.shape[2:4])  # y_t, A_t
 
     def readout(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """r_t (B, d) from H_t (B, H, W, d) and (H*W) A_t (B, H, W, 1), as `attend` returns it."""
@@ -351,17 +384,15 @@ class ConvLSTMHead(RecurrentHead):
 class LSTMHead(RecurrentHead):
     """Sharma et al.: attention-weighted sum over positions -> vector LSTM of d units."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int, attention: str, dropout: float,
-                 feature_dropout: float = 0.0, motion: str = "none"):
-        p_channels = channels + motion_channels(motion, attention)  # of P_t
-        super().__init__(in_channels, num_classes, channels, attention, dropout, feature_dropout,
-                         StateInit(nn.Linear(p_channels, 2 * channels)), LSTMCell(p_channels, channels), motion)
+    def __init__(self, cfg: HeadConfig, in_channels: int, num_classes: int):
+        p_channels = cfg.channels + cfg.motion_channels  # of P_t
+        super().__init__(cfg, in_channels, num_classes, init_state=StateInit(nn.Linear(p_channels, 2 * cfg.channels)),
+                         cell=LSTMCell(p_channels, cfg.channels))
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, motion: Motion | None = None) -> HeadOutput:
         """As ConvLSTMHead.forward, with a vector state: x (B, T, C, H, W), `noise` (B,), `motion`."""
-        b, t, _, height, width = x.shape
-        p, p_term, log_m, dtype = self.inputs(x, noise, motion)  # P_t, W_xa * P_t + b_a, log M~_t
-        h, c = self.init_state(p.mean(dim=(1, 2, 3)), dtype)  # h_0, c_0 = tanh(W mean over t and i of P_t): (B, d)
+        x, p, p_term, log_m = self.inputs(x, noise, motion)  # X_t, P_t, W_xa * P_t + b_a, log M~_t
+        h, c = self.init_state(p.mean(dim=(1, 2, 3)), x.dtype)  # h_0, c_0 = tanh(W mean over t and i of P_t): (B, d)
         readouts, maps = [], []
         for step, (p_t, p_term_t) in enumerate(zip(p.unbind(1), p_term.unbind(1))):  # unbind: one gradient copy
             z = self.attention(p_term_t, h[:, None, None, :])  # Z_t, h_{t-1} broadcast over the positions: (B, H*W)
@@ -371,18 +402,16 @@ class LSTMHead(RecurrentHead):
             h, c = self.cell(x_att.mean(dim=(1, 2)), (h, c))  # LSTM on avgpool(X~_t) = sum_i A_{t,i} P_{t,i}
             readouts.append(h)  # r_t = h_t: a vector state has no positions to weight (head.readout does not apply)
             maps.append(a)
-        r = torch.stack(readouts, dim=1)  # (B, T, d)
-        logits = self.w_c(self.dropout(r, noise))  # y_t = W_c dropout(r_t) + b_c: (B, T, K)
-        return HeadOutput(logits, torch.stack(maps, dim=1).view(b, t, height, width))
+        return self.outputs(x, torch.stack(readouts, dim=1), maps, noise, x.shape[2:4])  # y_t, A_t
 
 
 class MeanHead(nn.Module):
     """No temporal memory: y_t = W_c dropout(avgpool(X_t)) + b_c, with uniform attention."""
 
-    def __init__(self, in_channels: int, num_classes: int, dropout: float, feature_dropout: float = 0.0):
+    def __init__(self, cfg: HeadConfig, in_channels: int, num_classes: int):
         super().__init__()
-        self.feature_dropout = FeatureDropout(feature_dropout)
-        self.dropout = ClipDropout(dropout, salt=1)
+        self.feature_dropout = FeatureDropout(cfg.feature_dropout)
+        self.dropout = ClipDropout(cfg.dropout, salt=1)
         self.w_c = nn.Linear(in_channels, num_classes)
 
     uses_motion = False  # no attention to guide
@@ -396,16 +425,48 @@ class MeanHead(nn.Module):
         return HeadOutput(logits, attention)
 
 
+class HeadEnsemble(nn.Module):
+    """Several heads of one config, trained together from different initial weights and dropout masks, read as
+    one: the video probability is the mean of theirs, the attention map the mean of their maps.
+
+    Why (docs/DESIGN.md, "Small real datasets"): on a few hundred clips the seed alone moved a head's accuracy
+    by 20 points; the mean of several heads is the seeds' consensus. Each member learns from its own loss
+    (`head_loss` reads `HeadOutput.members`), so they stay as different as separate runs; validation, early
+    stopping and every report read the ensemble. The motion map comes from the features, so it is computed
+    once for all members.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.uses_motion = getattr(members[0], "uses_motion", False)
+
+    def motion_of(self, x: torch.Tensor) -> Motion | None:
+        return self.members[0].motion_of(x) if self.uses_motion else None
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None, motion: Motion | None = None) -> HeadOutput:
+        """x (B, T, C, H, W) -> per-frame logits log(mean_m softmax(y_mt)) (B, T, K), so that their softmax is
+        the members' mean probability; A_t the mean of the members' maps (B, T, H, W); and each member's logits."""
+        motion = motion if motion is not None else self.motion_of(x)
+        outs = [m(x, None if noise is None else noise ^ (j * MEMBER_SALT), motion)  # each its own dropout masks
+                for j, m in enumerate(self.members)]
+        member_logits = torch.stack([o.logits.float() for o in outs])  # (M, B, T, K)
+        mean_p = torch.softmax(member_logits, dim=-1).mean(dim=0)  # (B, T, K)
+        logits = torch.log(mean_p.clamp_min(torch.finfo(mean_p.dtype).tiny))
+        attention = torch.stack([o.attention for o in outs]).mean(dim=0)  # (B, T, H, W), still sums to 1
+        return HeadOutput(logits, attention, member_logits)
+
+
+MEMBER_SALT = 0x5DEECE66D  # member j's dropout seeds: the clip's XOR j times this (member 0: the clip's own)
+HEADS = {"convlstm": ConvLSTMHead, "lstm": LSTMHead, "mean": MeanHead}
+
+
 def build_head(cfg: HeadConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """The head that `cfg` names, for C = in_channels input channels and K = num_classes classes."""
+    """The head that `cfg` names, for C = in_channels input channels and K = num_classes classes: one head, or a
+    HeadEnsemble of `cfg.heads` of them (drawn one after the other, so the first is the single head of a seed)."""
     cfg = check(cfg)
-    if cfg.cell == "convlstm":
-        return ConvLSTMHead(in_channels, num_classes, cfg.channels, cfg.kernel, cfg.attention, cfg.dropout,
-                            cfg.feature_dropout, cfg.readout, cfg.motion)
-    if cfg.cell == "lstm":
-        return LSTMHead(in_channels, num_classes, cfg.channels, cfg.attention, cfg.dropout, cfg.feature_dropout,
-                        cfg.motion)
-    return MeanHead(in_channels, num_classes, cfg.dropout, cfg.feature_dropout)
+    members = [HEADS[cfg.cell](cfg, in_channels, num_classes) for _ in range(cfg.heads)]
+    return members[0] if cfg.heads == 1 else HeadEnsemble(members)
 
 
 # --- loss and prediction ---------------------------------------------------------------------------------
@@ -422,13 +483,18 @@ def attention_regulariser(attention: torch.Tensor) -> torch.Tensor:
     return ((1.0 - coverage) ** 2).sum(dim=1).mean()
 
 
-def head_loss(out: HeadOutput, labels: torch.Tensor, attention_reg: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def head_loss(out: HeadOutput, labels: torch.Tensor,
+              attention_reg: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean over t (and the batch) of CE(y_t, label) + attention_reg * attention_regulariser.
 
     Returns (total, parts); parts holds the two terms, detached, for logging.
     """
     b, t, k = out.logits.shape
-    ce = F.cross_entropy(out.logits.float().reshape(b * t, k), labels.repeat_interleave(t))
+    if out.members is not None:  # an ensemble in training: each member's own cross-entropy, averaged
+        m = out.members.shape[0]
+        ce = F.cross_entropy(out.members.reshape(m * b * t, k), labels.repeat_interleave(t).repeat(m))
+    else:
+        ce = F.cross_entropy(out.logits.float().reshape(b * t, k), labels.repeat_interleave(t))
     reg = attention_regulariser(out.attention)
     total = ce + attention_reg * reg
     return total, {"cross_entropy": ce.detach(), "attention_reg": reg.detach()}

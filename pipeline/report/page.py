@@ -142,7 +142,8 @@ def _metrics(metrics: dict[str, Any] | None, source: str) -> dict[str, Any] | No
     if not metrics:
         return None
     top_key = next((k for k in metrics if k.startswith("top") and k.endswith("_accuracy")), None)
-    rows = [["video accuracy", _pct(metrics.get("video_accuracy")), f"{_pct(metrics.get('chance'))} chance"],
+    rows = [["video accuracy", _pct(metrics.get("video_accuracy")),
+             f"{_pct(metrics.get('chance'))} chance" + _probe(metrics)],
             ["per-frame accuracy", _pct(metrics.get("frame_accuracy")), ""]]
     if top_key:
         rows.append([top_key.replace("_", " "), _pct(metrics.get(top_key)), ""])
@@ -168,6 +169,12 @@ def _metrics(metrics: dict[str, Any] | None, source: str) -> dict[str, Any] | No
     elif "attention" in metrics:
         rows.append(["attention vs ground truth", "no ground-truth boxes", ""])
     return {"source": source, "clips": _text(metrics.get("clips")), "rows": rows}
+
+
+def _probe(metrics: dict[str, Any]) -> str:
+    """", 93.8% linear probe": the baseline beside the head's accuracy (absent in older reports)."""
+    accuracy = ((metrics.get("baselines") or {}).get("linear_probe") or {}).get("video_accuracy")
+    return f", {_pct(accuracy)} linear probe on the mean feature" if accuracy is not None else ""
 
 
 def _per_class(metrics: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -26,7 +26,9 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_column("model", justify="right")
     table.add_column("baseline", justify="right")
     top_key = next(k for k in report if k.startswith("top") and k.endswith("_accuracy"))
-    table.add_row("video accuracy", pct(report["video_accuracy"]), f"{pct(report['chance'])} chance")
+    probe = ((report.get("baselines") or {}).get("linear_probe") or {}).get("video_accuracy")
+    table.add_row("video accuracy", pct(report["video_accuracy"]), f"{pct(report['chance'])} chance"
+                  + (f", {pct(probe)} linear probe" if probe is not None else ""))
     table.add_row("per-frame accuracy", pct(report["frame_accuracy"]), "")
     table.add_row(top_key.replace("_", " "), pct(report[top_key]), "")
     entropy = report["entropy"]
@@ -76,6 +78,10 @@ def print_report(report: dict[str, Any]) -> None:
                       f"({att.get('frames_scored')} are){none_at_all}", highlight=False)
     if att["clips_with_boxes"] and att["mass_ratio"] is None:
         console.print("  [yellow]note[/] the boxes are degenerate (zero area): no mass ratio", highlight=False)
+    if probe is not None and report["video_accuracy"] is not None and report["video_accuracy"] < probe:
+        console.print(f"  [yellow]note[/] the head is below a linear probe on the clips' mean feature "
+                      f"({report['video_accuracy']:.1%} < {probe:.1%}): the appearance decides these classes more "
+                      "than the head has learnt; see README \"Below the linear probe\"", highlight=False)
     worst = sorted(((v["accuracy"], k) for k, v in report["per_class"].items() if v["accuracy"] is not None))[:3]
     if worst and worst[0][0] < 1.0:
         console.print("lowest classes: " + escape(", ".join(f"{k} {pct(a)}" for a, k in worst)), highlight=False)

@@ -1,0 +1,190 @@
+"""Small real datasets: several heads read as one, the appearance term, temporal jitter and the linear probe."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import HeadConfig, TrainConfig
+from pipeline.head import checkpoint as ck
+from pipeline.head.fit import jitter_frames
+from pipeline.head.model import HeadEnsemble, build_head, head_loss, video_probabilities
+from pipeline.report.probe import FALLBACK_C, linear_probe
+
+
+def clips(b: int = 3, t: int = 6, c: int = 16, size: int = 5) -> torch.Tensor:
+    return torch.randn(b, t, c, size, size, generator=torch.Generator().manual_seed(1)).abs()
+
+
+# --- several heads, read as one ---------------------------------------------------------------------------
+
+
+def test_an_ensemble_reads_as_the_mean_of_its_members_probabilities_and_maps():
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(channels=8, heads=3), 16, 4).eval()
+    x = clips()
+    with torch.no_grad():
+        out = head(x)
+        members = [m(x) for m in head.members]
+    assert isinstance(head, HeadEnsemble) and len(head.members) == 3
+    mean = torch.stack([video_probabilities(o.logits) for o in members]).mean(dim=0)
+    torch.testing.assert_close(video_probabilities(out.logits), mean)
+    torch.testing.assert_close(out.attention, torch.stack([o.attention for o in members]).mean(dim=0))
+    torch.testing.assert_close(out.attention.sum(dim=(2, 3)), torch.ones(3, 6))
+    assert not torch.equal(members[0].logits, members[1].logits)  # drawn from other initial weights
+
+
+def test_the_first_member_is_the_single_head_of_the_same_seed():
+    torch.manual_seed(5)
+    one = build_head(HeadConfig(channels=8), 16, 4)
+    torch.manual_seed(5)
+    three = build_head(HeadConfig(channels=8, heads=3), 16, 4)
+    for (name, a), (_, b) in zip(one.state_dict().items(), three.members[0].state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_each_member_learns_from_its_own_loss_with_its_own_dropout_masks():
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(channels=8, heads=2), 16, 4).train()
+    x, labels, noise = clips(), torch.tensor([0, 1, 2]), torch.tensor([11, 12, 13])
+    out = head(x, noise)
+    assert out.members.shape == (2, 3, 6, 4)
+    loss, _ = head_loss(out, labels, 0.0)
+    each = [torch.nn.functional.cross_entropy(m.reshape(-1, 4), labels.repeat_interleave(6)) for m in out.members]
+    torch.testing.assert_close(loss, torch.stack(each).mean())
+    same_masks = [m(x, noise).logits for m in head.members]  # member 1 with member 0's masks differs from its own
+    assert not torch.equal(same_masks[1], out.members[1])
+    torch.testing.assert_close(same_masks[0], out.members[0])
+
+
+def test_an_ensemble_checkpoint_holds_every_member_and_rebuilds_the_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    cfg = HeadConfig(channels=8, heads=3, appearance="attended")
+    head = build_head(cfg, 16, 4).eval()
+    ck.save(tmp_path / "h.pt", ck.Checkpoint(head.state_dict(), cfg, ["a", "b", "c", "d"], [6, 16, 5, 5], {}))
+    loaded = ck.load(tmp_path / "h.pt")
+    assert loaded.head == cfg and any(k.startswith("members.2.") for k in loaded.state_dict)
+    x = clips()
+    with torch.no_grad():
+        assert torch.equal(loaded.build()(x).logits, head(x).logits)
+
+
+def test_a_checkpoint_from_before_these_keys_loads_as_one_head_without_appearance(tmp_path):
+    import dataclasses
+
+    head = build_head(HeadConfig(channels=8), 16, 4)
+    old = {k: v for k, v in dataclasses.asdict(HeadConfig(channels=8)).items() if k not in ("heads", "appearance")}
+    payload = {"format": ck.FORMAT, "format_version": ck.FORMAT_VERSION, "state_dict": head.state_dict(),
+               "head": old, "classes": ["a", "b", "c", "d"], "feature_shape": [6, 16, 5, 5], "extraction": {}}
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = ck.load(tmp_path / "old.pt")
+    assert (loaded.head.heads, loaded.head.appearance) == (1, "none")
+    assert not isinstance(loaded.build(), HeadEnsemble)
+
+
+# --- the appearance term ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["attended", "mean"])
+def test_the_appearance_term_starts_at_zero_so_the_head_starts_as_it_was(kind):
+    torch.manual_seed(3)
+    plain = build_head(HeadConfig(channels=8), 16, 4).eval()
+    torch.manual_seed(3)
+    with_term = build_head(HeadConfig(channels=8, appearance=kind), 16, 4).eval()
+    x = clips()
+    with torch.no_grad():
+        assert torch.equal(plain(x).logits, with_term(x).logits)
+        assert torch.equal(plain(x).attention, with_term(x).attention)
+
+
+def test_the_attended_appearance_is_the_features_weighted_by_the_map():
+    """y_t gains W_g LN(sum_i A_ti X_ti): with a one-hot map it is the attended cell's features, nothing else."""
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(channels=8, appearance="attended"), 16, 4).eval()
+    torch.nn.init.normal_(head.appearance.w_g.weight)
+    x = clips(b=1)  # (1, T, C, h, w)
+    maps = torch.zeros(1, 6, 25)
+    maps[:, :, 7] = 1.0  # every frame looks at cell 7 (row 1, column 2)
+    term = head.appearance(x.permute(0, 1, 3, 4, 2), maps, None)
+    expected = head.appearance.w_g(head.appearance.norm(x[:, :, :, 1, 2]))
+    torch.testing.assert_close(term, expected)
+
+
+def test_with_the_attended_appearance_deleting_unattended_cells_changes_nothing_it_reads():
+    """Faithfulness by construction: the term reads only where A_t is; cells with no mass do not reach y_t."""
+    torch.manual_seed(0)
+    head = build_head(HeadConfig(channels=8, appearance="attended"), 16, 4).eval()
+    torch.nn.init.normal_(head.appearance.w_g.weight)
+    x = clips(b=1)
+    maps = torch.zeros(1, 6, 25)
+    maps[:, :, 7] = 1.0
+    emptied = x.clone()
+    emptied[:, :, :, 0, 0] = 0.0  # a cell the map does not look at
+    hwc = [v.permute(0, 1, 3, 4, 2) for v in (x, emptied)]
+    assert torch.equal(head.appearance(hwc[0], maps, None), head.appearance(hwc[1], maps, None))
+
+
+# --- temporal jitter ---------------------------------------------------------------------------------------
+
+
+def test_jitter_gives_each_clip_a_window_of_consecutive_frames_drawn_from_its_seed():
+    x = torch.arange(2 * 10, dtype=torch.float32).view(2, 10, 1, 1, 1)  # frame numbers as features
+    noise = torch.tensor([3, 8])
+    out = jitter_frames(x, 0.2, noise)  # windows of 8 of the 10 frames: offsets 3 % 3 = 0 and 8 % 3 = 2
+    assert out.shape == (2, 8, 1, 1, 1)
+    assert out[0].flatten().tolist() == list(range(0, 8))
+    assert out[1].flatten().tolist() == list(range(12, 20))
+    assert torch.equal(jitter_frames(x, 0.2, noise), out)  # the same seeds, the same windows
+    assert jitter_frames(x, 0.0, noise) is x  # no jitter: every frame
+
+
+def test_training_with_jitter_is_reproducible_and_differs_from_training_without(tiny_project, tmp_path):
+    from stages import train
+
+    def trained(name: str, jitter: float) -> dict:
+        out = tmp_path / name
+        train.run(tiny_project["cache"], tiny_project["splits"], out / "h.pt", HeadConfig(channels=4, heads=2),
+                  TrainConfig(epochs=2, batch_size=4, device="cpu", jitter=jitter), progress=False)
+        return torch.load(out / "h.pt", weights_only=True)["state_dict"]
+
+    a, b, plain = trained("a", 0.3), trained("b", 0.3), trained("c", 0.0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], plain[k]) for k in a)
+
+
+# --- the linear probe ----------------------------------------------------------------------------------------
+
+
+def separable(n: int, seed: int, shift: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3
+    x = rng.normal(size=(n, 10))
+    x[np.arange(n), y] += shift  # class k: feature k raised
+    return x, y
+
+
+def test_the_probe_separates_what_a_linear_map_separates_and_chooses_c_on_val():
+    report = linear_probe(separable(60, 0), separable(30, 1), separable(30, 2))
+    assert report["video_accuracy"] >= 0.95 and report["chosen_on"] == "val"
+    assert report["C"] in [10.0 ** e for e in range(-4, 3)] and report["train_clips"] == 60
+
+
+def test_without_val_clips_the_probe_takes_c_1_and_says_so():
+    empty = (np.zeros((0, 10)), np.zeros(0, int))
+    report = linear_probe(separable(60, 0), empty, separable(30, 2))
+    assert report["C"] == FALLBACK_C and report["val_accuracy"] is None and "no val" in report["chosen_on"]
+
+
+def test_evaluate_reports_the_probe_beside_the_head(tiny_project, tmp_path):
+    from pipeline.config import EvaluateConfig
+    from stages import evaluate, train
+
+    train.run(tiny_project["cache"], tiny_project["splits"], tmp_path / "h.pt", HeadConfig(channels=4),
+              TrainConfig(epochs=1, batch_size=4, device="cpu"), progress=False)
+    report = evaluate.run(tiny_project["cache"], tiny_project["splits"], tmp_path / "h.pt", tmp_path / "eval",
+                          EvaluateConfig(deletion_draws=0, device="cpu"), progress=False)
+    probe = json.loads((tmp_path / "eval" / "eval.json").read_text())["baselines"]["linear_probe"]
+    assert probe == report["baselines"]["linear_probe"]
+    assert probe["train_clips"] == 6 and probe["features"] == 512 and 0.0 <= probe["video_accuracy"] <= 1.0
