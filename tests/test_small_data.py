@@ -188,3 +188,32 @@ def test_evaluate_reports_the_probe_beside_the_head(tiny_project, tmp_path):
     probe = json.loads((tmp_path / "eval" / "eval.json").read_text())["baselines"]["linear_probe"]
     assert probe == report["baselines"]["linear_probe"]
     assert probe["train_clips"] == 6 and probe["features"] == 512 and 0.0 <= probe["video_accuracy"] <= 1.0
+
+
+# --- an ensemble checkpoint downstream ---------------------------------------------------------------------
+
+
+def test_an_ensemble_with_appearance_predicts_renders_and_watches_like_one_head(tiny_project, tmp_path):
+    """predict, render and watch read whatever the checkpoint holds: here two heads with the appearance term,
+    trained with jitter, typed as a user would (CLI, progress bar on)."""
+    from tests.cli_helpers import run_in_process
+
+    model = tmp_path / "m" / "head.pt"
+    trained = run_in_process("train", str(tiny_project["cache"]), str(tiny_project["splits"]), str(model),
+                             "--heads", "2", "--appearance", "attended", "--jitter", "0.3", "--channels", "4",
+                             "--epochs", "2", "--device", "cpu")
+    assert trained.exit_code == 0, trained.output
+    assert ck.load(model).head.label == "convlstm/soft/attention/motion-input/appearance-attended x2"
+    clip = sorted(tiny_project["videos"].glob("*/*.avi"))[0]
+    predicted = run_in_process("predict", str(clip), "--model", str(model), "--device", "cpu")
+    assert predicted.exit_code == 0 and "Traceback" not in predicted.output, predicted.output
+    evaluated = run_in_process("evaluate", str(tiny_project["cache"]), str(tiny_project["splits"]), str(model),
+                               str(tmp_path / "m"), "--device", "cpu")
+    assert evaluated.exit_code == 0 and "linear probe" in evaluated.output, evaluated.output
+    rendered = run_in_process("render", str(tiny_project["cache"]), str(model), str(tmp_path / "r"),
+                              "--splits", str(tiny_project["splits"]), "--device", "cpu", "--per-class", "1")
+    assert rendered.exit_code == 0 and (tmp_path / "r" / "index.html").exists(), rendered.output
+    assert "linear probe" in (tmp_path / "r" / "index.html").read_text()
+    watched = run_in_process("watch", str(clip), "--model", str(model), "--device", "cpu",
+                             "--events", str(tmp_path / "events.jsonl"))
+    assert watched.exit_code == 0 and "Traceback" not in watched.output, watched.output
