@@ -223,15 +223,19 @@ def _closure(roots) -> set[str]:
 
 
 def _is_app_command(decorator: ast.expr) -> tuple[bool, str | None]:
-    """(is `@<app>.command(...)`, the explicit name given to it)."""
+    """(is `@<app>.command(...)` or `@command(<app>, ...)` (pipeline/flags.py), the explicit name given to it)."""
     call = decorator if isinstance(decorator, ast.Call) else None
     func = call.func if call else decorator
-    if not (isinstance(func, ast.Attribute) and func.attr == "command"):
+    if isinstance(func, ast.Attribute) and func.attr == "command":
+        named = call.args[:1] if call else []
+    elif isinstance(func, ast.Name) and func.id == "command" and call is not None:
+        named = call.args[1:2]
+    else:
         return False, None
     name = None
     if call is not None:
-        if call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str):
-            name = call.args[0].value
+        if named and isinstance(named[0], ast.Constant) and isinstance(named[0].value, str):
+            name = named[0].value
         for keyword in call.keywords:
             if keyword.arg == "name" and isinstance(keyword.value, ast.Constant):
                 name = keyword.value.value
