@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ from pipeline.head import checkpoint as ck
 from pipeline.video.synthetic import generate_dataset
 from stages import extract, predict, split, train
 from stages.predict import PredictError
+from tests.cli_helpers import run_cli, run_in_process
 
 CLASSES = ["move_right", "move_left", "move_up"]
 
@@ -34,22 +32,6 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     train.run(cache, root / "splits", model, HeadConfig(channels=8), TrainConfig(epochs=1, batch_size=4, device="cpu"),
               metrics_path=root / "metrics" / "train.json", plots_dir=root / "plots", progress=False)
     return {"root": root, "videos": videos, "cache": cache, "model": model}
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, with built-in defaults (no params.yaml of the repo in the way)."""
-    env = {**os.environ, "COLUMNS": "250"}  # long tmp paths stay on one table row
-    return subprocess.run([sys.executable, "-m", "pipeline", *args, "--params", "/nonexistent/params.yaml"],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def run_in_process(*args: str):
-    """The CLI in this process (no second torch start-up), for checks of exit status and message only."""
-    from typer.testing import CliRunner
-
-    from pipeline.__main__ import app
-
-    return CliRunner().invoke(app, [*args, "--params", "/nonexistent/params.yaml"], env={"COLUMNS": "250"})
 
 
 def head_on_cached(trained: dict[str, Path], video: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
