@@ -18,7 +18,7 @@ Section "grow" (`--part grow`): what adding `--grow` (10%) new clips to a large 
 (`features.h5`: the join copies every clip into a new file) against a folder (`features/`: new shards and a
 new index.h5), in seconds and bytes written, and the same under `dvc repro` (what DVC writes and what its cache
 gains). The cache is synthetic, no video is decoded: `--clips` (default 2000) clips of (T=30, 512, 7, 7)
-float16 (1.5 MB each, DESIGN's VGG-16 pool5 settings) written with the pipeline's own writer
+float16 (1.5 MB each, the VGG-16 pool5 settings of docs/DESIGN.md) written with the pipeline's own writer
 (`pipeline.features.shards.write_shard`, `--shard-clips` clips a shard like extract.shard_clips) and
 finished with its own `join` (file) or `write_index` (folder), in a stage process: the "extract" of a
 throwaway DVC project per form (`dvc init --no-scm`, the cache its one `persist: true` output, DVC's default

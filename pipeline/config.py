@@ -2,7 +2,7 @@
 
 Two sets of defaults, on purpose, and only these two:
 * **the code's defaults** (the dataclasses below) are the settings for real datasets (HMDB-51, UCF-101):
-  DESIGN's 30 frames at 224 through pool5, the source study's split fractions, 30 epochs;
+  the 30 frames at 224 through pool5 of docs/DESIGN.md, the source study's split fractions, 30 epochs;
 * **params.yaml** (shipped beside dvc.yaml) holds the embedded synthetic set's settings, small enough that
   `dvc repro` runs in minutes on 2 CPU cores. A key params.yaml leaves out takes the code's default.
 Both go through the same validation (`check`): a value of the wrong type or out of range, or a key that no

@@ -1,7 +1,7 @@
 """The folder form of the cache, read: `<folder>/index.h5` plus the immutable `shard-*.h5` files it names.
 
 Why a second form: joining shards into one file rewrites the whole cache on every run that adds clips (1 TB
-at Kinetics-700), while a folder only gains new shards and a new index (DESIGN.md, "Past one machine"). The
+at Kinetics-700), while a folder only gains new shards and a new index (docs/DESIGN.md, "Past one machine"). The
 index carries the joined file's attrs and every per-row dataset except `features`, plus where each row lives
 (`shard`: a number into the `shards` list of file names, `row`: the row in that shard), so `FolderCache`
 (what `open_cache` in pipeline/features/reader.py returns for a folder path) reads only the index eagerly and

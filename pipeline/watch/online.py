@@ -1,12 +1,12 @@
 """The model online: the backbone once per sampled frame, the head over a sliding window of the last T of them.
 
-The head is DESIGN's soft-attention ConvLSTM, trained on clips of T frames whose state starts from the
-clip's mean feature (H_0, C_0 = tanh(conv(mean_t P_t))) and whose motion map compares each frame with the
-one before. So it is not run recurrently frame by frame forever (its state would drift away from anything
-it was trained on) but, every S sampled frames, over the last T of them as if they were a clip: the window
-is the reset. Each frame's features are computed once, rounded to float16 like the cache's, and kept while
-they are in the window; a window costs one head pass (T ConvLSTM steps on h x w cells), small beside the
-backbone's frame.
+The head is the soft-attention ConvLSTM of docs/DESIGN.md ("The head"), trained on clips of T frames whose
+state starts from the clip's mean feature (H_0, C_0 = tanh(conv(mean_t P_t))) and whose motion map compares
+each frame with the one before. So it is not run recurrently frame by frame forever (its state would drift
+away from anything it was trained on) but, every S sampled frames, over the last T of them as if they were a
+clip: the window is the reset. Each frame's features are computed once, rounded to float16 like the cache's,
+and kept while they are in the window; a window costs one head pass (T ConvLSTM steps on h x w cells), small
+beside the backbone's frame.
 """
 from __future__ import annotations
 
