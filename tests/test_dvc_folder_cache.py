@@ -82,8 +82,7 @@ def locked_out(project: Project, stage: str, out: str) -> dict:
 
 
 def test_growing_a_folder_cache_under_dvc_writes_and_caches_only_the_new_shards(fresh_project, tmp_path):
-    from pipeline.features.folder import FolderCache
-    from pipeline.features.reader import open_cache
+    from pipeline.features.reader import FolderCache, open_cache
 
     project = copy_project(fresh_project, tmp_path, tiny=TINY)
     to_folder_form(project)

@@ -17,9 +17,8 @@ import pytest
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, RenderConfig, SplitConfig, TrainConfig
 from pipeline.features import shards as shards_module
 from pipeline.features.cache import CacheError, FeatureCache, is_folder, main_file
-from pipeline.features.folder import FolderCache
 from pipeline.features.plan import exclusive_lock, parts_dir_for, rerun_plan
-from pipeline.features.reader import open_cache
+from pipeline.features.reader import FolderCache, open_cache
 from pipeline.features.shards import ClipFeatures, pending_shards, shard_paths, write_shard
 from pipeline.video.encode import Encoding, write_video
 from pipeline.video.folders import discover

@@ -26,8 +26,8 @@ from typing import Any, Collection, Sequence
 import numpy as np
 
 from pipeline.features.cache import FORMAT_VERSION, INDEX_NAME, FeatureCache, attr, is_folder, main_file, str_dtype
-from pipeline.features.folder import FolderCache, indexed_names, retired_names
 from pipeline.features.provenance import per_row_summary
+from pipeline.features.reader import FolderCache, indexed_names, retired_names
 from pipeline.files import atomic_path
 
 SHARD_GLOB = "shard-*.h5"
