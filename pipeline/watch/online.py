@@ -32,11 +32,18 @@ class Window:
     attention: np.ndarray  # (T, h, w) float32, each map sums to 1, one per frame of the window
     times: list[float]  # (T,) the frames' times
     new: int  # how many of its last frames no earlier window scored
+    classes: list[str]  # (K,) the model's, in the order of `probabilities`
 
     @property
     def time(self) -> float:
         """The window's time: its centre (a class present over a segment is scored there half in, half out)."""
         return (self.start + self.end) / 2
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        """Its k likeliest (class, probability), best first."""
+        from pipeline.head.infer import top_classes
+
+        return top_classes(self.probabilities, self.classes, k)
 
 
 class OnlineModel:
@@ -96,17 +103,7 @@ class OnlineModel:
         probabilities, attention = infer_clip(self.head, features, self.device)  # (K,), (T, h, w)
         times = list(self._times)
         new, self._since = min(self._since, len(times)), 0
-        return Window(times[0], times[-1], probabilities, attention, times, new)
-
-
-def attention_box(attention: np.ndarray, width: int, height: int, share: float = 0.5) -> list[int]:
-    """Where a window's attention was: the box [x0, y0, x1, y1] in pixels of a width x height frame around
-    the cells whose mean attention over the window's frames is at least `share` of the hottest cell's."""
-    mean = np.asarray(attention, dtype=np.float64).mean(axis=0)  # (h, w)
-    rows, cols = np.nonzero(mean >= share * mean.max())
-    h, w = mean.shape
-    return [int(round(cols.min() * width / w)), int(round(rows.min() * height / h)),
-            int(round((cols.max() + 1) * width / w)), int(round((rows.max() + 1) * height / h))]
+        return Window(times[0], times[-1], probabilities, attention, times, new, self.classes)
 
 
 def load_online(model_path, device: str, weights: str | None, window: int, stride: int):
