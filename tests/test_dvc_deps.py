@@ -23,8 +23,8 @@ Decisions:
   params.yaml and the flags into the stage's config (which sections each command reads; pipeline/flags.py,
   which it imports, makes their flags), and it holds defaults that params.yaml does not set and that change
   what a stage writes (train's `--metrics`/`--plots` paths, evaluate's `--plots` and `--device`, render's
-  `--split`, `--splits`, `--metrics` and `--train-plots`), and it decides exit statuses. Leaving it out would be the very bug this test is for
-  (pipeline/config.py holding defaults that params.yaml does not set). What it does count is scoped to the
+  `--split`, `--splits`, `--metrics` and `--train-plots`), and it decides exit statuses. Leaving it out would
+  be the very bug this test is for (pipeline/config.py holding defaults that params.yaml does not set). What it does count is scoped to the
   command: its function, the module-level imports, and the `__main__` helpers that function uses (followed
   by name); the imports inside the *other* commands' functions do not count (otherwise every stage would
   depend on every `stages/*.py`). The price: editing a help text reruns the graph; extract then resumes its
