@@ -20,15 +20,15 @@ the `stages/<module>.py` it dispatches to, and follows the imports with `ast` (n
 Decisions:
 
 * `pipeline/__main__.py` counts, for every stage. It is code on every stage's path, not just a skin: it turns
-  params.yaml and the flags into the stage's config (which sections each command reads; pipeline/flags.py,
-  which it imports, makes their flags), and it holds defaults that params.yaml does not set and that change
-  what a stage writes (train's `--metrics`/`--plots` paths, evaluate's `--plots` and `--device`, render's
-  `--split`, `--splits`, `--metrics` and `--train-plots`), and it decides exit statuses. Leaving it out would
-  be the very bug this test is for (pipeline/config.py holding defaults that params.yaml does not set). What it does count is scoped to the
-  command: its function, the module-level imports, and the `__main__` helpers that function uses (followed
-  by name); the imports inside the *other* commands' functions do not count (otherwise every stage would
-  depend on every `stages/*.py`). The price: editing a help text reruns the graph; extract then resumes its
-  persisted cache (same settings, nothing to decode), so that is cheap.
+  params.yaml and the flags into the stage's config (which sections each command reads; pipeline/flags.py, which it
+  imports, makes their flags), and it holds defaults that params.yaml does not set and that change what a stage writes
+  (train's `--metrics`/`--plots` paths, evaluate's `--plots` and `--device`, render's `--split`, `--splits`,
+  `--metrics` and `--train-plots`), and it decides exit statuses. Leaving it out would be the very bug this test is
+  for (pipeline/config.py holding defaults that params.yaml does not set). What it does count is scoped to the
+  command: its function, the module-level imports, and the `__main__` helpers that function uses (followed by name);
+  the imports inside the *other* commands' functions do not count (otherwise every stage would depend on every
+  `stages/*.py`). The price: editing a help text reruns the graph; extract then resumes its persisted cache (same
+  settings, nothing to decode), so that is cheap.
 * No exceptions for "presentation" helpers: `pipeline/files.py` writes the outputs (JSON indent, TSV number
   format: the bytes DVC hashes), `pipeline/errors.py` shapes the failure reasons extract records in the
   cache, `pipeline/progress.py` can crash a stage (as rich's Progress.reset did with a missing field). Every
