@@ -48,8 +48,9 @@ def one_run(job: dict) -> dict:
         tmp = Path(tmp)
         summary = train.run(job["cache"], job["splits"], tmp / "head.pt", head, cfg, metrics_path=tmp / "train.json",
                             plots_dir=tmp / "plots", progress=False)
-        report = evaluate.run(job["cache"], job["splits"], tmp / "head.pt", tmp / "eval", EvaluateConfig(split=job["split"]),
-                              plots_dir=tmp / "eplots", device="cpu", progress=False)
+        report = evaluate.run(job["cache"], job["splits"], tmp / "head.pt", tmp / "eval",
+                              EvaluateConfig(split=job["split"], device="cpu"), plots_dir=tmp / "eplots",
+                              progress=False)
     att, deletion = report["attention"], report["deletion"]["k"]
     return {"cell": job["cell"], "readout": job["readout"], "attention_reg": job["reg"], "seed": job["seed"],
             "best_epoch": summary.best_epoch, "val_loss": round(summary.best.val_loss, 4),
@@ -96,7 +97,8 @@ def main() -> None:
     variants = VARIANTS[:1] if args.only == "default" else VARIANTS
     threads = max(1, (os.cpu_count() or 2) // max(args.jobs, 1))
     jobs = [{"cache": args.cache, "splits": args.splits, "params": args.params, "cell": c, "readout": ro, "reg": reg,
-             "seed": int(s), "threads": threads, "split": args.split} for c, ro, reg in variants for s in args.seeds.split(",")]
+             "seed": int(s), "threads": threads, "split": args.split}
+            for c, ro, reg in variants for s in args.seeds.split(",")]
     start = time.perf_counter()
     rows = []
     with ProcessPoolExecutor(args.jobs) as pool:

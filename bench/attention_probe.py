@@ -7,7 +7,7 @@ from the same seed; only its attention scores Z_t differ:
   so A_t = softmax(Z_t). beta = 0 is uniform attention, beta > 0 looks at the actor, beta < 0 away from it.
   The boxes are the dataset's ground truth (the embedded set's boxes.json), so these are oracles: they
   say what the loss would reward, not something the pipeline could do on unlabelled video.
-* learned: DESIGN's Z_t = w_z * tanh(W_xa * P_t + W_ha * H_{t-1} + b_a), what `train` fits.
+* learned: docs/DESIGN.md's Z_t = w_z * tanh(W_xa * P_t + W_ha * H_{t-1} + b_a), what `train` fits.
 
 If the on-actor oracle reaches a lower validation loss than uniform attention, looking at the actor pays;
 the learned row then says whether training on class labels alone finds it (mass ratio >= 3 is the target

@@ -176,7 +176,8 @@ def main() -> None:
         "bare_backbone_fps": round(median("bare"), 2), "naive_fps": round(baseline, 2),
         "trunk_eager_fps": round(statistics.median(trunks["eager"]), 2),
         "trunk_compiled_fps": round(statistics.median(trunks["compiled"]), 2),
-        "trunk_compiled_over_eager": round(statistics.median(c / e for e, c in zip(trunks["eager"], trunks["compiled"])), 3),
+        "trunk_compiled_over_eager": round(
+            statistics.median(c / e for e, c in zip(trunks["eager"], trunks["compiled"])), 3),
         "first_compiled_call_s": round(compile_seconds, 2),
         "startup_s": median_profile(rounds, "startup_s (first dispatch -> first call)"),
         "first_call_s": median_profile(rounds, "first_call_s"),

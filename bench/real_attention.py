@@ -99,7 +99,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| variant | splits | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 2)]
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
-        lines.append(f"| {name} | {len(mine)} | " + " | ".join(mean_sd([r.get(c) for r in mine]) for c in COLUMNS) + " |")
+        cells = " | ".join(mean_sd([r.get(c) for r in mine]) for c in COLUMNS)
+        lines.append(f"| {name} | {len(mine)} | {cells} |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ Section "grow" (`--part grow`): what adding `--grow` (10%) new clips to a large 
 (`features.h5`: the join copies every clip into a new file) against a folder (`features/`: new shards and a
 new index.h5), in seconds and bytes written, and the same under `dvc repro` (what DVC writes and what its cache
 gains). The cache is synthetic, no video is decoded: `--clips` (default 2000) clips of (T=30, 512, 7, 7)
-float16 (1.5 MB each, DESIGN's VGG-16 pool5 settings) written with the pipeline's own writer
+float16 (1.5 MB each, the VGG-16 pool5 settings of docs/DESIGN.md) written with the pipeline's own writer
 (`pipeline.features.shards.write_shard`, `--shard-clips` clips a shard like extract.shard_clips) and
 finished with its own `join` (file) or `write_index` (folder), in a stage process: the "extract" of a
 throwaway DVC project per form (`dvc init --no-scm`, the cache its one `persist: true` output, DVC's default
@@ -257,7 +257,8 @@ def write_stage(args) -> None:
 def _files(path: Path) -> dict[str, tuple[int, int, int]]:
     """name -> (inode, mtime_ns, size) of the cache's files (the file itself, or the folder's)."""
     if path.is_dir():
-        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir() if p.is_file()}
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size)
+                for p in path.iterdir() if p.is_file()}
     return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns, path.stat().st_size)} if path.exists() else {}
 
 
@@ -300,7 +301,8 @@ class GrowProject:
         proc = subprocess.run([shutil.which(argv[0]) or argv[0], *argv[1:]], cwd=self.root, env=self.env,
                               capture_output=True, text=True, check=False)
         if proc.returncode:
-            raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
 
     def run(self, clips: int) -> dict:
         """Bring the cache to `clips` clips; what the stage reported, plus what was written around it."""
@@ -398,7 +400,8 @@ def ddp_part(args) -> dict:
                 out = work / f"{name.replace(' ', '-')}-{r}"
                 argv = [*runner, "train", str(cache), str(splits), str(out / "head.pt"), "--metrics",
                         str(out / "train.json"), "--plots", str(out / "plots"), "--epochs", str(args.epochs),
-                        "--patience", "1000", "--device", "cpu", "--no-progress", "--params", "/nonexistent/params.yaml"]
+                        "--patience", "1000", "--device", "cpu", "--no-progress",
+                        "--params", "/nonexistent/params.yaml"]
                 t0 = time.monotonic()
                 subprocess.run(argv, check=True, capture_output=True, text=True, cwd=REPO)
                 wall = time.monotonic() - t0
@@ -411,7 +414,8 @@ def ddp_part(args) -> dict:
                 "settings": {"train_clips": clips, "val_clips": val, "frames": args.frames, "epochs": args.epochs,
                              "repeat": args.repeat, "head": "code defaults (convlstm, 48 channels, batch 16)"},
                 "rounds": rounds, "median": med,
-                "epoch_ratio_2_over_1": round(med["2 ranks"]["seconds_per_epoch"] / med["1 process"]["seconds_per_epoch"], 3)}
+                "epoch_ratio_2_over_1": round(med["2 ranks"]["seconds_per_epoch"]
+                                              / med["1 process"]["seconds_per_epoch"], 3)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

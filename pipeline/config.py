@@ -2,7 +2,7 @@
 
 Two sets of defaults, on purpose, and only these two:
 * **the code's defaults** (the dataclasses below) are the settings for real datasets (HMDB-51, UCF-101):
-  DESIGN's 30 frames at 224 through pool5, the source study's split fractions, 30 epochs;
+  the 30 frames at 224 through pool5 of docs/DESIGN.md, the source study's split fractions, 30 epochs;
 * **params.yaml** (shipped beside dvc.yaml) holds the embedded synthetic set's settings, small enough that
   `dvc repro` runs in minutes on 2 CPU cores. A key params.yaml leaves out takes the code's default.
 Both go through the same validation (`check`): a value of the wrong type or out of range, or a key that no
@@ -24,7 +24,8 @@ from pipeline.errors import UserError
 
 PARAMS_FILE = "params.yaml"
 
-# The allowed values of the choice settings; head.py, backbone.py and training.py use these same tuples.
+# The allowed values of the choice settings; pipeline/head/model.py, pipeline/features/backbone.py and
+# pipeline/head/fit.py use these same tuples.
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILES = ("auto", "on", "off")
@@ -42,70 +43,98 @@ class ConfigError(UserError, ValueError):
     """A params file or override a user wrote that cannot be used."""
 
 
-def _setting(default: Any, *, choices: tuple[str, ...] | None = None, at_least: float | None = None,
+def _setting(default: Any, help: str = "", *, choices: tuple[str, ...] | None = None, at_least: float | None = None,
              above: float | None = None, below: float | None = None, at_most: float | None = None,
              odd: bool = False, even: bool = False) -> Any:
-    """A dataclass field with the rule its values must follow (checked by `check`)."""
+    """A dataclass field, its help (the CLI's `--help` for its flag) and the rule its values follow (`check`)."""
     rule = {"choices": choices, "at_least": at_least, "above": above, "below": below, "at_most": at_most,
             "odd": odd, "even": even}
-    return field(default=default, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule, "help": help})
+
+
+def _device(help: str = "auto | cpu | cuda.") -> Any:
+    return _setting("auto", help, choices=DEVICES)
+
+
+def _compile(help: str) -> Any:
+    return _setting("auto", "auto | on | off: the trunk through torch.compile" + help, choices=COMPILES)
+
+
+def help_of(f: dataclasses.Field) -> str:
+    """A field's help: what `--help` says of its flag."""
+    return f.metadata.get("help", "")
 
 
 @dataclass
 class DataConfig:
-    videos: str = "data/videos"
+    videos: str = _setting("data/videos", "Dataset root: <videos>/<class>/<clip>.avi|mp4|...")
 
 
 @dataclass
 class SynthConfig:
-    seed: int = _setting(0, at_least=0)
-    clips_per_class: int = _setting(12, at_least=1)
-    frames: int = _setting(48, at_least=2)
-    width: int = _setting(160, at_least=16, even=True)  # yuv420p needs even sizes
-    height: int = _setting(120, at_least=16, even=True)
-    fps: float = _setting(25.0, above=0)
+    seed: int = _setting(0, "Random seed; the same seed gives the same dataset.", at_least=0)
+    clips_per_class: int = _setting(12, "Clips per class.", at_least=1)
+    frames: int = _setting(48, "Frames per clip.", at_least=2)
+    width: int = _setting(160, "Frame width (even).", at_least=16, even=True)  # yuv420p needs even sizes
+    height: int = _setting(120, "Frame height (even).", at_least=16, even=True)
+    fps: float = _setting(25.0, "Frame rate of the clips.", above=0)
 
 
 @dataclass
 class ExtractConfig:
-    weights: str = "imagenet"  # imagenet | random:<seed> | path to a state_dict
-    frames: int = _setting(30, at_least=1)
-    image_size: int = _setting(224, at_least=32)
-    layer: str = _setting("pool5", choices=LAYERS)  # pool5 (7x7 at 224) | conv5_3 (14x14 at 224)
-    batch_size: int = _setting(32, at_least=1)
-    workers: int = _setting(2, at_least=1)
-    timeout: float = _setting(60.0, above=0)  # seconds per clip before it is recorded as failed
-    device: str = _setting("auto", choices=DEVICES)
-    precision: str = _setting("auto", choices=PRECISIONS)
-    compile: str = _setting("auto", choices=COMPILES)  # the trunk through torch.compile; auto: when it pays back
-    shard_clips: int = _setting(32, at_least=1)  # clips per shard flushed: what a crash can lose at most
-    ray_cpus: int = _setting(0, at_least=0)  # --engine ray, a local Ray: CPUs it may use (0: every core)
-    ray_threads: int = _setting(0, at_least=0)  # --engine ray: torch threads per backbone actor (0: sized)
+    weights: str = _setting("imagenet", "imagenet | random:<seed> | path to a VGG-16 state_dict.")
+    frames: int = _setting(30, "Frames sampled per clip (T).", at_least=1)
+    image_size: int = _setting(224, "Frames are resized whole to SxS.", at_least=32)
+    layer: str = _setting("pool5", "pool5 (7x7 at 224) | conv5_3 (14x14).", choices=LAYERS)
+    batch_size: int = _setting(32, "Frames per backbone batch (spans clips).", at_least=1)
+    workers: int = _setting(2, "Decoding worker processes.", at_least=1)
+    timeout: float = _setting(60.0, "Seconds per clip before it is recorded as failed.", above=0)
+    device: str = _device()
+    precision: str = _setting("auto", "auto | fp32 | bf16.", choices=PRECISIONS)
+    compile: str = _compile(" (auto: on a CPU, when the run has frames enough to win the compilation back).")
+    shard_clips: int = _setting(32, "Clips per shard written as the run goes: the most a crash can lose.",
+                                at_least=1)
+    ray_cpus: int = _setting(0, "With --engine ray and no --address: CPUs the local Ray may use (0: every core).",
+                             at_least=0)
+    ray_threads: int = _setting(0, "With --engine ray: torch threads per backbone actor (0: its share of the CPUs).",
+                                at_least=0)
 
 
 @dataclass
 class SplitConfig:
-    seed: int = 0
-    val: float = _setting(0.21, at_least=0, below=1)  # the source study's 730/220/78 ~ 0.71/0.21/0.08
-    test: float = _setting(0.08, at_least=0, below=1)
+    seed: int = _setting(0, "Seed of the stratified split (and of val carved from train).")
+    # the source study's 730/220/78 clips of HMDB-51 ~ 0.71/0.21/0.08
+    val: float = _setting(0.21, "Fraction of each class for val (of train, with official lists).", at_least=0,
+                          below=1)
+    test: float = _setting(0.08, "Fraction of each class for test (stratified split only).", at_least=0, below=1)
 
 
 @dataclass
 class HeadConfig:
-    cell: str = _setting("convlstm", choices=CELLS)  # mean: no temporal memory (per-frame linear classifier)
-    attention: str = _setting("soft", choices=ATTENTIONS)
-    readout: str = _setting("attention", choices=READOUTS)  # convlstm only: r_t = sum_i A_ti H_ti, or avgpool(H_t)
-    channels: int = _setting(48, at_least=1)  # d: 48 keeps an epoch of 730 clips x 30 frames under 15 s on 2 cores
-    kernel: int = _setting(3, at_least=1, odd=True)  # same padding needs an odd kernel
-    dropout: float = _setting(0.5, at_least=0, below=1)  # before the classifier
-    feature_dropout: float = _setting(0.5, at_least=0, below=1)  # whole input channels, one mask per clip
-    # none: no motion term | prior: + beta * log M~_t on Z_t | input: the prior, and log(1 + D_t) as one more
-    # channel of P_t (soft attention only). input: 74% on the fight set's val splits, prior 67%, none 66%
-    motion: str = _setting("input", choices=MOTIONS)
+    cell: str = _setting("convlstm", "convlstm | lstm | mean (no temporal memory: the baseline).", choices=CELLS)
+    attention: str = _setting("soft", "soft | none (uniform attention).", choices=ATTENTIONS)
+    readout: str = _setting(
+        "attention", "attention: the classifier reads sum_i A_ti H_ti, so evidence reaches it only through the "
+        "attention | mean: avgpool(H_t), the first design. ConvLSTM only: does not apply to --cell lstm or mean.",
+        choices=READOUTS)
+    # d: 48 keeps an epoch of 730 clips x 30 frames under 15 s on 2 cores (docs/BENCHMARKS.md)
+    channels: int = _setting(48, "Hidden channels d of the head.", at_least=1)
+    kernel: int = _setting(3, "ConvLSTM kernel size k (odd).", at_least=1, odd=True)  # same padding: odd
+    dropout: float = _setting(0.5, "Dropout before the classifier.", at_least=0, below=1)
+    feature_dropout: float = _setting(0.5, "Training-time dropout of whole input channels (one mask per clip, "
+                                      "shared over frames and positions).", at_least=0, below=1)
+    # soft attention only; why input is the default: docs/DESIGN.md "Motion", figures in docs/BENCHMARKS.md
+    motion: str = _setting(
+        "input", "input: the prior, and each cell's amount of motion log(1 + D_t) as one more input channel | "
+        "prior: the clip's own motion map M~_t (from its cached features) is added to the attention logits as "
+        "beta * log M~_t, beta learned | none: no motion term (the first head).", choices=MOTIONS)
     # none | attended: + W_g LN(sum_i A_ti X_ti), the frame's appearance read through the attention, on y_t |
     # mean: the same with the plain mean over the cells (reads past the attention: kept to measure against)
-    appearance: str = _setting("none", choices=APPEARANCES)
-    heads: int = _setting(1, at_least=1)  # heads trained together from different initial weights, averaged
+    appearance: str = _setting(
+        "none", "attended: the frame's features weighted by the attention, W_g LN(sum_i A_ti X_ti), added to the "
+        "logits | mean: the same with the plain mean (reads past the attention) | none.", choices=APPEARANCES)
+    heads: int = _setting(1, "Heads trained together from different initial weights; the model's video probability "
+                          "is the mean of theirs, its map the mean of their maps.", at_least=1)
 
     @property
     def uses_motion(self) -> bool:
@@ -133,64 +162,75 @@ class HeadConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    epochs: int = _setting(30, at_least=1)
-    batch_size: int = _setting(16, at_least=1)
-    lr: float = _setting(3e-4, above=0)  # on the fight set's val splits 3e-4 beat 1e-3 and 1e-4 (docs/BENCHMARKS.md)
-    weight_decay: float = _setting(1e-2, at_least=0)
-    schedule: str = _setting("cosine", choices=SCHEDULES)
-    attention_reg: float = _setting(0.0, at_least=0)  # Sharma's term spreads attention: against localising
-    motion_lr: float = _setting(1e-2, at_least=0)  # beta's own rate: at the main rate it barely leaves 1
-    # temporal jitter: each clip trains on a window of (1 - jitter) of its cached frames at an offset drawn
-    # per clip and epoch (evaluation reads all of them)
-    jitter: float = _setting(0.0, at_least=0, below=1)
-    patience: int = _setting(8, at_least=1)
-    device: str = _setting("auto", choices=DEVICES)
-    max_memory_gb: float = _setting(8.0, at_least=0)  # load the split into memory when it fits under this
-    loader_workers: int = _setting(2, at_least=0)  # a streamed split: reader processes, each its own handle
+    seed: int = _setting(0, "Seed: the same seed gives the same model.")
+    epochs: int = _setting(30, "Most epochs to train.", at_least=1)
+    batch_size: int = _setting(16, "Clips per batch.", at_least=1)
+    # on the fight set's val splits 3e-4 beat 1e-3 and 1e-4 (docs/BENCHMARKS.md)
+    lr: float = _setting(3e-4, "AdamW learning rate.", above=0)
+    weight_decay: float = _setting(1e-2, "AdamW weight decay (not on biases).", at_least=0)
+    schedule: str = _setting("cosine", "cosine | step (x0.1 at 1/2 and 3/4 of the epochs).", choices=SCHEDULES)
+    attention_reg: float = _setting(0.0, "Weight of Sharma et al.'s attention regulariser (0: off; it spreads "
+                                    "attention over every cell).", at_least=0)  # against localising
+    # beta's own rate: at the main rate it barely leaves 1
+    motion_lr: float = _setting(1e-2, "Learning rate of the motion prior's weight beta.", at_least=0)
+    # temporal jitter: why, docs/DESIGN.md "Small real datasets"
+    jitter: float = _setting(0.0, "Temporal jitter: each clip trains on a window of (1 - jitter) of its cached "
+                             "frames at a random offset (evaluation reads them all).", at_least=0, below=1)
+    patience: int = _setting(8, "Stop after this many epochs without a better val loss.", at_least=1)
+    device: str = _device("auto | cpu | cuda (bf16 autocast on CUDA).")
+    max_memory_gb: float = _setting(8.0, "Load a split into memory when it fits under this; else stream it from "
+                                    "the cache.", at_least=0)
+    loader_workers: int = _setting(2, "A streamed split: data-loader processes reading ahead, each with its own "
+                                   "handle on the cache (0: a thread).", at_least=0)
 
 
 @dataclass
 class EvaluateConfig:
-    split: str = _setting("test", choices=SPLITS)
-    batch_size: int = _setting(32, at_least=1)
-    deletion_draws: int = _setting(20, at_least=0)  # random deletions per k beside the top-k one; 0: no test
-    device: str = _setting("auto", choices=DEVICES)
+    split: str = _setting("test", "Which split to evaluate: test | val | train.", choices=SPLITS)
+    batch_size: int = _setting(32, "Clips per batch.", at_least=1)
+    deletion_draws: int = _setting(20, "Random deletions per k beside the top-k one (0: no deletion test).",
+                                   at_least=0)
+    device: str = _device()
 
 
 @dataclass
 class RenderConfig:
-    per_class: int = _setting(2, at_least=0)  # clips per class of the split (about half right, half wrong)
-    strip_frames: int = _setting(6, at_least=1)  # frames shown in each PNG strip (evenly spaced over T)
-    fps: float = _setting(4.0, above=0)  # frame rate of the attention GIFs
-    alpha: float = _setting(0.5, at_least=0, at_most=1)  # opacity of the heatmap over the frame
-    batch_size: int = _setting(32, at_least=1)  # clips per batch when the head runs
-    device: str = _setting("auto", choices=DEVICES)
+    per_class: int = _setting(2, "Clips per class of the split (half right, half wrong).", at_least=0)
+    strip_frames: int = _setting(6, "Frames in each PNG strip.", at_least=1)  # evenly spaced over T
+    fps: float = _setting(4.0, "Frame rate of the GIFs.", above=0)
+    alpha: float = _setting(0.5, "Opacity of the heatmap over the frame (0-1).", at_least=0, at_most=1)
+    batch_size: int = _setting(32, "Clips per batch when the head runs.", at_least=1)
+    device: str = _device()
     # the split it draws is evaluate.split: the page shows that split's eval.json beside its clips
 
 
 @dataclass
 class PredictConfig:
-    top_k: int = _setting(5, at_least=1)  # classes shown per file (at most the model's classes)
-    device: str = _setting("auto", choices=DEVICES)
-    timeout: float = _setting(60.0, above=0)  # seconds per file before it is recorded as failed
-    compile: str = _setting("auto", choices=COMPILES)  # as extract.compile, decided on the files' frames
+    top_k: int = _setting(5, "Classes shown per file (at most the model's classes).", at_least=1)
+    device: str = _device()
+    timeout: float = _setting(60.0, "Seconds per file before it is recorded as failed.", above=0)
+    compile: str = _compile(", as extract.")  # decided on the files' frames
     # its strips and GIFs are drawn with render's strip_frames, fps and alpha
 
 
 @dataclass
 class WatchConfig:
-    window: int = _setting(0, at_least=0)  # T: sampled frames the head scores at once (0: the model's frames)
-    stride: int = _setting(1, at_least=1)  # S: a window is scored every S sampled frames
-    top_k: int = _setting(3, at_least=1)  # classes shown per window (at most the model's classes)
-    threshold: float = _setting(0.8, above=0, at_most=1)  # an event starts at this window probability
-    hysteresis: float = _setting(0.2, at_least=0, below=1)  # ... and ends below threshold - hysteresis
-    min_duration: float = _setting(1.0, at_least=0)  # seconds an event must last to be reported
-    queue: int = _setting(8, at_least=1)  # a live source: sampled frames waiting; beyond, the oldest is dropped
-    read_timeout: float = _setting(10.0, above=0)  # seconds without a frame before a source counts as stalled
-    device: str = _setting("auto", choices=DEVICES)
-    batch: int = _setting(8, at_least=1)  # most sampled frames the backbone embeds at once (a file; a backlog)
-    compile: str = _setting("auto", choices=COMPILES)  # as extract.compile, on the run's sampled frames (live: many)
+    window: int = _setting(0, "T: sampled frames each window scores (0: the model's frames).", at_least=0)
+    stride: int = _setting(1, "S: a window is scored every S sampled frames.", at_least=1)
+    top_k: int = _setting(3, "Classes shown per window.", at_least=1)  # at most the model's classes
+    threshold: float = _setting(0.8, "An event starts when a window's probability reaches this.", above=0,
+                                at_most=1)
+    hysteresis: float = _setting(0.2, "... and ends when it falls below threshold - hysteresis.", at_least=0,
+                                 below=1)
+    min_duration: float = _setting(1.0, "Seconds an event must last to be reported.", at_least=0)
+    queue: int = _setting(8, "A live source: sampled frames that may wait for the model; beyond, the oldest is "
+                          "dropped (bounds the latency).", at_least=1)
+    read_timeout: float = _setting(10.0, "Seconds without a frame before the source counts as stalled (broken).",
+                                   above=0)
+    device: str = _device()
+    batch: int = _setting(8, "Most sampled frames the backbone embeds at once.", at_least=1)  # a file; a backlog
+    compile: str = _compile(", as extract (auto: a file by its length; a stream, a camera or --realtime stays "
+                            "eager, on compiles them too and their first frames wait for the compilation).")
 
 
 SECTIONS: dict[str, type] = {

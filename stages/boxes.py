@@ -18,7 +18,7 @@ from pipeline.video.annotations import KINDS, MARGIN, match_keys, read_annotatio
 from pipeline.video.boxes import BoxesError, write_boxes_file
 from pipeline.video.folders import discover
 
-__all__ = ["KINDS", "ImportSummary", "parse_size", "run"]
+__all__ = ["KINDS", "ImportSummary", "parse_size", "print_summary", "run"]
 
 
 @dataclass
@@ -40,6 +40,13 @@ class ImportSummary:
             missed = f" (unmatched: {shown})"
         return (f"boxes import: {self.matched} of {self.annotated} annotated videos matched {against}{missed}; "
                 f"{self.frames} frames with {self.boxes} boxes -> {self.out}")
+
+
+def print_summary(summary: ImportSummary) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(soft_wrap=True).print(escape(summary.line()), highlight=False)
 
 
 def parse_size(text: str | None) -> tuple[float, float] | None:

@@ -27,7 +27,7 @@ from pipeline.progress import progress_bar
 from pipeline.video.folders import discover
 from pipeline.workers import GuardedThread
 
-__all__ = ["ExtractError", "ExtractSummary", "exclusive_lock", "parts_dir_for", "run"]
+__all__ = ["ExtractError", "ExtractSummary", "exclusive_lock", "parts_dir_for", "print_summary", "run"]
 RESUME = "finished clips are kept, rerun to resume"
 ENGINES = ("local", "ray")
 
@@ -55,6 +55,45 @@ class ExtractSummary:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
+def print_summary(summary: ExtractSummary) -> None:
+    """The CLI's table and notes: what was extracted, skipped, stale and failed, and the speed."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"extract -> {escape(str(summary.cache))}")
+    # stale: entries whose file is gone (dropped) or changed (extracted again); the line below splits them
+    for col in ("extracted", "skipped (cached)", "stale", "failed", "frames/s", "clips in cache", "failed in cache"):
+        table.add_column(col, justify="right")
+    table.add_row(str(summary.extracted), str(summary.skipped), str(summary.removed + summary.changed),
+                  str(len(summary.failed)), f"{summary.frames_per_second:.1f}", str(summary.total_clips),
+                  str(summary.total_failed))
+    console = Console()
+    console.print(table)
+    if getattr(summary, "startup_seconds", None) is not None:  # --engine ray: its start-up, apart from the work
+        steady = summary.steady_frames_per_second
+        console.print(f"  ray: start-up {summary.startup_seconds:.1f} s (ray.init, plan, first backbone actor), "
+                      f"extraction {summary.extract_seconds:.1f} s, steady "
+                      f"{f'{steady:.1f} frames/s' if steady > 0 else '- (one backbone batch: no steady state)'}",
+                      highlight=False)
+    if summary.removed or summary.changed:
+        console.print(f"  stale: {summary.removed} dropped (file gone), {summary.changed} re-extracted (file changed)",
+                      highlight=False)
+    if summary.unverified:
+        console.print(f"  [yellow]note[/] {summary.unverified} cached clips predate source fingerprints; a file "
+                      "replaced under the same name is not detected for them (--overwrite redoes all)",
+                      highlight=False)
+    if summary.redecoded:
+        why = summary.redecoded[0][1]
+        console.print(f"  [yellow]note[/] {len(summary.redecoded)} clips decoded with PyAV because decord's frames "
+                      f"failed their check (first: {escape(summary.redecoded[0][0])}: {escape(why)}); the cache "
+                      "records the decoder per clip", highlight=False)
+    for video, reason in summary.failed[:20]:
+        console.print(f"  [red]failed[/] {escape(str(video))}: {escape(str(reason))}", highlight=False)
+    if len(summary.failed) > 20:
+        console.print(f"  ... and {len(summary.failed) - 20} more (see `python -m pipeline info`)")
+
+
 def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = False, strict: bool = False,
         retry_failed: bool = False, progress: bool = True, engine: str = "local",
         address: str | None = None) -> ExtractSummary:
@@ -63,7 +102,9 @@ def run(videos: Path, cache: Path, cfg: ExtractConfig, *, overwrite: bool = Fals
     `engine` "ray" runs the same plan on Ray Data (pipeline/engines/ray_extract.py; `address` joins a cluster).
     """
     if engine not in ENGINES:
-        raise ExtractError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        raise ExtractError(f"unknown --engine {engine!r}: choose {' or '.join(ENGINES)}")
+    if address and engine != "ray":
+        raise ExtractError("--address needs --engine ray")
     videos, cache, cfg = Path(videos), Path(cache), check(cfg)
     found = discover(videos)
     with contextlib.ExitStack() as early:

@@ -5,7 +5,8 @@ image size, frames, sampling, precision). Predict rebuilds exactly that backbone
 cannot (the weights changed, or are not here): a head fed features made another way gives confident
 nonsense. Each file is decoded in order (`decode_sampled`, in a worker process with a time limit, so a
 broken file can neither hang nor crash the run), embedded, rounded to float16 like the cache (the one
-extractor of pipeline/features/extractor.py, as extract runs it), and run through the head. A file that cannot be used is a recorded failure; the other files are still predicted.
+extractor of pipeline/features/extractor.py, as extract runs it), and run through the head. A file that
+cannot be used is a recorded failure; the other files are still predicted.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from pipeline.video.decode import DecodedClip
 from pipeline.video.folders import video_files
 
 if TYPE_CHECKING:
-    from pipeline.config import RenderConfig
+    from pipeline.config import PredictConfig, RenderConfig
 
-__all__ = ["Prediction", "PredictError", "run"]
+__all__ = ["Prediction", "PredictError", "exit_status", "print_predictions", "run"]
 
 
 @dataclass
@@ -50,33 +51,33 @@ class Prediction:
 # --- the stage --------------------------------------------------------------------------------------------
 
 
-def run(videos: list[Path], model_path: Path, *, top_k: int = 5, render_dir: Path | None = None,
-        device: str = "auto", progress: bool = True, weights: str | None = None,
-        drawing: "RenderConfig | None" = None, workers: int = 2, timeout: float = 60.0,
-        compile: str = "auto") -> list[Prediction]:
+def run(videos: list[Path], model_path: Path, cfg: PredictConfig | None = None, *, render_dir: Path | None = None,
+        progress: bool = True, weights: str | None = None, drawing: RenderConfig | None = None,
+        workers: int = 2) -> list[Prediction]:
     """Predict every file of `videos` (folders expand to their videos) with `model_path`, in input order.
 
-    top_k, device, timeout and compile are params.yaml's `predict` section; `drawing` (strip frames, GIF fps, heatmap
-    opacity) its `render` section, so a predicted overlay looks like a rendered one."""
-    from pipeline.config import ExtractConfig, RenderConfig
+    `cfg` is params.yaml's `predict` section (top-k, device, time limit, compile); `drawing` (strip frames, GIF
+    fps, heatmap opacity) its `render` section, so a predicted overlay looks like a rendered one."""
+    from pipeline.config import ExtractConfig, PredictConfig, RenderConfig
     from pipeline.features.extractor import Extracted, Extractor
     from pipeline.head.runtime import pick_device
 
-    if top_k < 1:
-        raise PredictError(f"--top-k must be at least 1, got {top_k}")
+    cfg = cfg if cfg is not None else PredictConfig()
+    if cfg.top_k < 1:
+        raise PredictError(f"--top-k must be at least 1, got {cfg.top_k}")
     files = video_files(videos)
     if not files:
         raise PredictError("no video files given")
     drawing = drawing if drawing is not None else RenderConfig()
     ckpt = ck.load(model_path)
-    dev = pick_device(device)
+    dev = pick_device(cfg.device)
     backbone = rebuild_backbone(ckpt.extraction, str(dev), weights, ckpt.feature_shape, str(model_path))
-    frames, k = int(ckpt.extraction["frames"]), min(top_k, len(ckpt.classes))
+    frames, k = int(ckpt.extraction["frames"]), min(cfg.top_k, len(ckpt.classes))
     model = ckpt.build().to(dev)
-    backbone.compile(compile, len(files) * frames)  # extract's rule: compiled when the files' frames pay it back
+    backbone.compile(cfg.compile, len(files) * frames)  # extract's rule: compiled when the files' frames pay it back
     names = unique_names(files)
     results: dict[Path, Prediction] = {}
-    extractor = Extractor(backbone, frames, ExtractConfig().batch_size, min(workers, len(files)), timeout)
+    extractor = Extractor(backbone, frames, ExtractConfig().batch_size, min(workers, len(files)), cfg.timeout)
     with progress_bar("predict", len(files), "files", enabled=progress) as bar:
 
         def on_result(done: Extracted) -> None:
@@ -148,3 +149,36 @@ def write_json(predictions: list[Prediction], model_path: Path, path: Path) -> P
     from pipeline.files import write_json_atomic
 
     return write_json_atomic(path, as_json(predictions, model_path))
+
+
+def exit_status(predictions: list[Prediction]) -> int:
+    """0 all files predicted, 1 some failed, 2 all failed (nothing could be done)."""
+    failed = sum(not p.ok for p in predictions)
+    return 0 if not failed else 2 if failed == len(predictions) else 1
+
+
+def print_predictions(predictions: list[Prediction], model_path: Path, console=None) -> None:
+    """file | top-1 | probability | the rest of the top-k; a failed file shows its reason instead."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    ok = sum(p.ok for p in predictions)
+    table = Table(title=f"predict with {escape(str(model_path))}: {ok}/{len(predictions)} files")
+    table.add_column("file", overflow="fold", ratio=2)
+    table.add_column("top-1", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True)
+    table.add_column("then / why it failed", overflow="fold", ratio=2)
+    for pred in predictions:
+        if pred.ok:
+            (top, p), rest = pred.topk[0], pred.topk[1:]
+            table.add_row(escape(str(pred.file)), f"[bold]{escape(top)}[/]", f"{p:.1%}",
+                          escape(", ".join(f"{c} {q:.1%}" for c, q in rest)))
+        else:
+            table.add_row(escape(str(pred.file)), "[red]failed[/]", "", f"[red]{escape(str(pred.error))}[/]")
+    console = console or Console()
+    console.print(table)
+    for pred in predictions:
+        if pred.rendered:
+            outputs = ", ".join(str(v) for v in pred.rendered.values())
+            console.print(f"  rendered {escape(str(pred.file))}: {escape(outputs)}", highlight=False)

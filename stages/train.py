@@ -54,6 +54,29 @@ class TrainSummary(FitState):
     main: bool = True  # this process is rank 0: it wrote the outputs and reports them
 
 
+def print_summary(summary: TrainSummary) -> None:
+    """The CLI's table: epochs run, the selected epoch's losses and accuracies, seconds per epoch."""
+    if not summary.main:  # under torchrun the other ranks trained alike and report nothing
+        return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    best = summary.best
+    table = Table(title=f"train -> {escape(str(summary.model))}")
+    for col in ("epochs", "best epoch", "train loss", "val loss", "val acc", "val frame acc", "s/epoch"):
+        table.add_column(col, justify="right")
+    per_epoch = sum(e.seconds for e in summary.history) / max(len(summary.history), 1)
+    if best is None:
+        table.add_row(str(len(summary.history)), "-", "-", "-", "-", "-", f"{per_epoch:.1f}")
+    else:
+        stop = " (early stop)" if summary.stopped_early else " (diverged)" if summary.diverged else ""
+        table.add_row(f"{len(summary.history)}{stop}", str(best.epoch),
+                      f"{best.train_loss:.3f}", f"{best.val_loss:.3f}", f"{best.val_accuracy:.1%}",
+                      f"{best.val_frame_accuracy:.1%}", f"{per_epoch:.2f}")
+    Console().print(table)
+
+
 def resume_path(model: Path) -> Path:
     return model.with_name(model.name + RESUME_SUFFIX)
 

@@ -59,8 +59,9 @@ def run(source: str, model_path: Path, cfg: WatchConfig, *, out: Path | None = N
     tracker = EventTracker(ckpt.classes, thresholds, cfg.hysteresis, cfg.min_duration,
                            on_event=log.write if log is not None else None)
     summary.events = tracker.events  # the same list: the live view shows them as they close
-    annotator = Annotator(video, ckpt.classes, min(cfg.top_k, len(ckpt.classes)))
-    watcher = Watcher(model, tracker, annotator, summary, on_window)
+    top_k = min(cfg.top_k, len(ckpt.classes))
+    annotator = Annotator(video, top_k) if video is not None else None
+    watcher = Watcher(model, tracker, annotator, summary, top_k, on_window)
     feed = Feed(reader, Sampler(interval), cfg.queue if live else 2 * cfg.batch, live)
     view = LiveView(summary, enabled=progress)
     started = time.monotonic()
@@ -78,15 +79,13 @@ def run(source: str, model_path: Path, cfg: WatchConfig, *, out: Path | None = N
         finally:
             with sigterm_ignored():  # a second SIGTERM must not cut the video's index short
                 feed.close()
-                summary.dropped = feed.dropped
-                summary.wall_seconds = time.monotonic() - started
-                summary.source_seconds = reader.position
+                wall = time.monotonic() - started  # the run's, without finishing its outputs
                 try:
                     watcher.finish()
                 finally:
                     if video is not None:
                         video.close()
-                        summary.out_frames = video.frames
                     if log is not None:
                         log.close()
+                    summary.ended(feed.dropped, reader.position, wall, video.frames if video is not None else None)
     return summary

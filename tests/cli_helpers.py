@@ -13,13 +13,13 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def run_in_process(*args: str):
-    """The CLI in this process (no second torch start-up)."""
+def run_in_process(*args: str, **invoke):
+    """The CLI in this process (no second torch start-up), with built-in defaults; `invoke`: CliRunner.invoke's."""
     from typer.testing import CliRunner
 
     from pipeline.__main__ import app
 
-    return CliRunner().invoke(app, [*args, "--params", "/nonexistent/params.yaml"], env={"COLUMNS": "250"})
+    return CliRunner().invoke(app, [*args, "--params", "/nonexistent/params.yaml"], env={"COLUMNS": "250"}, **invoke)
 
 
 def assert_one_line_error(result, *fragments: str) -> None:

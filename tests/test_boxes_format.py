@@ -257,7 +257,8 @@ def test_names_match_keys_by_path_then_by_stem_and_say_what_did_not():
     named = {n: VideoBoxes() for n in ("Basketball/v_a", "Other/v_b", "Fencing/v_c", "Fencing/v_d")}
     keys = ["Basketball/v_a.avi", "Basketball/v_a.mp4", "Renamed/v_b.avi", "Fencing/v_c.mkv"]
     matched, unmatched = an.match_keys(named, keys, ".avi")
-    assert sorted(matched) == ["Basketball/v_a.avi", "Fencing/v_c.mkv", "Renamed/v_b.avi"] and unmatched == ["Fencing/v_d"]
+    assert sorted(matched) == ["Basketball/v_a.avi", "Fencing/v_c.mkv", "Renamed/v_b.avi"]
+    assert unmatched == ["Fencing/v_d"]
     matched, unmatched = an.match_keys(named, keys, None)  # two files of v_a: no guess without --ext
     assert "Basketball/v_a" in unmatched and "Renamed/v_b.avi" in matched
     assert sorted(an.match_keys(named, None, ".avi")[0]) == sorted(n + ".avi" for n in named)

@@ -86,7 +86,8 @@ def test_cli_reports_a_bad_params_file_in_one_line(tmp_path):
     from pipeline.__main__ import app
 
     path = write(tmp_path, "train:\n  epochs: two\n")
-    result = CliRunner().invoke(app, ["split", str(tmp_path / "missing.h5"), str(tmp_path / "s"), "--params", str(path)])
+    result = CliRunner().invoke(app, ["split", str(tmp_path / "missing.h5"), str(tmp_path / "s"),
+                                      "--params", str(path)])
     assert_one_line_error(result, "train.epochs", "'two'")
 
 
@@ -101,3 +102,26 @@ def test_the_shipped_params_yaml_writes_out_every_setting_of_every_section():
     missing = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
                if f.name not in (shipped.get(name) or {})]
     assert not missing, f"params.yaml lacks {', '.join(missing)}"
+
+
+def test_every_setting_has_the_help_its_flag_shows():
+    """A setting is declared once, on its dataclass: its help there is what `--help` says of its flag."""
+    import dataclasses
+
+    from pipeline.config import help_of
+
+    missing = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls) if not help_of(f)]
+    assert not missing, f"settings without help: {', '.join(missing)}"
+
+
+def test_a_field_of_a_section_is_a_flag_of_the_command_that_reads_it(tmp_path):
+    """Adding a field to a config dataclass is all it takes: the flag exists and overrides params.yaml."""
+    from typer.testing import CliRunner
+
+    from pipeline.__main__ import app
+
+    shown = " ".join(CliRunner().invoke(app, ["evaluate", "--help"], env={"COLUMNS": "250"}).stdout.split())
+    assert "--deletion-draws" in shown and "Random deletions per k" in shown
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "missing.h5"), "--deletion-draws", "-1",
+                                      "--params", str(write(tmp_path, "evaluate:\n  deletion_draws: 3\n"))])
+    assert_one_line_error(result, "the command line: evaluate.deletion_draws = -1")

@@ -20,15 +20,15 @@ the `stages/<module>.py` it dispatches to, and follows the imports with `ast` (n
 Decisions:
 
 * `pipeline/__main__.py` counts, for every stage. It is code on every stage's path, not just a skin: it turns
-  params.yaml and the flags into the stage's config (which fields each command passes to `load_section`),
-  and it holds defaults that params.yaml does not set and that change what a stage writes (train's
-  `--metrics`/`--plots` paths, evaluate's `--plots` and `--device`, render's `--split`, `--splits`, `--metrics`
-  and `--train-plots`), and it decides exit statuses. Leaving it out would be the very bug this test is for
-  (pipeline/config.py holding defaults that params.yaml does not set). What it does count is scoped to the
-  command: its function, the module-level imports, and the `__main__` helpers that function uses (followed
-  by name); the imports inside the *other* commands' functions do not count (otherwise every stage would
-  depend on every `stages/*.py`). The price: editing a help text reruns the graph; extract then resumes its
-  persisted cache (same settings, nothing to decode), so that is cheap.
+  params.yaml and the flags into the stage's config (which sections each command reads; pipeline/flags.py, which it
+  imports, makes their flags), and it holds defaults that params.yaml does not set and that change what a stage writes
+  (train's `--metrics`/`--plots` paths, evaluate's `--plots` and `--device`, render's `--split`, `--splits`,
+  `--metrics` and `--train-plots`), and it decides exit statuses. Leaving it out would be the very bug this test is
+  for (pipeline/config.py holding defaults that params.yaml does not set). What it does count is scoped to the
+  command: its function, the module-level imports, and the `__main__` helpers that function uses (followed by name);
+  the imports inside the *other* commands' functions do not count (otherwise every stage would depend on every
+  `stages/*.py`). The price: editing a help text reruns the graph; extract then resumes its persisted cache (same
+  settings, nothing to decode), so that is cheap.
 * No exceptions for "presentation" helpers: `pipeline/files.py` writes the outputs (JSON indent, TSV number
   format: the bytes DVC hashes), `pipeline/errors.py` shapes the failure reasons extract records in the
   cache, `pipeline/progress.py` can crash a stage (as rich's Progress.reset did with a missing field). Every
@@ -223,15 +223,19 @@ def _closure(roots) -> set[str]:
 
 
 def _is_app_command(decorator: ast.expr) -> tuple[bool, str | None]:
-    """(is `@<app>.command(...)`, the explicit name given to it)."""
+    """(is `@<app>.command(...)` or `@command(<app>, ...)` (pipeline/flags.py), the explicit name given to it)."""
     call = decorator if isinstance(decorator, ast.Call) else None
     func = call.func if call else decorator
-    if not (isinstance(func, ast.Attribute) and func.attr == "command"):
+    if isinstance(func, ast.Attribute) and func.attr == "command":
+        named = call.args[:1] if call else []
+    elif isinstance(func, ast.Name) and func.id == "command" and call is not None:
+        named = call.args[1:2]
+    else:
         return False, None
     name = None
     if call is not None:
-        if call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str):
-            name = call.args[0].value
+        if named and isinstance(named[0], ast.Constant) and isinstance(named[0].value, str):
+            name = named[0].value
         for keyword in call.keywords:
             if keyword.arg == "name" and isinstance(keyword.value, ast.Constant):
                 name = keyword.value.value

@@ -1,7 +1,7 @@
 """The folder cache under DVC: `dvc repro` with the extract output a folder (`cache/features`, persist: true),
 then the dataset grows by 10% and `dvc repro` runs again.
 
-What a run that adds clips must cost, in the workspace and in DVC's cache (DESIGN.md, "Past one machine"):
+What a run that adds clips must cost, in the workspace and in DVC's cache (docs/DESIGN.md, "Past one machine"):
 the old shards stay as they are (same inode, mtime and bytes: neither the pipeline nor DVC's checkout
 rewrites them), the folder gains new shards and a new index.h5 only, and `.dvc/cache` gains objects for
 those files and a new `.dir` manifest only. DVC stores a directory output as a `.dir` manifest (relpath ->
@@ -82,8 +82,7 @@ def locked_out(project: Project, stage: str, out: str) -> dict:
 
 
 def test_growing_a_folder_cache_under_dvc_writes_and_caches_only_the_new_shards(fresh_project, tmp_path):
-    from pipeline.features.folder import FolderCache
-    from pipeline.features.reader import open_cache
+    from pipeline.features.reader import FolderCache, open_cache
 
     project = copy_project(fresh_project, tmp_path, tiny=TINY)
     to_folder_form(project)

@@ -33,8 +33,8 @@ def train_model(project: dict[str, Path], out: Path, head: HeadConfig, epochs: i
 
 def evaluate_in(project: dict[str, Path], model: Path, out: Path, cache: Path | None = None, split: str = "test",
                 boxes: Path | None = None) -> dict:
-    return evaluate.run(cache or project["cache"], project["splits"], model, out, EvaluateConfig(split=split, device="cpu"),
-                        boxes=boxes, plots_dir=out / "plots", progress=False)
+    return evaluate.run(cache or project["cache"], project["splits"], model, out,
+                        EvaluateConfig(split=split, device="cpu"), boxes=boxes, plots_dir=out / "plots", progress=False)
 
 
 def infer_split(project: dict[str, Path], model: Path, split: str = "test") -> tuple[training.Outputs, list[str]]:
@@ -443,8 +443,7 @@ def test_a_checkpoint_with_ill_typed_fields_is_refused(tiny_project, model, tmp_
 
 @pytest.mark.parametrize("case, fragment", [
     ("missing", "no such boxes file"), ("not json", "not a valid boxes file"),
-    ("wrong format", "not a valid boxes file"), ("not a list of boxes", "are not a list of"),
-    ("not a list of boxes", "are not a list of [x0, y0, x1, y1]"),
+    ("wrong format", "not a valid boxes file"), ("not a list of boxes", "are not a list of [x0, y0, x1, y1]"),
     ("binary", "not a valid boxes file"),
 ])
 def test_a_bad_boxes_file_is_refused(tiny_project, model, tmp_path, case, fragment):

@@ -18,6 +18,7 @@ from pipeline.video.decode import sample_indices
 from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
 from stages import extract
 from stages.extract import ExtractError, exclusive_lock
+from tests.cli_helpers import run_cli
 from tests.conftest import overstate_avi_frame_count
 
 TINY = dict(weights="random:0", frames=6, image_size=64, batch_size=8, workers=2, timeout=20.0)
@@ -25,12 +26,6 @@ TINY = dict(weights="random:0", frames=6, image_size=64, batch_size=8, workers=2
 
 def cfg(**changes) -> ExtractConfig:
     return ExtractConfig(**{**TINY, **changes})
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, with built-in defaults (no params.yaml of the repo in the way)."""
-    return subprocess.run([sys.executable, "-m", "pipeline", *args, "--params", "/nonexistent/params.yaml"],
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_cache_holds_one_row_per_clip_with_labels_indices_and_provenance(mini_dataset, tmp_path):
@@ -211,9 +206,9 @@ def test_kill_9_at_any_moment_leaves_a_complete_cache_or_none_and_a_rerun_finish
     reference = tmp_path / "ref.h5"
     extract.run(root, reference, cfg(), progress=False)
     cache = tmp_path / "f.h5"
-    args = [sys.executable, "-m", "pipeline", "extract", str(root), str(cache), "--weights", "random:0", "--frames", "6",
-            "--image-size", "64", "--batch-size", "8", "--shard-clips", "2", "--no-progress", "--params",
-            "/nonexistent/params.yaml"]
+    args = [sys.executable, "-m", "pipeline", "extract", str(root), str(cache), "--weights", "random:0",
+            "--frames", "6", "--image-size", "64", "--batch-size", "8", "--shard-clips", "2", "--no-progress",
+            "--params", "/nonexistent/params.yaml"]
     # killed during start-up, then as soon as the run has written its first, second, ... shard of this run (each
     # rerun resumes: 24 clips are 12 shards); the last one may be past the join, with the cache in place
     for new_shards in (0, 1, 2, 3, 5):

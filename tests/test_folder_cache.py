@@ -17,9 +17,8 @@ import pytest
 from pipeline.config import EvaluateConfig, ExtractConfig, HeadConfig, RenderConfig, SplitConfig, TrainConfig
 from pipeline.features import shards as shards_module
 from pipeline.features.cache import CacheError, FeatureCache, is_folder, main_file
-from pipeline.features.folder import FolderCache
 from pipeline.features.plan import exclusive_lock, parts_dir_for, rerun_plan
-from pipeline.features.reader import open_cache
+from pipeline.features.reader import FolderCache, open_cache
 from pipeline.features.shards import ClipFeatures, pending_shards, shard_paths, write_shard
 from pipeline.video.encode import Encoding, write_video
 from pipeline.video.folders import discover
@@ -311,11 +310,13 @@ def test_split_train_and_evaluate_run_on_a_folder_cache_as_on_the_file(tiny_proj
         train.run(cache, splits, out / "head.pt", HeadConfig(channels=8), cfg, metrics_path=out / "train.json",
                   plots_dir=out / "plots", progress=False)
         models[label] = out / "head.pt"
-    report = evaluate.run(folder, splits, models["folder"], tmp_path / "eval", EvaluateConfig(split="test", device="cpu"),
-                          plots_dir=tmp_path / "eval" / "plots", progress=False)
+    report = evaluate.run(folder, splits, models["folder"], tmp_path / "eval",
+                          EvaluateConfig(split="test", device="cpu"), plots_dir=tmp_path / "eval" / "plots",
+                          progress=False)
     assert (tmp_path / "eval" / "eval.json").exists() and report
-    rendered = render.run(folder, models["folder"], tmp_path / "report", RenderConfig(per_class=1, strip_frames=4, device="cpu"),
-                          splits_dir=splits, metrics_dir=tmp_path / "eval", train_plots=tmp_path / "folder" / "plots", progress=False)
+    rendered = render.run(folder, models["folder"], tmp_path / "report",
+                          RenderConfig(per_class=1, strip_frames=4, device="cpu"), splits_dir=splits,
+                          metrics_dir=tmp_path / "eval", train_plots=tmp_path / "folder" / "plots", progress=False)
     assert (tmp_path / "report" / "index.html").exists() and rendered
     import torch
 

@@ -202,7 +202,8 @@ def test_default_head_parameter_count_follows_the_equations():
 
 @pytest.mark.parametrize(
     "change,message",
-    [({"cell": "gru"}, "head.cell"), ({"attention": "hard"}, "head.attention"), ({"kernel": 2}, "odd"), ({"dropout": 1.0}, "dropout")],
+    [({"cell": "gru"}, "head.cell"), ({"attention": "hard"}, "head.attention"), ({"kernel": 2}, "odd"),
+     ({"dropout": 1.0}, "dropout")],
 )
 def test_unusable_head_settings_are_reported_in_one_line(change, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -481,4 +482,5 @@ def test_the_deletion_test_keeps_the_unmodified_map_and_deletes_the_energy_with_
     keep[:, :, 3, :] = 0.0  # the patch's row deleted in every frame
     kept = motion.kept(keep)
     assert torch.equal(kept.map, motion.map)
-    assert torch.equal(kept.energy[:, :, 3], torch.zeros(1, 6, 7)) and torch.equal(kept.energy[:, :, 2], motion.energy[:, :, 2])
+    assert torch.equal(kept.energy[:, :, 3], torch.zeros(1, 6, 7))
+    assert torch.equal(kept.energy[:, :, 2], motion.energy[:, :, 2])

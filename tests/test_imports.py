@@ -166,7 +166,7 @@ def test_the_graph_sees_every_kind_of_import(graph):
     assert {"pipeline", "pipeline.features", "stages", CLI} <= set(graph)
     assert "stages.extract" in graph[CLI]  # `from stages import extract as stage`, inside a command function
     assert "pipeline.features.reader" in graph["pipeline.features.plan"]
-    assert "pipeline.features.weights_index" in graph["pipeline.features.weights"]  # from ... import submodule
+    assert "pipeline.features.weights_lpips" in graph["pipeline.features.weights"]  # from ... import submodule
 
 
 def test_the_import_graph_has_no_cycles(graph):

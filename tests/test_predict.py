@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.config import ExtractConfig, HeadConfig, SplitConfig, SynthConfig, TrainConfig
+from pipeline.config import ExtractConfig, HeadConfig, PredictConfig, SplitConfig, SynthConfig, TrainConfig
 from pipeline.features.reader import open_cache
 from pipeline.head import checkpoint as ck
 from pipeline.video.synthetic import generate_dataset
 from stages import extract, predict, split, train
 from stages.predict import PredictError
+from tests.cli_helpers import run_cli, run_in_process
 
 CLASSES = ["move_right", "move_left", "move_up"]
 
@@ -34,22 +32,6 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     train.run(cache, root / "splits", model, HeadConfig(channels=8), TrainConfig(epochs=1, batch_size=4, device="cpu"),
               metrics_path=root / "metrics" / "train.json", plots_dir=root / "plots", progress=False)
     return {"root": root, "videos": videos, "cache": cache, "model": model}
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, with built-in defaults (no params.yaml of the repo in the way)."""
-    env = {**os.environ, "COLUMNS": "250"}  # long tmp paths stay on one table row
-    return subprocess.run([sys.executable, "-m", "pipeline", *args, "--params", "/nonexistent/params.yaml"],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def run_in_process(*args: str):
-    """The CLI in this process (no second torch start-up), for checks of exit status and message only."""
-    from typer.testing import CliRunner
-
-    from pipeline.__main__ import app
-
-    return CliRunner().invoke(app, [*args, "--params", "/nonexistent/params.yaml"], env={"COLUMNS": "250"})
 
 
 def head_on_cached(trained: dict[str, Path], video: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,8 +53,8 @@ def test_predict_on_a_cached_clip_reproduces_the_head_on_its_cached_features(tra
     with open_cache(trained["cache"]) as cache:
         keys = list(cache.videos)[:2]
     classes = ck.load(trained["model"]).classes
-    preds = predict.run([trained["videos"] / k for k in keys], trained["model"], top_k=50, device="cpu",
-                        progress=False)
+    preds = predict.run([trained["videos"] / k for k in keys], trained["model"],
+                        PredictConfig(top_k=50, device="cpu"), progress=False)
     for key, pred in zip(keys, preds):
         probs, attention, index = head_on_cached(trained, key)
         assert pred.ok and pred.file == trained["videos"] / key
@@ -87,7 +69,8 @@ def test_predict_on_a_cached_clip_reproduces_the_head_on_its_cached_features(tra
 
 def test_top_k_must_be_positive(trained):
     with pytest.raises(PredictError, match="top-k"):
-        predict.run([trained["videos"]], trained["model"], top_k=0, device="cpu", progress=False)
+        predict.run([trained["videos"]], trained["model"], PredictConfig(top_k=0, device="cpu"),
+                    progress=False)
 
 
 def test_bad_files_are_recorded_failures_and_the_others_are_predicted(trained, tmp_path):
@@ -141,7 +124,7 @@ def test_a_backbone_that_no_longer_matches_the_checkpoint_is_one_line_and_exit_2
     model = _rewrite_checkpoint(trained["model"], tmp_path / "changed.pt", weights=f"{label} sha256:{'0' * 64}")
     clip = next(trained["videos"].glob("move_up/*"))
     with pytest.raises(PredictError, match="would not make the features.*weights"):
-        predict.run([clip], model, device="cpu", progress=False)
+        predict.run([clip], model, PredictConfig(device="cpu"), progress=False)
     result = run_cli("predict", str(clip), "--model", str(model), "--device", "cpu", "--no-progress")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "weights" in result.stderr
@@ -158,14 +141,14 @@ def test_weights_recorded_as_a_file_need_that_file_and_its_hash(trained, tmp_pat
     model = _rewrite_checkpoint(trained["model"], tmp_path / "file.pt", weights=f"file:vgg.pth sha256:{digest}")
     clip = next(trained["videos"].glob("move_up/*"))
     with pytest.raises(PredictError, match="--weights"):
-        predict.run([clip], model, device="cpu", progress=False)
+        predict.run([clip], model, PredictConfig(device="cpu"), progress=False)
     same, other = tmp_path / "vgg.pth", tmp_path / "other.pth"
     torch.save(random_state_dict(0), same)
     torch.save(random_state_dict(1), other)
-    [pred] = predict.run([clip], model, device="cpu", progress=False, weights=str(same))
+    [pred] = predict.run([clip], model, PredictConfig(device="cpu"), progress=False, weights=str(same))
     assert pred.ok
     with pytest.raises(PredictError, match="weights"):
-        predict.run([clip], model, device="cpu", progress=False, weights=str(other))
+        predict.run([clip], model, PredictConfig(device="cpu"), progress=False, weights=str(other))
 
 
 def test_imagenet_weights_missing_offline_is_the_weights_error_and_never_a_download(trained, tmp_path, monkeypatch):
@@ -178,17 +161,17 @@ def test_imagenet_weights_missing_offline_is_the_weights_error_and_never_a_downl
     model = _rewrite_checkpoint(trained["model"], tmp_path / "inet.pt",
                                 weights="imagenet sha256:" + recorded.split(" sha256:")[1])
     with pytest.raises(WeightsError, match="python -m pipeline weights"):
-        predict.run([trained["videos"]], model, device="cpu", progress=False)
+        predict.run([trained["videos"]], model, PredictConfig(device="cpu"), progress=False)
 
 
 def test_other_recorded_settings_are_refused_too(trained, tmp_path):
     clip = next(trained["videos"].glob("move_up/*"))
     model = _rewrite_checkpoint(trained["model"], tmp_path / "sampling.pt", sampling="random frames")
     with pytest.raises(PredictError, match="sampling"):
-        predict.run([clip], model, device="cpu", progress=False)
+        predict.run([clip], model, PredictConfig(device="cpu"), progress=False)
     model = _rewrite_checkpoint(trained["model"], tmp_path / "size.pt", image_size=96)  # head trained on 2x2
     with pytest.raises(PredictError, match="inconsistent"):
-        predict.run([clip], model, device="cpu", progress=False)
+        predict.run([clip], model, PredictConfig(device="cpu"), progress=False)
 
 
 def test_a_file_that_is_not_a_checkpoint_is_one_line_and_exit_2(trained, tmp_path):
@@ -204,7 +187,8 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_and_exit_2(trained, tmp_pat
 
 
 def test_a_folder_stands_for_its_videos(trained):
-    preds = predict.run([trained["videos"] / "move_left"], trained["model"], device="cpu", progress=False)
+    preds = predict.run([trained["videos"] / "move_left"], trained["model"], PredictConfig(device="cpu"),
+                        progress=False)
     assert len(preds) == 3 and all(p.ok for p in preds)
     assert all(p.file.parent.name == "move_left" for p in preds)
 
@@ -213,8 +197,8 @@ def test_a_folder_stands_for_its_videos(trained):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_prediction_matches_the_cpu_one(trained):
     clip = sorted(trained["videos"].glob("move_left/*"))[0]
-    [cpu] = predict.run([clip], trained["model"], device="cpu", progress=False)
-    [gpu] = predict.run([clip], trained["model"], device="cuda", progress=False)
+    [cpu] = predict.run([clip], trained["model"], PredictConfig(device="cpu"), progress=False)
+    [gpu] = predict.run([clip], trained["model"], PredictConfig(device="cuda"), progress=False)
     assert gpu.ok and cpu.ok
     np.testing.assert_allclose(gpu.probabilities, cpu.probabilities, atol=2e-2)
     np.testing.assert_allclose(gpu.attention, cpu.attention, atol=2e-2)
@@ -225,7 +209,7 @@ def test_render_writes_a_strip_and_an_animation_per_predicted_file(trained, tmp_
     empty = tmp_path / "empty.avi"
     empty.write_bytes(b"")
     out = tmp_path / "render"
-    preds = predict.run([*clips, empty], trained["model"], render_dir=out, device="cpu", progress=False)
+    preds = predict.run([*clips, empty], trained["model"], PredictConfig(device="cpu"), render_dir=out, progress=False)
     assert [p.ok for p in preds] == [True, True, False]
     for pred in preds[:2]:
         assert set(pred.rendered) == {"strip", "animation"}

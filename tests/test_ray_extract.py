@@ -226,10 +226,10 @@ def test_kill_9_of_the_driver_loses_nothing_leaves_no_ray_behind_and_a_rerun_res
     again extracts only the clips they lack, and the cache equals an uninterrupted local run's."""
     cache = tmp_path / ("features" if form == "folder" else "f.h5")
     pid_file = tmp_path / "actor.pid"
-    # the backbone actor's second batch waits to be killed (tests/ray_slow_actor.py), so the kill lands mid-run after the first
-    # batch's shard: 8 clips are 2 input blocks of 4 (CLIPS_PER_BLOCK), a backbone batch is 4 clips (--batch-size 16
-    # / --frames 4), so each batch is one Ray task and the first one's rows leave it (a task's output leaves it
-    # only when it ends) while the second waits
+    # the backbone actor's second batch waits to be killed (tests/ray_slow_actor.py), so the kill lands mid-run after
+    # the first batch's shard: 8 clips are 2 input blocks of 4 (CLIPS_PER_BLOCK), a backbone batch is 4 clips
+    # (--batch-size 16 / --frames 4), so each batch is one Ray task and the first one's rows leave it (a task's
+    # output leaves it only when it ends) while the second waits
     from pipeline.video.encode import Encoding, write_video
 
     rng = np.random.default_rng(2)

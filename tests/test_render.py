@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from pipeline.report import overlay
 from pipeline.video.encode import Encoding, numbered_frames, read_frame_number, write_video
 from pipeline.video.synthetic import generate_dataset
 from stages import evaluate, extract, render, split, train
+from tests.cli_helpers import run_cli
 
 CLASSES = ["move_left", "move_right", "move_up"]
 NUMBERED = "move_left/numbered.avi"  # frame i shows the number i: proves which frames are drawn
@@ -64,11 +63,6 @@ def run_render(project: dict[str, Path], out: Path, **kwargs) -> render.RenderSu
 @pytest.fixture(scope="module")
 def report(project, tmp_path_factory) -> render.RenderSummary:
     return run_render(project, tmp_path_factory.mktemp("report"))
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args, "--params", "/nonexistent/params.yaml"],
-                          capture_output=True, text=True, timeout=120)
 
 
 # --- the overlay itself ---------------------------------------------------------------------------------

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ from pipeline.video.splits import (
     write_splits,
 )
 from stages import split as stage
+from tests.cli_helpers import run_cli
 
 
 def make_cache(folder: Path, keys: list[str], failed: list[tuple[str, str]] = ()) -> Path:
@@ -48,12 +46,6 @@ def write_hmdb51(folder: Path, marks: dict[str, dict[str, int]], fold: int = 1) 
     for cls, clip_marks in marks.items():
         (folder / f"{cls}_test_split{fold}.txt").write_text("".join(f"{c} {m} \n" for c, m in clip_marks.items()))
     return folder
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "500"}  # rich wraps at the terminal width; one error line must stay one
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1], env=env)
 
 
 # --- stratified -----------------------------------------------------------------------------------------
@@ -272,8 +264,7 @@ def test_stage_refuses_both_official_lists_at_once(tmp_path):
 
 def test_cli_split_writes_the_lists_and_prints_a_summary_table(tmp_path):
     cache = make_cache(tmp_path, clips({"jump": 12, "run": 12}))
-    done = run_cli("split", str(cache), str(tmp_path / "splits"), "--seed", "1",
-                   "--params", str(tmp_path / "none.yaml"))
+    done = run_cli("split", str(cache), str(tmp_path / "splits"), "--seed", "1")
     assert done.returncode == 0, done.stderr
     assert "jump" in done.stdout and "total" in done.stdout and "left out" in done.stdout
     assert json.loads((tmp_path / "splits" / "summary.json").read_text())["config"]["seed"] == 1
@@ -282,7 +273,7 @@ def test_cli_split_writes_the_lists_and_prints_a_summary_table(tmp_path):
 @pytest.mark.parametrize("extra", [[], ["--hmdb51", "no-such-folder"], ["--test", "0.9"]])
 def test_cli_split_on_bad_input_prints_one_line_and_no_traceback(tmp_path, extra):
     cache = tmp_path / "f.h5" if not extra else make_cache(tmp_path, clips({"jump": 12}))
-    done = run_cli("split", str(cache), str(tmp_path / "splits"), "--params", str(tmp_path / "none.yaml"), *extra)
+    done = run_cli("split", str(cache), str(tmp_path / "splits"), *extra)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr + done.stdout
     assert done.stderr.strip().startswith("error:") and len(done.stderr.strip().splitlines()) == 1

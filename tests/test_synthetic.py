@@ -1,4 +1,5 @@
-"""The embedded default dataset: classes by the actor's straight-line heading, real encoded files, per-frame actor boxes."""
+"""The embedded default dataset: classes by the actor's straight-line heading, real encoded files, per-frame actor
+boxes."""
 from __future__ import annotations
 
 import json
@@ -385,7 +386,8 @@ def test_encoded_bytes_depend_on_the_frames_alone_not_on_the_heap_or_the_cores(t
     runs = []
     for name, perturb, cores in (("a", 85, 1), ("b", 170, 0)):  # MALLOC_PERTURB_: glibc's fill for fresh memory
         (tmp_path / name).mkdir()
-        runs.append(subprocess.Popen([sys.executable, "-c", _ENCODE_IN_A_FRESH_PROCESS, str(cores), str(tmp_path / name)],
+        argv = [sys.executable, "-c", _ENCODE_IN_A_FRESH_PROCESS, str(cores), str(tmp_path / name)]
+        runs.append(subprocess.Popen(argv,
                                      cwd=checkout, env={**os.environ, "MALLOC_PERTURB_": str(perturb)},
                                      stdout=subprocess.PIPE, text=True))
     outputs = [run.communicate(timeout=120)[0].split() for run in runs]
@@ -396,7 +398,8 @@ def test_encoded_bytes_depend_on_the_frames_alone_not_on_the_heap_or_the_cores(t
 
 def test_another_seed_gives_other_clips(tmp_path, dataset):
     root, _ = dataset
-    generate_dataset(tmp_path, SynthConfig(seed=4, clips_per_class=1, frames=12, width=64, height=48), classes=["move_down_left"])
+    generate_dataset(tmp_path, SynthConfig(seed=4, clips_per_class=1, frames=12, width=64, height=48),
+                     classes=["move_down_left"])
     assert not np.array_equal(read_boxes(tmp_path)["move_down_left/clip_000.avi"],
                               read_boxes(root)["move_down_left/clip_000.avi"])
 

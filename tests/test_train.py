@@ -1,4 +1,5 @@
-"""Stage `train` end to end on a tiny cache: outputs, checkpoint, determinism, resume, early stop, streaming, refusals."""
+"""Stage `train` end to end on a tiny cache: outputs, checkpoint, determinism, resume, early stop, streaming,
+refusals."""
 from __future__ import annotations
 
 import csv
@@ -287,7 +288,8 @@ def test_early_stopping_keeps_the_best_val_epoch(tiny_project, tmp_path):
     ckpt = ck.load(paths["model"])
     assert ckpt.train["epoch"] == metrics["best_epoch"]
     # the saved weights are the best epoch's, not the last one's
-    assert training.loss_of(val_outputs(tiny_project, ckpt.build()), ckpt.train["attention_reg"]) == ckpt.train["val_loss"]
+    outputs = val_outputs(tiny_project, ckpt.build())
+    assert training.loss_of(outputs, ckpt.train["attention_reg"]) == ckpt.train["val_loss"]
     assert ckpt.train["val_loss"] == pytest.approx(min(val), rel=1e-5) == min(e.val_loss for e in summary.history)
     assert resume_state_of(paths["model"])["next_epoch"] == metrics["epochs_run"]
 

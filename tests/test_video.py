@@ -92,7 +92,8 @@ def test_truncated_file_keeps_the_frames_that_decode(numbered_video, tmp_path):
     assert stamped(clip.frames) == clip.frame_index.tolist()
 
 
-@pytest.mark.parametrize("content,reason", [(b"", "empty file"), (b"this is not a video\n" * 50, "not a readable video")])
+@pytest.mark.parametrize("content,reason",
+                         [(b"", "empty file"), (b"this is not a video\n" * 50, "not a readable video")])
 def test_unusable_files_raise_a_one_line_reason(tmp_path, content, reason):
     path = tmp_path / "bad.mp4"
     path.write_bytes(content)

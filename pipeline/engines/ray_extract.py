@@ -29,12 +29,10 @@ CPU-only: the rest goes to backbone actors of at most 8 CPUs each. Torch threads
 reservation, on purpose: Ray sets OMP_NUM_THREADS to the reservation, the actor then calls
 `torch.set_num_threads` with the larger number, so the trunk also uses the cycles the decode slots leave
 idle (decoding 30 frames is a few % of a VGG-16 pass on a CPU), oversubscribing like the local engine (its
-2-thread trunk beside 2 decode workers). `extract.ray_threads` overrides it. Measured on this project's
-shared 2-core box (AVX-512 bf16; bench/scale.py --part ray --repeat 3: 6 clips x 30 frames at 224, bf16, one
-actor reserving 1 CPU + 1 decode slot, rounds interleaved with the local engine): median steady frames/s
-local 12.5, Ray with 1 torch thread 7.2 (0.58x: the trunk on one core), with 2 threads 10.9 (0.87x). Single
-runs on that box spread by +-30% (other jobs share it). With GPUs: one actor per GPU, 1 CPU and 1 thread each
-(the GPU does the maths), the rest decode.
+2-thread trunk beside 2 decode workers). `extract.ray_threads` overrides it. Why the larger number: with
+the reservation alone the trunk runs on one core of a 2-core box, and the larger one brings Ray close to the
+local engine (docs/BENCHMARKS.md, "`extract --engine ray` vs the local engine"). With GPUs: one actor per
+GPU, 1 CPU and 1 thread each (the GPU does the maths), the rest decode.
 
 Fault tolerance, Ray Data's defaults on 2.60 (checked in its source, and not overridden: passing remote
 args such as `max_restarts` to `map_batches` is deprecated there and goes in 2.64): tasks (decode, write) are

@@ -103,11 +103,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 # `compile: auto` compiles the trunk where it was measured to pay: a CPU running bf16 natively (AMX or AVX-512
-# BF16), for a run of at least COMPILE_MIN_FRAMES frames. There inductor's frozen, pre-packed oneDNN kernels ran
-# 1.66x eager (67.5 vs 40.5 frames/s, 224 px, batch 32, Xeon with AMX; issue 24) after a first call of ~5-13 s:
-# ~500 frames win it back, the threshold doubles that. In fp32 (AVX-512 without BF16, bench/extract.py,
-# docs/BENCHMARKS.md "compiled trunk") compiled ran 0.98-1.0x eager: nothing to win, auto stays eager. CUDA: eager
-# under auto (no GPU was lent to measure it); `on` compiles anywhere.
+# BF16), for a run of at least COMPILE_MIN_FRAMES frames. There inductor's frozen, pre-packed oneDNN kernels run
+# well ahead of eager after a first call of several seconds, which some 500 frames win back; the threshold doubles
+# that. In fp32 compiled runs as fast as eager: nothing to win, auto stays eager (docs/BENCHMARKS.md, "compiled
+# trunk"). CUDA: eager under auto (not measured there); `on` compiles anywhere.
 COMPILE_MIN_FRAMES = 1000
 
 

@@ -1,12 +1,12 @@
 """The HDF5 feature cache (format_version 1) and its reader: one joined file (or a shard), read with
 metadata eagerly and features on demand. How it is written without ever being modified in place:
-pipeline/features/shards.py. The format: DESIGN.md, "Cache format".
+pipeline/features/shards.py. The format: docs/DESIGN.md, "Cache format".
 
 A cache has two forms, chosen by its path alone (`is_folder`): one self-contained file (`features.h5`), or a
-folder of immutable shards plus `index.h5` (DESIGN.md, "Past one machine"). `FeatureCache(path)` reads the
-file (or one shard); the folder's reader, `FolderCache`, is pipeline/features/folder.py, with the same
-attributes and methods. `open_cache(path)` (pipeline/features/reader.py) picks the right one for a path;
-this module never imports the folder form, so the arrows point one way: reader -> folder -> cache.
+folder of immutable shards plus `index.h5` (docs/DESIGN.md, "Past one machine"). `FeatureCache(path)` reads the
+file (or one shard); the folder's reader, `FolderCache`, is in pipeline/features/reader.py, with the same
+attributes and methods, beside `open_cache(path)`, which picks the right one for a path; this module never
+imports the folder form, so the arrows point one way: reader -> cache.
 
 Every row and every failure records a fingerprint of its source file (`source`, `failed_source`), so a rerun
 over a changed dataset can drop what is gone and redo what was replaced.

@@ -2,7 +2,7 @@
 
 Why from the features: VideoLSTM drove its attention with optical flow; the cached pool5 cubes already
 change where the picture changes, so a map of that change costs no extra decoding, no flow network and no
-new cache field, and works on every cache ever written. DESIGN.md ("Motion-guided attention"):
+new cache field, and works on every cache ever written. docs/DESIGN.md ("The head", motion):
 
     D_t  = |X_t - X_{t-1}|_2 over the C channels, per cell          (D_0 = D_1: the first frame has no past)
     M_t  = max(D_t - median over the frame's cells of D_t, 0)       (the median takes out most camera motion)

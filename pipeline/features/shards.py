@@ -26,8 +26,8 @@ from typing import Any, Collection, Sequence
 import numpy as np
 
 from pipeline.features.cache import FORMAT_VERSION, INDEX_NAME, FeatureCache, attr, is_folder, main_file, str_dtype
-from pipeline.features.folder import FolderCache, indexed_names, retired_names
 from pipeline.features.provenance import per_row_summary
+from pipeline.features.reader import FolderCache, indexed_names, retired_names
 from pipeline.files import atomic_path
 
 SHARD_GLOB = "shard-*.h5"
@@ -59,7 +59,8 @@ class ClipFeatures:
     height: int
     width: int
     source: str = ""  # source_fingerprint of the file the features were made from; "" = not recorded
-    decoder: str = "decord"  # which decoder made the frames (pipeline.video.decode.DECODERS); render decodes the same way
+    # which decoder made the frames (pipeline.video.decode.DECODERS); render decodes the same way
+    decoder: str = "decord"
     precision: str = ""  # the backbone's precision for this clip (fp32 | bf16): one cache may mix them
     trunk: str = "eager"  # eager | compiled: how the backbone ran (extract.compile), within bf16 of each other
 

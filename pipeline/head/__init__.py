@@ -1,1 +1,1 @@
-"""Stage two: the attention head (DESIGN's equations), batches from the cache, fit(), checkpoints."""
+"""Stage two: the attention head (docs/DESIGN.md, "The head"), batches from the cache, fit(), checkpoints."""

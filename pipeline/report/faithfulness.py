@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.head.infer import is_correct
 
-K = (1, 3, 5)  # cells deleted per frame in the table (DESIGN.md); always on the curve
+K = (1, 3, 5)  # cells deleted per frame in the table (docs/DESIGN.md, "What evaluate measures"); also on the curve
 SMALL = (1, 2, 3, 5)  # the curve's first k, where the top curve falls fastest
 
 

@@ -1,7 +1,7 @@
 """The motion map of every evaluated clip, the baseline a learned attention map must beat.
 
-A map that only follows what moves costs nothing: M~_t comes from the cached features alone (DESIGN,
-"Motion-guided attention"; pipeline/features/motion.py). evaluate scores it against the boxes exactly as it
+A map that only follows what moves costs nothing: M~_t comes from the cached features alone (docs/DESIGN.md,
+"The head", motion; pipeline/features/motion.py). evaluate scores it against the boxes exactly as it
 scores the attention (pipeline/report/attention_quality.py), so a head's localisation is read beside what a
 frame difference gives for free. torch is imported when a map is computed, not when this module is.
 """

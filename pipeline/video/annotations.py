@@ -1,4 +1,5 @@
-"""Real ground-truth boxes from the annotation files datasets ship, as boxes files' VideoBoxes (pipeline/video/boxes.py).
+"""Real ground-truth boxes from the annotation files datasets ship, as boxes files' VideoBoxes
+(pipeline/video/boxes.py).
 
 Localisation on real video needs real boxes, and the datasets that have them each spell them their own way:
 
@@ -6,7 +7,7 @@ Localisation on real video needs real boxes, and the datasets that have them eac
   [{"sf", "ef", "label", "boxes"}, ...]}}, one annotation per actor (a tube); `boxes` an (ef - sf) x 4 int
   array of x, y, w, h in 320 x 240 pixels for frames sf..ef-1, 0-based. Written by Python 2, so read with
   encoding latin1 and, being a pickle, through an allow-list that builds numpy arrays and plain containers
-  only and never runs code (pipeline/features/weights_convert.py's, the one the weights use).
+  only and never runs code (pipeline/numpy_pickle.py, the one the weights use).
 * UCF101-24 `finalAnnots.mat`: the same tubes as MATLAB saved them, a 1 x N struct array `annot` with fields
   num_imgs, name, tubes; each tube (1 x K struct) with ef, sf, class (or label) and boxes (one row x, y, w, h
   a frame). MATLAB counts from 1: row k is frame sf - 1 + k, 0-based (ef, its last frame, is not needed).
@@ -122,7 +123,8 @@ def read_ucf24_mat(path: str | Path, size: tuple[float, float] = UCF24_SIZE) -> 
 # --- JHMDB -------------------------------------------------------------------------------------------------
 
 
-def read_jhmdb(root: str | Path, size: tuple[float, float] = JHMDB_SIZE, margin: float = MARGIN) -> dict[str, VideoBoxes]:
+def read_jhmdb(root: str | Path, size: tuple[float, float] = JHMDB_SIZE,
+               margin: float = MARGIN) -> dict[str, VideoBoxes]:
     """Every <class>/<clip>/joint_positions.mat under `root` (JHMDB's joint_positions folder)."""
     root = Path(root)
     if not root.is_dir():

@@ -1,8 +1,8 @@
 """Exact frame sampling: decord in order, checked, with PyAV where decord's output is wrong.
 
 decord's random access (`get_batch`, `vr[i]`) returns the wrong frames on B-frame streams without any error
-(DESIGN.md), and headers over-report the frame count. So a clip is always decoded *in order*, the frames that
-really decode are counted, and the sampled ones are kept.
+(docs/DESIGN.md, "Frame sampling and decoding"), and headers over-report the frame count. So a clip is always
+decoded *in order*, the frames that really decode are counted, and the sampled ones are kept.
 
 decord's output is not trusted blindly either: decord2 3.4 returns 4-channel garbage for frames 48 or 96
 pixels wide on some CPUs (dmlc/decord #93, #336), and a row-alignment bug can as well give garbage of the

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.head.infer import top_classes
 
 if TYPE_CHECKING:
     from pipeline.watch.online import Window
@@ -160,29 +159,29 @@ class AnnotatedVideo:
 
 
 class Annotator:
-    """Frames waiting for the window that scores them, written to an AnnotatedVideo (None: --out not asked,
-    nothing kept) with their attention, the window's top classes and the event state."""
+    """Frames waiting for the window that scores them, written to an AnnotatedVideo with their attention, the
+    window's top classes and the event state. It alone knows which frames a window covers."""
 
-    def __init__(self, video: AnnotatedVideo | None, classes: list[str], top_k: int) -> None:
-        self.video, self.classes, self.top_k = video, classes, top_k
+    def __init__(self, video: AnnotatedVideo, top_k: int) -> None:
+        self.video, self.top_k = video, top_k
         self.waiting: list[Frame] = []
 
     def add(self, frames: list[Frame]) -> None:
-        if self.video is not None:
-            self.waiting.extend(frames)
-
-    def top(self, window: Window | None) -> list[tuple[str, float]]:
-        """The window's top_k (class, probability), best first; none without a window."""
-        return top_classes(window.probabilities, self.classes, self.top_k) if window is not None else []
+        """Frames embedded, in order, to be written once the window that scores them is."""
+        self.waiting.extend(frames)
 
     def write(self, window: Window | None, active: list[str]) -> None:
-        """Write the waiting frames: the window's newest frames with their maps, older ones (never in a
-        window) and all of them without a window as they are."""
-        if self.video is None or not self.waiting:
+        """Write the waiting frames up to the window's last: its newest frames with their maps, older ones
+        (never in a window) as they are; without a window (the run is over), every waiting frame as it is."""
+        if not self.waiting:
             return
-        frames, self.waiting = self.waiting, []
+        upto = len(self.waiting)
+        if window is not None:  # the frames after the window's last wait for the next window
+            upto = next(i for i, f in enumerate(self.waiting) if f.time == window.end) + 1
+        frames, self.waiting = self.waiting[:upto], self.waiting[upto:]
         new = min(window.new, len(frames)) if window is not None else 0
-        line = "  ".join(f"{c} {p:.0%}" for c, p in self.top(window)) or "waiting for a full window"
+        top = window.top(self.top_k) if window is not None else []
+        line = "  ".join(f"{c} {p:.0%}" for c, p in top) or "waiting for a full window"
         state = f"EVENT: {', '.join(active)}" if active else "no event"
         for i, frame in enumerate(frames):
             k = i - (len(frames) - new)  # position among the window's new frames, negative: not in it

@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.watch.online import Window
 
 
 class AlertError(UserError):
@@ -87,6 +90,11 @@ class EventTracker:
                 closed += self._close(name)
         return closed
 
+    def scored(self, window: Window, width: int, height: int) -> list[Event]:
+        """A scored window: its probabilities at its time; an event's box is where the window's attention was,
+        in pixels of a width x height frame. Returns the events that closed."""
+        return self.update(window.time, window.probabilities, lambda: attention_box(window.attention, width, height))
+
     def finish(self) -> list[Event]:
         """Close every event still open (the source ended or the run was stopped)."""
         return [e for name in list(self.open) for e in self._close(name)]
@@ -103,6 +111,16 @@ class EventTracker:
     def active(self) -> list[str]:
         """Classes with an event in progress."""
         return list(self.open)
+
+
+def attention_box(attention: np.ndarray, width: int, height: int, share: float = 0.5) -> list[int]:
+    """Where a window's attention was: the box [x0, y0, x1, y1] in pixels of a width x height frame around
+    the cells whose mean attention over the window's frames is at least `share` of the hottest cell's."""
+    mean = np.asarray(attention, dtype=np.float64).mean(axis=0)  # (h, w)
+    rows, cols = np.nonzero(mean >= share * mean.max())
+    h, w = mean.shape
+    return [int(round(cols.min() * width / w)), int(round(rows.min() * height / h)),
+            int(round((cols.max() + 1) * width / w)), int(round((rows.max() + 1) * height / h))]
 
 
 class EventLog:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 from pipeline.watch.annotate import Annotator
 from pipeline.watch.events import EventTracker
 from pipeline.watch.feed import END, Feed
-from pipeline.watch.online import OnlineModel, Window, attention_box
+from pipeline.watch.online import OnlineModel, Window
 from pipeline.watch.sources import Frame
 from pipeline.watch.summary import WatchSummary
 
@@ -56,39 +56,29 @@ def _on_sigterm(handler) -> Iterator[None]:
 
 class Watcher:
     """The model's side of a run: it takes the feed's frames, scores the windows that fall due, and hands
-    each to the event tracker, the annotator, the summary and `on_window`."""
+    each to the event tracker, the annotator (None: no --out), the summary and `on_window`."""
 
-    def __init__(self, model: OnlineModel, tracker: EventTracker, annotator: Annotator, summary: WatchSummary,
-                 on_window: Callable[[Window], None] | None = None) -> None:
+    def __init__(self, model: OnlineModel, tracker: EventTracker, annotator: Annotator | None,
+                 summary: WatchSummary, top_k: int, on_window: Callable[[Window], None] | None = None) -> None:
         self.model, self.tracker, self.annotator, self.summary = model, tracker, annotator, summary
-        self.on_window = on_window
+        self.top_k, self.on_window = top_k, on_window
         self.latest: Frame | None = None  # the newest frame embedded: the last window's box is in its pixels
 
     def follow(self, feed: Feed, batch: int, read_timeout: float, on_batch: Callable[[], None]) -> None:
         """Until the feed ends: take up to `batch` frames, embed them, score the windows that fall due;
         `on_batch()` after each (the live view). The reader's error, if it broke, is raised here."""
-        summary = self.summary
         while True:
             items = feed.take(batch, read_timeout)
             frames: list[Frame] = [f for f in items if f is not END]
             if frames:
                 features = self.model.embed([f.image for f in frames])  # (B, C, h, w) float16
                 windows = self.model.add(features, [f.time for f in frames])
-                # the frames up to each window's last are the ones it scores: hand them to the annotator in order
-                start = 0
+                if self.annotator is not None:
+                    self.annotator.add(frames)
                 for window in windows:
-                    upto = next(i for i, f in enumerate(frames) if f.time == window.end) + 1
-                    self.annotator.add(frames[start:upto])
-                    start = upto
                     self._scored(window, frames[-1])
-                self.annotator.add(frames[start:])
                 self.latest = frames[-1]
-                now = time.monotonic()
-                if feed.live:  # a file's frames wait in the queue by design: no latency to speak of
-                    summary.latencies.extend(now - f.arrived for f in frames)
-                summary.sampled += len(frames)
-                summary.source_seconds = frames[-1].time
-                summary.dropped = feed.dropped
+                self.summary.took(frames, feed.dropped, time.monotonic())
                 on_batch()
             if items[-1] is END:
                 if feed.error is not None:
@@ -98,19 +88,20 @@ class Watcher:
     def finish(self) -> None:
         """However the run ended: score the frames no window has scored yet (one last window over what is
         held), write them, close the events still open."""
-        model, annotator = self.model, self.annotator
+        model = self.model
         if model.pending and model.held >= 2 and self.latest is not None:  # with or without --out alike
             self._scored(model.score(), self.latest, last=True)
-        annotator.write(None, self.tracker.active())
+        if self.annotator is not None:
+            self.annotator.write(None, self.tracker.active())
         self.tracker.finish()
 
     def _scored(self, window: Window, latest: Frame, last: bool = False) -> None:
-        """A window scored: its events (the attention's box in `latest`'s pixels), its frames written, the
-        summary; `on_window` too, but for the last window `finish` scores."""
+        """A window scored: its events (their boxes in `latest`'s pixels), its frames written, the summary;
+        `on_window` too, but for the last window `finish` scores."""
         height, width = latest.image.shape[:2]  # (H, W, 3)
-        self.tracker.update(window.time, window.probabilities, lambda: attention_box(window.attention, width, height))
-        self.annotator.write(window, self.tracker.active())
-        self.summary.windows += 1
-        self.summary.last_top = self.annotator.top(window)
+        self.tracker.scored(window, width, height)
+        if self.annotator is not None:
+            self.annotator.write(window, self.tracker.active())
+        self.summary.scored(window.top(self.top_k))
         if self.on_window is not None and not last:
             self.on_window(window)

@@ -1,12 +1,12 @@
 """The model online: the backbone once per sampled frame, the head over a sliding window of the last T of them.
 
-The head is DESIGN's soft-attention ConvLSTM, trained on clips of T frames whose state starts from the
-clip's mean feature (H_0, C_0 = tanh(conv(mean_t P_t))) and whose motion map compares each frame with the
-one before. So it is not run recurrently frame by frame forever (its state would drift away from anything
-it was trained on) but, every S sampled frames, over the last T of them as if they were a clip: the window
-is the reset. Each frame's features are computed once, rounded to float16 like the cache's, and kept while
-they are in the window; a window costs one head pass (T ConvLSTM steps on h x w cells), small beside the
-backbone's frame.
+The head is the soft-attention ConvLSTM of docs/DESIGN.md ("The head"), trained on clips of T frames whose
+state starts from the clip's mean feature (H_0, C_0 = tanh(conv(mean_t P_t))) and whose motion map compares
+each frame with the one before. So it is not run recurrently frame by frame forever (its state would drift
+away from anything it was trained on) but, every S sampled frames, over the last T of them as if they were a
+clip: the window is the reset. Each frame's features are computed once, rounded to float16 like the cache's,
+and kept while they are in the window; a window costs one head pass (T ConvLSTM steps on h x w cells), small
+beside the backbone's frame.
 """
 from __future__ import annotations
 
@@ -32,11 +32,18 @@ class Window:
     attention: np.ndarray  # (T, h, w) float32, each map sums to 1, one per frame of the window
     times: list[float]  # (T,) the frames' times
     new: int  # how many of its last frames no earlier window scored
+    classes: list[str]  # (K,) the model's, in the order of `probabilities`
 
     @property
     def time(self) -> float:
         """The window's time: its centre (a class present over a segment is scored there half in, half out)."""
         return (self.start + self.end) / 2
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        """Its k likeliest (class, probability), best first."""
+        from pipeline.head.infer import top_classes
+
+        return top_classes(self.probabilities, self.classes, k)
 
 
 class OnlineModel:
@@ -96,17 +103,7 @@ class OnlineModel:
         probabilities, attention = infer_clip(self.head, features, self.device)  # (K,), (T, h, w)
         times = list(self._times)
         new, self._since = min(self._since, len(times)), 0
-        return Window(times[0], times[-1], probabilities, attention, times, new)
-
-
-def attention_box(attention: np.ndarray, width: int, height: int, share: float = 0.5) -> list[int]:
-    """Where a window's attention was: the box [x0, y0, x1, y1] in pixels of a width x height frame around
-    the cells whose mean attention over the window's frames is at least `share` of the hottest cell's."""
-    mean = np.asarray(attention, dtype=np.float64).mean(axis=0)  # (h, w)
-    rows, cols = np.nonzero(mean >= share * mean.max())
-    h, w = mean.shape
-    return [int(round(cols.min() * width / w)), int(round(rows.min() * height / h)),
-            int(round((cols.max() + 1) * width / w)), int(round((rows.max() + 1) * height / h))]
+        return Window(times[0], times[-1], probabilities, attention, times, new, self.classes)
 
 
 def load_online(model_path, device: str, weights: str | None, window: int, stride: int):
@@ -122,7 +119,7 @@ def load_online(model_path, device: str, weights: str | None, window: int, strid
     backbone = rebuild_backbone(ckpt.extraction, str(dev), weights, ckpt.feature_shape, str(model_path))
     frames = int(ckpt.feature_shape[0])
     window = window or frames
-    if window < 2 and ckpt.head.motion != "none":
+    if window < 2 and ckpt.head.uses_motion:
         raise WatchError(f"watch.window = {window}: a motion-guided head needs at least 2 frames a window")
     interval, note = ck.sample_interval(ckpt)
     head = ckpt.build().to(dev)

@@ -1,7 +1,7 @@
 """Where `watch` gets its frames: a video file, a folder of them (played in order, time running on), a URL
 (RTSP/HTTP/..., through PyAV) or a camera device (/dev/videoN, through PyAV's v4l2).
 
-Frames are decoded in order (never seek-based access: DESIGN, "Frame sampling and decoding") and sampled
+Frames are decoded in order (never seek-based access: docs/DESIGN.md, "Frame sampling and decoding") and sampled
 at the model's interval on the source's own clock (its timestamps), so a file and a camera give the model
 the same spacing between frames whatever their frame rates. A source that ends before the length its
 headers declare, raises while demuxing or decoding, or gives no frame for `read_timeout` seconds has

