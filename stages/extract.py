@@ -9,7 +9,6 @@ An interruption loses at most one shard's worth of work.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import queue
 import time
 from dataclasses import dataclass, field
@@ -20,10 +19,11 @@ from pipeline.errors import describe
 from pipeline.features.cache import main_file
 from pipeline.features.extractor import Extracted, ExtractError, Extractor, decode_pool, fingerprint_or_blank
 from pipeline.features.plan import Incompatible, exclusive_lock, parts_dir_for, rerun_plan, start_over
-from pipeline.features.provenance import extraction_settings, versions
+from pipeline.features.provenance import extraction_settings, relative_root, versions
 from pipeline.features.reader import open_cache
 from pipeline.features.shards import ClipFeatures, ShardWriter, join, pending_shards, remove_unfinished, temp_path
 from pipeline.progress import progress_bar
+from pipeline.stamps import source_date
 from pipeline.video.folders import discover
 from pipeline.workers import GuardedThread
 
@@ -119,9 +119,11 @@ def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: 
             raise
         _flush_kept(writer, strict=True)
         if pending_shards(cache) or plan.drop or not main_file(cache).exists():  # else the cache stays untouched
-            attrs = dict(settings, precision=backbone.precision, dataset_root=str(videos.resolve()),
-                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                         versions=versions())
+            # no absolute path and no wall-clock time: two clones of one commit write the same bytes
+            attrs = dict(settings, precision=backbone.precision,
+                         dataset_root=relative_root(videos, main_file(cache).parent), versions=versions())
+            if (when := source_date()) is not None:
+                attrs["created"] = when
             join(cache, parts, attrs, drop=plan.drop)
         with open_cache(cache) as result:
             summary.total_clips, summary.total_failed = len(result), len(result.failed)

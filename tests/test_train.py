@@ -1,4 +1,5 @@
-"""Stage `train` end to end on a tiny cache: outputs, checkpoint, determinism, resume, early stop, streaming, refusals."""
+"""Stage `train` end to end on a tiny cache: outputs, checkpoint, determinism, resume, early stop, streaming,
+refusals."""
 from __future__ import annotations
 
 import csv
@@ -151,12 +152,12 @@ def test_checkpoint_loads_weights_only_with_config_classes_shape_and_provenance(
         assert payload["classes"] == cache.classes == ["move_left", "move_right", "move_up"]
         assert payload["feature_shape"] == list(cache.feature_shape) == [6, 512, 4, 4]
         assert payload["extraction"]["weights"] == cache.attrs["weights"]
-        assert payload["cache"]["created"] == cache.attrs["created"]
+        assert payload["cache"].get("created") == cache.attrs.get("created")  # none: no wall-clock time
     assert re.fullmatch(r"random:0 sha256:[0-9a-f]{64}", payload["extraction"]["weights"])
     assert (payload["extraction"]["frames"], payload["extraction"]["image_size"],
             payload["extraction"]["layer"], payload["extraction"]["backbone"]) == (6, 64, "conv5_3", "vgg16")
     assert payload["cache"]["path"] == str(tiny_project["cache"])
-    assert payload["cache"]["dataset_root"] == str(tiny_project["videos"].resolve())
+    assert payload["cache"]["dataset_root"] == "videos"  # relative to the cache's folder, as the cache records it
     assert {"torch", "pipeline"} <= set(payload["cache"]["versions"])
     metrics = json.loads(paths["metrics"].read_text())
     assert payload["train"]["epoch"] == metrics["best_epoch"]
@@ -287,7 +288,8 @@ def test_early_stopping_keeps_the_best_val_epoch(tiny_project, tmp_path):
     ckpt = ck.load(paths["model"])
     assert ckpt.train["epoch"] == metrics["best_epoch"]
     # the saved weights are the best epoch's, not the last one's
-    assert training.loss_of(val_outputs(tiny_project, ckpt.build()), ckpt.train["attention_reg"]) == ckpt.train["val_loss"]
+    loss = training.loss_of(val_outputs(tiny_project, ckpt.build()), ckpt.train["attention_reg"])
+    assert loss == ckpt.train["val_loss"]
     assert ckpt.train["val_loss"] == pytest.approx(min(val), rel=1e-5) == min(e.val_loss for e in summary.history)
     assert resume_state_of(paths["model"])["next_epoch"] == metrics["epochs_run"]
 

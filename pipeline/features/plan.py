@@ -1,8 +1,9 @@
 """Which clips a run must extract: the rerun plan over the cache and its shards, and the one-writer lock.
 
 A rerun follows the dataset: entries whose file is gone are dropped, entries whose file changed (by content
-fingerprint) are dropped and extracted again, and an unchanged dataset costs one stat per clip and leaves the
-cache file (or a folder cache's index) untouched.
+fingerprint: size and sha256, no mtime, so the cache depends on the videos' bytes alone) are dropped and
+extracted again, and an unchanged dataset costs one read of each file (hashing, far cheaper than decoding it)
+and leaves the cache file (or a folder cache's index) untouched.
 
 The lock is `flock(2)` on `<cache>.lock`, beside the cache in both forms (never inside a folder cache, which
 is a DVC output): it holds between processes of one machine and on local filesystems; on NFS it depends on
@@ -99,13 +100,14 @@ def rerun_plan(cache: Path, found: Discovery, settings: dict, retry_failed: bool
     paths: dict[str, Path | None] = {c.video: c.path for c in found.clips}
     paths.update((f"{name}/", None) for name in found.empty_classes)
     verdicts: dict[tuple[str, str], str] = {}  # the same entry in the cache and a shard is checked once
+    digests: dict[Path, str] = {}  # and each file is read once, whatever its entries' fingerprints
     plan = Plan()
     for source in _sources(cache):
         entries = _entries(source, cache, settings)
         for video, fingerprint, is_failure in entries:
             entry = (video, fingerprint)
             if entry not in verdicts:
-                verdicts[entry] = _verdict(video, fingerprint, paths)
+                verdicts[entry] = _verdict(video, fingerprint, paths, digests)
             if verdicts[entry] == "current":
                 if not (is_failure and retry_failed):
                     plan.done.add(video)
@@ -135,11 +137,11 @@ def _entries(source: Path, cache: Path, settings: dict) -> list[tuple[str, str, 
         raise Incompatible(f"{exc}; pass --overwrite to start a new cache") from None
 
 
-def _verdict(video: str, fingerprint: str, paths: dict[str, Path | None]) -> str:
+def _verdict(video: str, fingerprint: str, paths: dict[str, Path | None], digests: dict[Path, str]) -> str:
     """"gone", "changed" or "current" (also a class-folder entry, or one without a fingerprint)."""
     if video not in paths:
         return "gone"
     path = paths[video]
-    if path is None or not source_changed(fingerprint, path):
+    if path is None or not source_changed(fingerprint, path, digests):
         return "current"
     return "changed"
