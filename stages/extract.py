@@ -9,6 +9,7 @@ An interruption loses at most one shard's worth of work.
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pipeline.features.plan import Incompatible, exclusive_lock, parts_dir_for, 
 from pipeline.features.provenance import extraction_settings, relative_root, versions
 from pipeline.features.reader import open_cache
 from pipeline.features.shards import ClipFeatures, ShardWriter, join, pending_shards, remove_unfinished, temp_path
+from pipeline.features.space import disk_full_message, is_disk_full, require_room_for_join
+from pipeline.isolate import ChildDied
 from pipeline.progress import progress_bar
 from pipeline.stamps import source_date
 from pipeline.video.folders import discover
@@ -107,24 +110,33 @@ def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: 
         for key in (f"{name}/" for name in found.empty_classes if f"{name}/" not in plan.done):
             writer.add_failure(key, "class folder holds no video files")
             summary.failed.append((key, "class folder holds no video files"))
+        clip_bytes = 2 * cfg.frames * math.prod(backbone.out_shape)  # float16 cubes: what a full disk is told
         try:
-            if todo:
-                if engine == "ray":
-                    _extract_ray(todo, cfg, parts, settings, summary, strict, progress, address)
-                else:
-                    backbone.compile(cfg.compile, len(todo) * cfg.frames)
-                    _extract(todo, backbone, cfg, writer, summary, strict, progress, pool)
-        except BaseException:
-            _flush_kept(writer)  # finished clips survive an interruption, a --strict stop or a dead thread
+            try:
+                if todo:
+                    if engine == "ray":
+                        _extract_ray(todo, cfg, parts, settings, summary, strict, progress, address)
+                    else:
+                        backbone.compile(cfg.compile, len(todo) * cfg.frames)
+                        _extract(todo, backbone, cfg, writer, summary, strict, progress, pool)
+            except BaseException:
+                _flush_kept(writer)  # finished clips survive an interruption, a --strict stop or a dead thread
+                raise
+            _flush_kept(writer, strict=True)
+            if pending_shards(cache) or plan.drop or not main_file(cache).exists():  # else the cache stays untouched
+                # no absolute path and no wall-clock time: two clones of one commit write the same bytes
+                attrs = dict(settings, precision=backbone.precision,
+                             dataset_root=relative_root(videos, main_file(cache).parent), versions=versions())
+                if (when := source_date()) is not None:
+                    attrs["created"] = when
+                require_room_for_join(cache)
+                join(cache, parts, attrs, drop=plan.drop)
+        except Exception as exc:
+            if is_disk_full(exc):  # one line: what is safe, what room the rest takes; never a traceback
+                raise ExtractError(disk_full_message(cache, len(found.clips), clip_bytes)) from None
+            if isinstance(exc, ChildDied):
+                raise ExtractError(f"the join into {cache} failed: {exc}; {RESUME}") from None
             raise
-        _flush_kept(writer, strict=True)
-        if pending_shards(cache) or plan.drop or not main_file(cache).exists():  # else the cache stays untouched
-            # no absolute path and no wall-clock time: two clones of one commit write the same bytes
-            attrs = dict(settings, precision=backbone.precision,
-                         dataset_root=relative_root(videos, main_file(cache).parent), versions=versions())
-            if (when := source_date()) is not None:
-                attrs["created"] = when
-            join(cache, parts, attrs, drop=plan.drop)
         with open_cache(cache) as result:
             summary.total_clips, summary.total_failed = len(result), len(result.failed)
             summary.unverified = result.source.count("")

@@ -17,6 +17,7 @@ left (`remove_unfinished`, and extract's removal of `temp_path`).
 """
 from __future__ import annotations
 
+import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from pipeline.features.cache import (
 from pipeline.features.folder import FolderCache, indexed_names, retired_names
 from pipeline.features.provenance import canonical_fingerprint, per_row_summary
 from pipeline.files import atomic_path
+from pipeline.isolate import abandon, run_forked
 
 SHARD_GLOB = "shard-*.h5"
 
@@ -112,13 +114,18 @@ def write_shard(parts_dir: Path, clips: Sequence[ClipFeatures], failed: Sequence
     final = parts_dir / f"{name}.h5"
     classes = sorted({c.label for c in clips})
     labels = np.array([classes.index(c.label) for c in clips], dtype=np.int16)
-    with atomic_path(final, parts_dir / f"{name}.tmp") as tmp, h5py.File(tmp, "w") as h5:
+    # Built in memory, written by Python: a full disk is then a plain OSError here and never reaches HDF5,
+    # which crashes the process when a file it could not write is closed (pipeline/isolate.py).
+    image = io.BytesIO()
+    with h5py.File(image, "w") as h5:
         for key, value in settings.items():
             h5.attrs[key] = attr(value)
         h5.attrs["format_version"] = FORMAT_VERSION
         h5.attrs["classes"] = attr(classes)
         _write_table(h5, clips, labels, int(settings["frames"]))
         _write_failed(h5, failed, failed_source)
+    with atomic_path(final, parts_dir / f"{name}.tmp") as tmp, open(tmp, "wb") as out:
+        out.write(image.getbuffer())
     return final
 
 
@@ -268,12 +275,22 @@ def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any],
          drop: Collection[tuple[str, str]] = frozenset()) -> JoinResult:
     """Write previous cache + shards as one new cache beside `cache_path`, then rename it into place.
 
+    It runs in a forked child (pipeline/isolate.py): a disk that fills during the join is an OSError here (the
+    child's HDF5 crash, if any, stays in the child), the temporary file is removed, the shards are kept.
+
     Later shards win over earlier data for the same video (a retried failure becomes a success); the
     shards are removed only after the rename, and a rerun after a crash in between deduplicates.
     `drop` names stale entries as (video, source fingerprint): rows and failures matching one are left out,
     while a re-extraction of the same video (a new fingerprint) is kept. Classes left without a clip vanish
     and labels are renumbered. A folder cache gets a new index instead (`write_index`).
     """
+    try:
+        return run_forked(_join, Path(cache_path), Path(parts_dir), attrs, frozenset(drop))
+    finally:
+        temp_path(Path(cache_path)).unlink(missing_ok=True)  # what a crashed child left
+
+
+def _join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any], drop: Collection[tuple[str, str]]) -> JoinResult:
     import h5py
 
     if is_folder(cache_path):
@@ -284,12 +301,18 @@ def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any],
         picked = collect(handles, drop)
         videos, classes = picked.videos, picked.classes
         with atomic_path(cache_path, temp_path(cache_path)) as tmp, h5py.File(tmp, "w") as h5:
-            shape, n = picked.feature_shape(), len(videos)
-            feats = dataset(h5, "features", shape=(n, *shape), dtype="float16", chunks=(1, *shape) if n else None)
-            for i, video in enumerate(videos):
-                s, r = picked.rows[video]
-                feats[i] = handles[s].features[r]
-            _write_rows(h5, picked, videos, classes, attrs)
+            try:
+                shape, n = picked.feature_shape(), len(videos)
+                feats = dataset(h5, "features", shape=(n, *shape), dtype="float16",
+                                chunks=(1, *shape) if n else None)
+                for i, video in enumerate(videos):
+                    s, r = picked.rows[video]
+                    feats[i] = handles[s].features[r]
+                _write_rows(h5, picked, videos, classes, attrs)
+                h5.flush()  # a full disk shows here, while the file can still be left unclosed
+            except BaseException as exc:
+                abandon(exc)
+                raise
     finally:
         for handle in handles:
             handle.close()
@@ -319,14 +342,19 @@ def write_index(folder: Path, attrs: dict[str, Any], drop: Collection[tuple[str,
         number = {name: i for i, name in enumerate(shards)}
         retired = sorted(p.name for p in shard_paths(folder) if p.name not in number)
         with atomic_path(index, temp_path(folder)) as tmp, h5py.File(tmp, "w") as h5:
-            _write_rows(h5, picked, videos, classes, attrs)
-            h5.attrs["feature_shape"] = attr(list(picked.feature_shape()))
-            dataset(h5, "shards", data=shards, dtype=str_dtype())
-            dataset(h5, "retired", data=retired, dtype=str_dtype())
-            dataset(h5, "shard", data=np.array([number[p.name] for p, _ in places], dtype=np.int32))
-            dataset(h5, "row", data=np.array([r for _, r in places], dtype=np.int64))
-            dataset(h5, "failed_shard", data=np.array([number.get(p.name, -1) for p in failed_files],
-                                                            dtype=np.int32))
+            try:
+                _write_rows(h5, picked, videos, classes, attrs)
+                h5.attrs["feature_shape"] = attr(list(picked.feature_shape()))
+                dataset(h5, "shards", data=shards, dtype=str_dtype())
+                dataset(h5, "retired", data=retired, dtype=str_dtype())
+                dataset(h5, "shard", data=np.array([number[p.name] for p, _ in places], dtype=np.int32))
+                dataset(h5, "row", data=np.array([r for _, r in places], dtype=np.int64))
+                dataset(h5, "failed_shard", data=np.array([number.get(p.name, -1) for p in failed_files],
+                                                          dtype=np.int32))
+                h5.flush()  # as in the join: a full disk shows here, and the child leaves the file unclosed
+            except BaseException as exc:
+                abandon(exc)
+                raise
     finally:
         for handle in handles:
             handle.close()
