@@ -45,14 +45,22 @@ def _send(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
+def _prctl():
+    """libc's prctl, looked up in the parent: a forked child must not dlopen (another thread of the parent may
+    have held the loader's lock at the fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
 
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent(parent: int, prctl) -> None:
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -79,6 +87,7 @@ def run_forked(fn: Callable[..., T], *args: Any) -> T:
     first line). A child that dies without answering raises ChildDied naming the signal."""
     if not hasattr(os, "fork"):
         return fn(*args)
+    prctl = _prctl()
     read, write = os.pipe()
     parent = os.getpid()
     pid = os.fork()
@@ -87,7 +96,7 @@ def run_forked(fn: Callable[..., T], *args: Any) -> T:
         code = 1
         try:
             os.close(read)
-            _die_with_parent(parent)
+            _die_with_parent(parent, prctl)
             import faulthandler
 
             faulthandler.disable()  # a crash here is reported by the parent, in one line
