@@ -91,21 +91,22 @@ def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: 
     except ValueError as exc:  # an option the user gave: layer, device, precision, image size
         raise ExtractError(str(exc)) from None
     settings = extraction_settings(backbone.provenance(), cfg.frames)
+    pinned = backbone.precision if cfg.precision != "auto" else None  # rows made otherwise are made again
     summary, start = ExtractSummary(cache), time.monotonic()
     with exclusive_lock(cache):
         parts = parts_dir_for(cache)
         remove_unfinished(parts)
         temp_path(cache).unlink(missing_ok=True)
         try:
-            plan = rerun_plan(cache, found, settings, retry_failed)
+            plan = rerun_plan(cache, found, settings, retry_failed, pinned)
         except Incompatible:
             if not overwrite:
                 raise
             start_over(cache)  # only then: same settings resume, so a DVC rerun keeps finished clips
-            plan = rerun_plan(cache, found, settings, retry_failed)
+            plan = rerun_plan(cache, found, settings, retry_failed, pinned)
         todo = [c for c in found.clips if c.video not in plan.done]
         summary.skipped = len(found.clips) - len(todo)
-        summary.removed, summary.changed = len(plan.removed), len(plan.changed)
+        summary.removed, summary.changed = len(plan.removed), len(plan.changed | plan.repinned)
         writer = ShardWriter(parts, settings, every_clips=cfg.shard_clips)
         for key in (f"{name}/" for name in found.empty_classes if f"{name}/" not in plan.done):
             writer.add_failure(key, "class folder holds no video files")

@@ -107,3 +107,19 @@ def test_fingerprints_are_content_and_size_and_read_each_file_once(tmp_path):
     assert source_changed(recorded, path, digests) is False and path in digests
     digests[path] = "0" * 64  # the run's memo is what is compared: the file is not read again
     assert source_changed(recorded, path, digests) is True
+
+
+def test_a_pinned_precision_takes_effect_on_a_cache_made_at_another(mini_dataset, tmp_path):
+    """What pins two machines' features (README "On another CPU or a GPU"): `extract.precision: fp32` in
+    params.yaml must re-extract the rows a bf16 machine made (precision is no setting that refuses a mix, so
+    before this DVC reran extract and it kept them all); under `auto` mixed rows stay."""
+    cache = tmp_path / "f.h5"
+    extract.run(mini_dataset, cache, ExtractConfig(**TINY, precision="bf16"), progress=False)
+    kept = extract.run(mini_dataset, cache, ExtractConfig(**TINY, precision="auto"), progress=False)
+    assert kept.extracted == 0
+    pinned = extract.run(mini_dataset, cache, ExtractConfig(**TINY, precision="fp32"), progress=False)
+    assert (pinned.extracted, pinned.changed, pinned.total_clips) == (6, 6, 6)
+    with open_cache(cache) as c:
+        assert set(c.precision) == {"fp32"}
+    again = extract.run(mini_dataset, cache, ExtractConfig(**TINY, precision="fp32"), progress=False)
+    assert again.extracted == 0
