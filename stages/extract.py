@@ -23,7 +23,7 @@ from pipeline.features.plan import Incompatible, exclusive_lock, parts_dir_for, 
 from pipeline.features.provenance import extraction_settings, relative_root, versions
 from pipeline.features.reader import open_cache
 from pipeline.features.shards import ClipFeatures, ShardWriter, join, pending_shards, remove_unfinished, temp_path
-from pipeline.features.space import disk_full_message, is_disk_full, require_room_for_join
+from pipeline.features.space import disk_full, disk_full_message, require_room_for_join
 from pipeline.isolate import ChildDied
 from pipeline.progress import progress_bar
 from pipeline.stamps import source_date
@@ -133,8 +133,9 @@ def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: 
                 require_room_for_join(cache)
                 join(cache, parts, attrs, drop=plan.drop)
         except Exception as exc:
-            if is_disk_full(exc):  # one line: what is safe, what room the rest takes; never a traceback
-                raise ExtractError(disk_full_message(cache, len(found.clips), clip_bytes)) from None
+            if (full := disk_full(exc)) is not None:  # one line: what is safe, what room the rest takes
+                why = full.strerror or "No space left on device"
+                raise ExtractError(disk_full_message(cache, len(found.clips), clip_bytes, why)) from None
             if isinstance(exc, ChildDied):
                 raise ExtractError(f"the join into {cache} failed: {exc}; {RESUME}") from None
             raise

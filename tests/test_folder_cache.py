@@ -109,8 +109,10 @@ def test_folder_and_file_of_the_same_clips_read_the_same(mini_dataset, tmp_path)
     with open_cache(folder) as a, open_cache(file) as b:
         assert isinstance(a, FolderCache) and type(b) is FeatureCache
         same_reads(a, b)
-        assert {k: v for k, v in a.attrs.items() if k not in ("created", "feature_shape")} == \
-            {k: v for k, v in b.attrs.items() if k != "created"}
+        # the dataset root is recorded relative to the file that holds it (the index one folder deeper)
+        assert {k: v for k, v in a.attrs.items() if k not in ("created", "feature_shape", "dataset_root")} == \
+            {k: v for k, v in b.attrs.items() if k not in ("created", "dataset_root")}
+        assert a.dataset_root == b.dataset_root == mini_dataset
         assert a.failed == [("jump/broken.mp4", a.failed[0][1])] and len(a) == 6
         np.testing.assert_array_equal(a.features[2], b.features[2])
         np.testing.assert_array_equal(a.features[-1], b.features[-1])
@@ -311,11 +313,13 @@ def test_split_train_and_evaluate_run_on_a_folder_cache_as_on_the_file(tiny_proj
         train.run(cache, splits, out / "head.pt", HeadConfig(channels=8), cfg, metrics_path=out / "train.json",
                   plots_dir=out / "plots", progress=False)
         models[label] = out / "head.pt"
-    report = evaluate.run(folder, splits, models["folder"], tmp_path / "eval", EvaluateConfig(split="test", device="cpu"),
-                          plots_dir=tmp_path / "eval" / "plots", progress=False)
+    report = evaluate.run(folder, splits, models["folder"], tmp_path / "eval",
+                          EvaluateConfig(split="test", device="cpu"), plots_dir=tmp_path / "eval" / "plots",
+                          progress=False)
     assert (tmp_path / "eval" / "eval.json").exists() and report
-    rendered = render.run(folder, models["folder"], tmp_path / "report", RenderConfig(per_class=1, strip_frames=4, device="cpu"),
-                          splits_dir=splits, metrics_dir=tmp_path / "eval", train_plots=tmp_path / "folder" / "plots", progress=False)
+    rendered = render.run(folder, models["folder"], tmp_path / "report",
+                          RenderConfig(per_class=1, strip_frames=4, device="cpu"), splits_dir=splits,
+                          metrics_dir=tmp_path / "eval", train_plots=tmp_path / "folder" / "plots", progress=False)
     assert (tmp_path / "report" / "index.html").exists() and rendered
     import torch
 

@@ -20,13 +20,17 @@ from pipeline.features.shards import parts_dir_for, pending_shards
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def is_disk_full(exc: BaseException | None) -> bool:
-    """Whether `exc` (or what it was raised from) is a full disk or an exhausted quota."""
+def disk_full(exc: BaseException | None) -> OSError | None:
+    """The full disk or exhausted quota behind `exc` (itself or what it was raised from), or None."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in FULL:
-            return True
+            return exc
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    return disk_full(exc) is not None
 
 
 def free_bytes(path: Path) -> int:
@@ -65,7 +69,11 @@ def _open(path: Path):
 
 
 def mb(n: float) -> str:
-    return f"{n / 2**20:.1f} MB"
+    """Bytes as people read them: 512 B, 38 KB, 1.3 MB, 9.6 GB."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}" if n < 100 * scale else f"{n / scale:.0f} {unit}"
+    return f"{n:.0f} B"
 
 
 def require_room_for_join(cache: Path) -> None:
@@ -78,9 +86,9 @@ def require_room_for_join(cache: Path) -> None:
                            f"are safe in {parts_dir_for(cache)}: free {mb(needs - free)} and rerun to finish")
 
 
-def disk_full_message(cache: Path, clips: int, clip_bytes: int) -> str:
+def disk_full_message(cache: Path, clips: int, clip_bytes: int, why: str = "No space left on device") -> str:
     """The one line a full disk ends a run with: how many of the dataset's `clips` are safe, and how much free
-    space the rest (about `clip_bytes` each) and the join will take."""
+    space the rest (about `clip_bytes` each) and the join will take; `why` is the system's words for it."""
     safe = safe_clips(cache)
     rest = max(clips - safe, 0) * clip_bytes
     on_disk = join_needs(cache)
@@ -88,7 +96,8 @@ def disk_full_message(cache: Path, clips: int, clip_bytes: int) -> str:
     free = free_bytes(cache.parent)
     where = parts_dir_for(cache)
     need = rest + joined
-    return (f"disk full while writing {cache}: {safe} of {clips} clips are safe ({where}); the other {clips - safe} "
-            f"need about {mb(rest)}" + (f" and the join about {mb(joined)} more (a second copy of the cache)"
-                                         if joined else "")
-            + f", {mb(free)} is free: free about {mb(max(need - free, 0))} and rerun to resume")
+    then = f"free about {mb(need - free)} and rerun to resume" if need > free else "rerun to resume"
+    return (f"disk full while writing {cache} ({why}): {safe} of {clips} clips are safe ({where}); the other "
+            f"{clips - safe} need about {mb(rest)}" + (f" and the join about {mb(joined)} more (a second copy of "
+                                                       "the cache)" if joined else "")
+            + f", {mb(free)} is free: {then}")
