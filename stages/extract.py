@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import queue
 import time
 from dataclasses import dataclass, field
@@ -134,7 +135,7 @@ def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: 
                 join(cache, parts, attrs, drop=plan.drop)
         except Exception as exc:
             if (full := disk_full(exc)) is not None:  # one line: what is safe, what room the rest takes
-                why = full.strerror or "No space left on device"
+                why = os.strerror(full.errno)  # not h5py's text: HDF5's error stack, over several lines
                 raise ExtractError(disk_full_message(cache, len(found.clips), clip_bytes, why)) from None
             if isinstance(exc, ChildDied):
                 raise ExtractError(f"the join into {cache} failed: {exc}; {RESUME}") from None
