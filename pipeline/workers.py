@@ -232,4 +232,4 @@ class GuardedThread:
         if self.error is not None:
             from pipeline.errors import describe
 
-            raise self._fail(f"failed: {describe(self.error)}") from None
+            raise self._fail(f"failed: {describe(self.error)}") from self.error  # the cause: is the disk full?

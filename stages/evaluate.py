@@ -52,7 +52,7 @@ def run(cache_path: Path, splits_dir: Path, model_path: Path, out_dir: Path, cfg
         ck.require_same_extraction(ckpt, extraction, str(cache_path))
         ck.require_classes(ckpt, cache.classes, str(cache_path))
         clips = open_split(cache, splits_dir, cfg.split)
-        looked = gt.candidates(boxes, cache.attrs.get("dataset_root"), videos)
+        looked = gt.candidates(boxes, cache.dataset_root, videos)
         truth_path = first_existing(looked)
         truth = gt.read_truth(truth_path)  # before the passes: a bad boxes file costs no inference
         dev = pick_device(cfg.device)

@@ -9,7 +9,8 @@ An interruption loses at most one shard's worth of work.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
+import math
+import os
 import queue
 import time
 from dataclasses import dataclass, field
@@ -20,10 +21,13 @@ from pipeline.errors import describe
 from pipeline.features.cache import main_file
 from pipeline.features.extractor import Extracted, ExtractError, Extractor, decode_pool, fingerprint_or_blank
 from pipeline.features.plan import Incompatible, exclusive_lock, parts_dir_for, rerun_plan, start_over
-from pipeline.features.provenance import extraction_settings, versions
+from pipeline.features.provenance import extraction_settings, relative_root, versions
 from pipeline.features.reader import open_cache
 from pipeline.features.shards import ClipFeatures, ShardWriter, join, pending_shards, remove_unfinished, temp_path
+from pipeline.features.space import disk_full, disk_full_message, require_room_for_join
+from pipeline.isolate import ChildDied
 from pipeline.progress import progress_bar
+from pipeline.stamps import source_date
 from pipeline.video.folders import discover
 from pipeline.workers import GuardedThread
 
@@ -129,41 +133,54 @@ def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: 
     except ValueError as exc:  # an option the user gave: layer, device, precision, image size
         raise ExtractError(str(exc)) from None
     settings = extraction_settings(backbone.provenance(), cfg.frames)
+    pinned = backbone.precision if cfg.precision != "auto" else None  # rows made otherwise are made again
     summary, start = ExtractSummary(cache), time.monotonic()
     with exclusive_lock(cache):
         parts = parts_dir_for(cache)
         remove_unfinished(parts)
         temp_path(cache).unlink(missing_ok=True)
         try:
-            plan = rerun_plan(cache, found, settings, retry_failed)
+            plan = rerun_plan(cache, found, settings, retry_failed, pinned)
         except Incompatible:
             if not overwrite:
                 raise
             start_over(cache)  # only then: same settings resume, so a DVC rerun keeps finished clips
-            plan = rerun_plan(cache, found, settings, retry_failed)
+            plan = rerun_plan(cache, found, settings, retry_failed, pinned)
         todo = [c for c in found.clips if c.video not in plan.done]
         summary.skipped = len(found.clips) - len(todo)
-        summary.removed, summary.changed = len(plan.removed), len(plan.changed)
+        summary.removed, summary.changed = len(plan.removed), len(plan.changed | plan.repinned)
         writer = ShardWriter(parts, settings, every_clips=cfg.shard_clips)
         for key in (f"{name}/" for name in found.empty_classes if f"{name}/" not in plan.done):
             writer.add_failure(key, "class folder holds no video files")
             summary.failed.append((key, "class folder holds no video files"))
+        clip_bytes = 2 * cfg.frames * math.prod(backbone.out_shape)  # float16 cubes: what a full disk is told
         try:
-            if todo:
-                if engine == "ray":
-                    _extract_ray(todo, cfg, parts, settings, summary, strict, progress, address)
-                else:
-                    backbone.compile(cfg.compile, len(todo) * cfg.frames)
-                    _extract(todo, backbone, cfg, writer, summary, strict, progress, pool)
-        except BaseException:
-            _flush_kept(writer)  # finished clips survive an interruption, a --strict stop or a dead thread
+            try:
+                if todo:
+                    if engine == "ray":
+                        _extract_ray(todo, cfg, parts, settings, summary, strict, progress, address)
+                    else:
+                        backbone.compile(cfg.compile, len(todo) * cfg.frames)
+                        _extract(todo, backbone, cfg, writer, summary, strict, progress, pool)
+            except BaseException:
+                _flush_kept(writer)  # finished clips survive an interruption, a --strict stop or a dead thread
+                raise
+            _flush_kept(writer, strict=True)
+            if pending_shards(cache) or plan.drop or not main_file(cache).exists():  # else the cache stays untouched
+                # no absolute path and no wall-clock time: two clones of one commit write the same bytes
+                attrs = dict(settings, precision=backbone.precision,
+                             dataset_root=relative_root(videos, main_file(cache).parent), versions=versions())
+                if (when := source_date()) is not None:
+                    attrs["created"] = when
+                require_room_for_join(cache)
+                join(cache, parts, attrs, drop=plan.drop)
+        except Exception as exc:
+            if (full := disk_full(exc)) is not None:  # one line: what is safe, what room the rest takes
+                why = os.strerror(full.errno)  # not h5py's text: HDF5's error stack, over several lines
+                raise ExtractError(disk_full_message(cache, len(found.clips), clip_bytes, why)) from None
+            if isinstance(exc, ChildDied):
+                raise ExtractError(f"the join into {cache} failed: {exc}; {RESUME}") from None
             raise
-        _flush_kept(writer, strict=True)
-        if pending_shards(cache) or plan.drop or not main_file(cache).exists():  # else the cache stays untouched
-            attrs = dict(settings, precision=backbone.precision, dataset_root=str(videos.resolve()),
-                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                         versions=versions())
-            join(cache, parts, attrs, drop=plan.drop)
         with open_cache(cache) as result:
             summary.total_clips, summary.total_failed = len(result), len(result.failed)
             summary.unverified = result.source.count("")

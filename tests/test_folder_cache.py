@@ -108,8 +108,10 @@ def test_folder_and_file_of_the_same_clips_read_the_same(mini_dataset, tmp_path)
     with open_cache(folder) as a, open_cache(file) as b:
         assert isinstance(a, FolderCache) and type(b) is FeatureCache
         same_reads(a, b)
-        assert {k: v for k, v in a.attrs.items() if k not in ("created", "feature_shape")} == \
-            {k: v for k, v in b.attrs.items() if k != "created"}
+        # the dataset root is recorded relative to the file that holds it (the index one folder deeper)
+        assert {k: v for k, v in a.attrs.items() if k not in ("created", "feature_shape", "dataset_root")} == \
+            {k: v for k, v in b.attrs.items() if k not in ("created", "dataset_root")}
+        assert a.dataset_root == b.dataset_root == mini_dataset
         assert a.failed == [("jump/broken.mp4", a.failed[0][1])] and len(a) == 6
         np.testing.assert_array_equal(a.features[2], b.features[2])
         np.testing.assert_array_equal(a.features[-1], b.features[-1])

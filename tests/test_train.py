@@ -152,12 +152,12 @@ def test_checkpoint_loads_weights_only_with_config_classes_shape_and_provenance(
         assert payload["classes"] == cache.classes == ["move_left", "move_right", "move_up"]
         assert payload["feature_shape"] == list(cache.feature_shape) == [6, 512, 4, 4]
         assert payload["extraction"]["weights"] == cache.attrs["weights"]
-        assert payload["cache"]["created"] == cache.attrs["created"]
+        assert payload["cache"].get("created") == cache.attrs.get("created")  # none: no wall-clock time
     assert re.fullmatch(r"random:0 sha256:[0-9a-f]{64}", payload["extraction"]["weights"])
     assert (payload["extraction"]["frames"], payload["extraction"]["image_size"],
             payload["extraction"]["layer"], payload["extraction"]["backbone"]) == (6, 64, "conv5_3", "vgg16")
     assert payload["cache"]["path"] == str(tiny_project["cache"])
-    assert payload["cache"]["dataset_root"] == str(tiny_project["videos"].resolve())
+    assert payload["cache"]["dataset_root"] == "videos"  # relative to the cache's folder, as the cache records it
     assert {"torch", "pipeline"} <= set(payload["cache"]["versions"])
     metrics = json.loads(paths["metrics"].read_text())
     assert payload["train"]["epoch"] == metrics["best_epoch"]

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.features.provenance import SETTINGS_KEYS, jsonable, per_row_summary
+from pipeline.features.provenance import SETTINGS_KEYS, jsonable, per_row_summary, resolve_root
 
 FORMAT_VERSION = 1
 FILE_SUFFIXES = (".h5", ".hdf5")
@@ -60,6 +60,13 @@ def str_dtype():
 
         _STR = h5py.string_dtype("utf-8")
     return _STR
+
+
+def dataset(h5, name: str, **kwargs):
+    """`h5.create_dataset` without HDF5's object times (HDF5's own default, and h5py's before 3.0, puts a
+    wall-clock time in every dataset's header), so a cache is a function of its contents and two runs write
+    the same bytes whatever h5py is installed."""
+    return h5.create_dataset(name, track_times=False, **kwargs)
 
 
 def attr(value: Any) -> Any:
@@ -175,6 +182,13 @@ class FeatureCache:
     @property
     def settings(self) -> dict[str, Any]:
         return {k: self.attrs.get(k) for k in SETTINGS_KEYS}
+
+    @property
+    def dataset_root(self) -> Path | None:
+        """Where the videos were at extraction: recorded relative to the folder of the file that holds the
+        record (the cache file, a folder cache's index), so a clone finds its own copy; an older cache's
+        absolute root as it is. None when none was recorded."""
+        return resolve_root(self.attrs.get("dataset_root"), main_file(self.path).parent)
 
     @property
     def precision_summary(self) -> str:

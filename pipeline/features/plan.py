@@ -1,8 +1,9 @@
 """Which clips a run must extract: the rerun plan over the cache and its shards, and the one-writer lock.
 
 A rerun follows the dataset: entries whose file is gone are dropped, entries whose file changed (by content
-fingerprint) are dropped and extracted again, and an unchanged dataset costs one stat per clip and leaves the
-cache file (or a folder cache's index) untouched.
+fingerprint: size and sha256, no mtime, so the cache depends on the videos' bytes alone) are dropped and
+extracted again, and an unchanged dataset costs one read of each file (hashing, far cheaper than decoding it)
+and leaves the cache file (or a folder cache's index) untouched.
 
 The lock is `flock(2)` on `<cache>.lock`, beside the cache in both forms (never inside a folder cache, which
 is a DVC output): it holds between processes of one machine and on local filesystems; on NFS it depends on
@@ -81,9 +82,10 @@ class Plan:
     drop: set[tuple[str, str]] = field(default_factory=set)  # stale (key, fingerprint) entries, for join
     removed: set[str] = field(default_factory=set)  # keys whose file is gone
     changed: set[str] = field(default_factory=set)  # keys whose file changed since it was extracted
+    repinned: set[str] = field(default_factory=set)  # keys whose row was made at another than the pinned precision
 
 
-def rerun_plan(cache: Path, found: Discovery, settings: dict, retry_failed: bool) -> Plan:
+def rerun_plan(cache: Path, found: Discovery, settings: dict, retry_failed: bool, precision: str | None = None) -> Plan:
     """Check every row and failure of the cache (a folder: its index) and of the shards it does not hold yet
     against the dataset as it is now.
 
@@ -95,23 +97,32 @@ def rerun_plan(cache: Path, found: Discovery, settings: dict, retry_failed: bool
     they were recorded) cannot be checked for changes: it is kept while its file exists and is not
     rewritten just to add one (delete the cache to extract everything again). A class-folder failure ("name/")
     is gone once the folder holds videos or no longer exists.
+
+    `precision` (fp32 | bf16), when the run pins one: a row made at another precision is extracted again, so
+    that `extract.precision: fp32` in params.yaml takes effect on a cache a bf16 machine began (precision is no
+    setting that refuses a mix: under `auto` such rows stay). The new row wins at the join; nothing is dropped
+    before it exists.
     """
     paths: dict[str, Path | None] = {c.video: c.path for c in found.clips}
     paths.update((f"{name}/", None) for name in found.empty_classes)
     verdicts: dict[tuple[str, str], str] = {}  # the same entry in the cache and a shard is checked once
+    digests: dict[Path, str] = {}  # and each file is read once, whatever its entries' fingerprints
     plan = Plan()
     for source in _sources(cache):
         entries = _entries(source, cache, settings)
-        for video, fingerprint, is_failure in entries:
+        for video, fingerprint, is_failure, made_at in entries:
             entry = (video, fingerprint)
             if entry not in verdicts:
-                verdicts[entry] = _verdict(video, fingerprint, paths)
+                verdicts[entry] = _verdict(video, fingerprint, paths, digests)
             if verdicts[entry] == "current":
-                if not (is_failure and retry_failed):
+                if precision and not is_failure and made_at and made_at != precision:
+                    plan.repinned.add(video)  # extracted again at the pinned precision
+                elif not (is_failure and retry_failed):
                     plan.done.add(video)
                 continue
             plan.drop.add(entry)
             (plan.removed if verdicts[entry] == "gone" else plan.changed).add(video)
+    plan.repinned -= plan.done  # a shard at the pinned precision already holds it: the join keeps that row
     return plan
 
 
@@ -124,22 +135,22 @@ def _sources(cache: Path) -> list[Path]:
     return ([cache] if main_file(cache).exists() else []) + pending
 
 
-def _entries(source: Path, cache: Path, settings: dict) -> list[tuple[str, str, bool]]:
-    """(key, fingerprint, is_failure) of every row and failure of `source`, a part of `cache`."""
+def _entries(source: Path, cache: Path, settings: dict) -> list[tuple[str, str, bool, str]]:
+    """(key, fingerprint, is_failure, precision) of every row and failure of `source`, a part of `cache`."""
     try:
         with open_cache(source) as existing:
             _require_compatible(existing, cache, settings)
-            entries = [(v, s, False) for v, s in zip(existing.videos, existing.source)]
-            return entries + [(v, s, True) for (v, _), s in zip(existing.failed, existing.failed_source)]
+            entries = [(v, s, False, p) for v, s, p in zip(existing.videos, existing.source, existing.precision)]
+            return entries + [(v, s, True, "") for (v, _), s in zip(existing.failed, existing.failed_source)]
     except CacheError as exc:
         raise Incompatible(f"{exc}; pass --overwrite to start a new cache") from None
 
 
-def _verdict(video: str, fingerprint: str, paths: dict[str, Path | None]) -> str:
+def _verdict(video: str, fingerprint: str, paths: dict[str, Path | None], digests: dict[Path, str]) -> str:
     """"gone", "changed" or "current" (also a class-folder entry, or one without a fingerprint)."""
     if video not in paths:
         return "gone"
     path = paths[video]
-    if path is None or not source_changed(fingerprint, path):
+    if path is None or not source_changed(fingerprint, path, digests):
         return "current"
     return "changed"

@@ -41,33 +41,47 @@ def settings_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # --- source fingerprints ------------------------------------------------------------------------------
 
 
-def source_fingerprint(path: str | Path) -> str:
-    """"sha256:<hex> size:<bytes> mtime_ns:<ns>" of a source file.
-
-    The hash is what identifies the content; size and mtime only let a rerun skip hashing files whose stat
-    is unchanged (as git and DVC do). The stat is taken *before* reading, so a file written while it is
-    hashed or decoded never looks unchanged later.
-    """
-    stat = os.stat(path)
+def _digest(path: str | Path) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of a file; the size is taken *before* reading, so a file written while it is
+    hashed or decoded never looks unchanged later."""
+    size = os.stat(path).st_size
     digest = hashlib.sha256()
     buffer = bytearray(_HASH_BLOCK)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as handle:
-        while size := handle.readinto(buffer):
-            digest.update(view[:size])
-    return f"sha256:{digest.hexdigest()} size:{stat.st_size} mtime_ns:{stat.st_mtime_ns}"
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest(), size
+
+
+def source_fingerprint(path: str | Path) -> str:
+    """"sha256:<hex> size:<bytes>" of a source file: its content alone.
+
+    No mtime and no path: the cache must be a function of the videos' bytes (DESIGN.md, "Reproducible outputs"),
+    so a clone, a copy or a `dvc pull` of the same dataset gives the same fingerprints and the same cache. The
+    price is one read of every file per run (`source_changed`), cheap beside decoding it.
+    """
+    hexdigest, size = _digest(path)
+    return f"sha256:{hexdigest} size:{size}"
+
+
+def canonical_fingerprint(fingerprint: str) -> str:
+    """A fingerprint as new caches record it: a cache written before 2026-12-07 also holds `mtime_ns:<ns>`,
+    which the next join drops (the content hash it sits beside is what identifies the file)."""
+    return " ".join(t for t in fingerprint.split() if not t.startswith("mtime_ns:"))
 
 
 def _fingerprint_fields(fingerprint: str) -> dict[str, str]:
     return dict(token.split(":", 1) for token in fingerprint.split() if ":" in token)
 
 
-def source_changed(fingerprint: str, path: str | Path) -> bool | None:
+def source_changed(fingerprint: str, path: str | Path, digests: dict[Path, str] | None = None) -> bool | None:
     """Whether `path` no longer holds the content `fingerprint` was taken of; None when nothing was recorded.
 
-    Unchanged size and mtime are trusted without reading the file, so an unchanged dataset costs one stat
-    per clip; otherwise the file is hashed (a touched or re-copied file with the same bytes is unchanged).
-    A file that cannot be read counts as changed.
+    A different size is a change without reading the file; otherwise the file is hashed (`digests` remembers the
+    hashes of one run, so a file is read once however many entries name it). An old fingerprint with an mtime
+    that still matches the file is trusted without reading, as it was when it was written. A file that cannot
+    be read counts as changed.
     """
     if not fingerprint:
         return None
@@ -78,9 +92,35 @@ def source_changed(fingerprint: str, path: str | Path) -> bool | None:
             return True
         if recorded.get("mtime_ns") == str(stat.st_mtime_ns):
             return False
-        return _fingerprint_fields(source_fingerprint(path)).get("sha256") != recorded.get("sha256")
+        key = Path(path)
+        if digests is None or key not in digests:
+            hexdigest = _digest(path)[0]
+            if digests is not None:
+                digests[key] = hexdigest
+        else:
+            hexdigest = digests[key]
+        return hexdigest != recorded.get("sha256")
     except OSError:
         return True
+
+
+def relative_root(root: str | Path, base: str | Path) -> str:
+    """The dataset root as a cache records it: relative to `base`, the folder of the file holding the record
+    (POSIX separators), so two clones of one project at two paths write the same bytes; absolute only where no
+    relative path exists (another drive)."""
+    try:
+        return Path(os.path.relpath(Path(root).resolve(), Path(base).resolve())).as_posix()
+    except ValueError:
+        return str(Path(root).resolve())
+
+
+def resolve_root(recorded: str | None, base: str | Path) -> Path | None:
+    """The recorded dataset root as a path: a relative one (caches since 2026-12-07) against `base`, an absolute
+    one (older caches) as it is; None when none was recorded."""
+    if not recorded:
+        return None
+    path = Path(recorded)
+    return path if path.is_absolute() else Path(os.path.normpath(Path(base) / path))
 
 
 def per_row_summary(per_row: Sequence[str]) -> str:

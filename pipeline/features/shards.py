@@ -17,6 +17,7 @@ left (`remove_unfinished`, and extract's removal of `temp_path`).
 """
 from __future__ import annotations
 
+import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,10 +26,20 @@ from typing import Any, Collection, Sequence
 
 import numpy as np
 
-from pipeline.features.cache import FORMAT_VERSION, INDEX_NAME, FeatureCache, attr, is_folder, main_file, str_dtype
-from pipeline.features.provenance import per_row_summary
+from pipeline.features.cache import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    FeatureCache,
+    attr,
+    dataset,
+    is_folder,
+    main_file,
+    str_dtype,
+)
+from pipeline.features.provenance import canonical_fingerprint, per_row_summary
 from pipeline.features.reader import FolderCache, indexed_names, retired_names
 from pipeline.files import atomic_path
+from pipeline.isolate import abandon, run_forked
 
 SHARD_GLOB = "shard-*.h5"
 
@@ -69,27 +80,27 @@ def _write_table(h5, clips: Sequence[ClipFeatures], labels: np.ndarray, frames: 
     """The per-clip datasets shared by shards and the joined cache."""
     n = len(clips)
     shape = clips[0].features.shape if n else (0, 0, 0, 0)
-    h5.create_dataset("features", shape=(n, *shape), dtype="float16",
+    dataset(h5, "features", shape=(n, *shape), dtype="float16",
                       chunks=(1, *shape) if n else None)
     for i, clip in enumerate(clips):
         h5["features"][i] = clip.features
-    h5.create_dataset("label", data=labels.astype(np.int16))
-    h5.create_dataset("video", data=[c.video for c in clips], dtype=str_dtype())
-    h5.create_dataset("frame_index", data=np.array([c.frame_index for c in clips], dtype=np.int32).reshape(n, frames))
-    h5.create_dataset("num_frames", data=np.array([c.num_frames for c in clips], dtype=np.int32))
-    h5.create_dataset("fps", data=np.array([c.fps for c in clips], dtype=np.float32))
-    h5.create_dataset("height", data=np.array([c.height for c in clips], dtype=np.int16))
-    h5.create_dataset("width", data=np.array([c.width for c in clips], dtype=np.int16))
-    h5.create_dataset("source", data=[c.source for c in clips], dtype=str_dtype())
-    h5.create_dataset("decoder", data=[c.decoder for c in clips], dtype=str_dtype())
-    h5.create_dataset("precision", data=[c.precision for c in clips], dtype=str_dtype())
-    h5.create_dataset("trunk", data=[c.trunk for c in clips], dtype=str_dtype())
+    dataset(h5, "label", data=labels.astype(np.int16))
+    dataset(h5, "video", data=[c.video for c in clips], dtype=str_dtype())
+    dataset(h5, "frame_index", data=np.array([c.frame_index for c in clips], dtype=np.int32).reshape(n, frames))
+    dataset(h5, "num_frames", data=np.array([c.num_frames for c in clips], dtype=np.int32))
+    dataset(h5, "fps", data=np.array([c.fps for c in clips], dtype=np.float32))
+    dataset(h5, "height", data=np.array([c.height for c in clips], dtype=np.int16))
+    dataset(h5, "width", data=np.array([c.width for c in clips], dtype=np.int16))
+    dataset(h5, "source", data=[c.source for c in clips], dtype=str_dtype())
+    dataset(h5, "decoder", data=[c.decoder for c in clips], dtype=str_dtype())
+    dataset(h5, "precision", data=[c.precision for c in clips], dtype=str_dtype())
+    dataset(h5, "trunk", data=[c.trunk for c in clips], dtype=str_dtype())
 
 
 def _write_failed(h5, failed: Sequence[tuple[str, str]], sources: Sequence[str] | None = None) -> None:
-    h5.create_dataset("failed", data=np.array(failed, dtype=object).reshape(-1, 2), dtype=str_dtype())
+    dataset(h5, "failed", data=np.array(failed, dtype=object).reshape(-1, 2), dtype=str_dtype())
     sources = [""] * len(failed) if sources is None else list(sources)
-    h5.create_dataset("failed_source", data=sources, dtype=str_dtype())
+    dataset(h5, "failed_source", data=sources, dtype=str_dtype())
 
 
 def write_shard(parts_dir: Path, clips: Sequence[ClipFeatures], failed: Sequence[tuple[str, str]],
@@ -104,13 +115,18 @@ def write_shard(parts_dir: Path, clips: Sequence[ClipFeatures], failed: Sequence
     final = parts_dir / f"{name}.h5"
     classes = sorted({c.label for c in clips})
     labels = np.array([classes.index(c.label) for c in clips], dtype=np.int16)
-    with atomic_path(final, parts_dir / f"{name}.tmp") as tmp, h5py.File(tmp, "w") as h5:
+    # Built in memory, written by Python: a full disk is then a plain OSError here and never reaches HDF5,
+    # which crashes the process when a file it could not write is closed (pipeline/isolate.py).
+    image = io.BytesIO()
+    with h5py.File(image, "w") as h5:
         for key, value in settings.items():
             h5.attrs[key] = attr(value)
         h5.attrs["format_version"] = FORMAT_VERSION
         h5.attrs["classes"] = attr(classes)
         _write_table(h5, clips, labels, int(settings["frames"]))
         _write_failed(h5, failed, failed_source)
+    with atomic_path(final, parts_dir / f"{name}.tmp") as tmp, open(tmp, "wb") as out:
+        out.write(image.getbuffer())
     return final
 
 
@@ -240,23 +256,28 @@ def _write_rows(h5, picked: Collected, videos: list[str], classes: list[str], at
     h5.attrs["format_version"] = FORMAT_VERSION
     h5.attrs["classes"] = attr(classes)
     meta, n = picked.meta(videos), len(videos)
-    h5.create_dataset("label", data=np.array([classes.index(picked.labels[v]) for v in videos], dtype=np.int16))
-    h5.create_dataset("video", data=videos, dtype=str_dtype())
+    dataset(h5, "label", data=np.array([classes.index(picked.labels[v]) for v in videos], dtype=np.int16))
+    dataset(h5, "video", data=videos, dtype=str_dtype())
     frames = int(attrs.get("frames", 0))
-    h5.create_dataset("frame_index", data=np.array(meta["frame_index"], dtype=np.int32).reshape(n, frames))
+    dataset(h5, "frame_index", data=np.array(meta["frame_index"], dtype=np.int32).reshape(n, frames))
     for key, dtype in (("num_frames", np.int32), ("fps", np.float32), ("height", np.int16), ("width", np.int16)):
-        h5.create_dataset(key, data=np.array(meta[key], dtype=dtype))
+        dataset(h5, key, data=np.array(meta[key], dtype=dtype))
+    meta["source"] = [canonical_fingerprint(s) for s in meta["source"]]  # an old cache's mtimes go
     for key in ("source", "decoder", "precision", "trunk"):
-        h5.create_dataset(key, data=meta[key], dtype=str_dtype())
+        dataset(h5, key, data=meta[key], dtype=str_dtype())
     h5.attrs["precision"] = per_row_summary(meta["precision"])  # of the rows, whatever run made them
     h5.attrs["trunk"] = per_row_summary(meta["trunk"])  # "compiled", "eager" or "mixed: compiled 12, eager 3"
     failed_keys = sorted(picked.failed)
-    _write_failed(h5, [(v, picked.failed[v][0]) for v in failed_keys], [picked.failed[v][1] for v in failed_keys])
+    _write_failed(h5, [(v, picked.failed[v][0]) for v in failed_keys],
+                  [canonical_fingerprint(picked.failed[v][1]) for v in failed_keys])
 
 
 def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any],
          drop: Collection[tuple[str, str]] = frozenset()) -> JoinResult:
     """Write previous cache + shards as one new cache beside `cache_path`, then rename it into place.
+
+    It runs in a forked child (pipeline/isolate.py): a disk that fills during the join is an OSError here (the
+    child's HDF5 crash, if any, stays in the child), the temporary file is removed, the shards are kept.
 
     Later shards win over earlier data for the same video (a retried failure becomes a success); the
     shards are removed only after the rename, and a rerun after a crash in between deduplicates.
@@ -264,6 +285,13 @@ def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any],
     while a re-extraction of the same video (a new fingerprint) is kept. Classes left without a clip vanish
     and labels are renumbered. A folder cache gets a new index instead (`write_index`).
     """
+    try:
+        return run_forked(_join, Path(cache_path), Path(parts_dir), attrs, frozenset(drop))
+    finally:
+        temp_path(Path(cache_path)).unlink(missing_ok=True)  # what a crashed child left
+
+
+def _join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any], drop: Collection[tuple[str, str]]) -> JoinResult:
     import h5py
 
     if is_folder(cache_path):
@@ -274,12 +302,18 @@ def join(cache_path: Path, parts_dir: Path, attrs: dict[str, Any],
         picked = collect(handles, drop)
         videos, classes = picked.videos, picked.classes
         with atomic_path(cache_path, temp_path(cache_path)) as tmp, h5py.File(tmp, "w") as h5:
-            shape, n = picked.feature_shape(), len(videos)
-            feats = h5.create_dataset("features", shape=(n, *shape), dtype="float16", chunks=(1, *shape) if n else None)
-            for i, video in enumerate(videos):
-                s, r = picked.rows[video]
-                feats[i] = handles[s].features[r]
-            _write_rows(h5, picked, videos, classes, attrs)
+            try:
+                shape, n = picked.feature_shape(), len(videos)
+                feats = dataset(h5, "features", shape=(n, *shape), dtype="float16",
+                                chunks=(1, *shape) if n else None)
+                for i, video in enumerate(videos):
+                    s, r = picked.rows[video]
+                    feats[i] = handles[s].features[r]
+                _write_rows(h5, picked, videos, classes, attrs)
+                h5.flush()  # a full disk shows here, while the file can still be left unclosed
+            except BaseException as exc:
+                abandon(exc)
+                raise
     finally:
         for handle in handles:
             handle.close()
@@ -309,14 +343,19 @@ def write_index(folder: Path, attrs: dict[str, Any], drop: Collection[tuple[str,
         number = {name: i for i, name in enumerate(shards)}
         retired = sorted(p.name for p in shard_paths(folder) if p.name not in number)
         with atomic_path(index, temp_path(folder)) as tmp, h5py.File(tmp, "w") as h5:
-            _write_rows(h5, picked, videos, classes, attrs)
-            h5.attrs["feature_shape"] = attr(list(picked.feature_shape()))
-            h5.create_dataset("shards", data=shards, dtype=str_dtype())
-            h5.create_dataset("retired", data=retired, dtype=str_dtype())
-            h5.create_dataset("shard", data=np.array([number[p.name] for p, _ in places], dtype=np.int32))
-            h5.create_dataset("row", data=np.array([r for _, r in places], dtype=np.int64))
-            h5.create_dataset("failed_shard", data=np.array([number.get(p.name, -1) for p in failed_files],
-                                                            dtype=np.int32))
+            try:
+                _write_rows(h5, picked, videos, classes, attrs)
+                h5.attrs["feature_shape"] = attr(list(picked.feature_shape()))
+                dataset(h5, "shards", data=shards, dtype=str_dtype())
+                dataset(h5, "retired", data=retired, dtype=str_dtype())
+                dataset(h5, "shard", data=np.array([number[p.name] for p, _ in places], dtype=np.int32))
+                dataset(h5, "row", data=np.array([r for _, r in places], dtype=np.int64))
+                dataset(h5, "failed_shard", data=np.array([number.get(p.name, -1) for p in failed_files],
+                                                          dtype=np.int32))
+                h5.flush()  # as in the join: a full disk shows here, and the child leaves the file unclosed
+            except BaseException as exc:
+                abandon(exc)
+                raise
     finally:
         for handle in handles:
             handle.close()

@@ -9,7 +9,8 @@ weights_only=True)` opens it without running any pickled code:
     classes                     class names, in the order of the logits
     feature_shape               [T, C, h, w] of the cached features it was trained on
     extraction                  the cache's extraction settings (backbone, layer, weights + sha256, frames, ...)
-    cache                       where they came from: path, dataset_root, created, versions
+    cache                       where they came from: path, dataset_root (as the cache records it: relative to
+                                the cache's folder), versions; created where the cache has it
     train                       TrainConfig as a dict, plus epoch and the validation metrics of that epoch,
                                 and sample_interval: the train clips' mean seconds between sampled frames
                                 (what `watch` samples a stream at; `sample_interval()` for older files)
@@ -75,7 +76,9 @@ def cache_provenance(cache: FeatureCache) -> tuple[dict[str, Any], dict[str, Any
     """(extraction settings, where-from) of a cache, as a checkpoint records them."""
     extraction = dict(cache.settings, precision=cache.precision_summary)
     origin = {"path": str(cache.path), "dataset_root": cache.attrs.get("dataset_root"),
-              "created": cache.attrs.get("created"), "versions": cache.attrs.get("versions")}
+              "versions": cache.attrs.get("versions")}
+    if cache.attrs.get("created"):  # a cache before 2026-12-07, or one made under SOURCE_DATE_EPOCH
+        origin["created"] = cache.attrs["created"]
     return extraction, origin
 
 

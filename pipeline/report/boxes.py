@@ -13,7 +13,7 @@ from pipeline.video.boxes import BOXES_FILE, VideoBoxes, read_boxes_file
 from pipeline.video.folders import dataset_roots
 
 
-def candidates(boxes: Path | None, recorded_root: str | None, videos: Path | None) -> list[Path]:
+def candidates(boxes: Path | None, recorded_root: str | Path | None, videos: Path | None) -> list[Path]:
     """--boxes alone when given (it must exist); else boxes.json in the cache's recorded dataset root, then
     in params.yaml's data.videos (a moved or cloned project still finds it there)."""
     if boxes is not None:

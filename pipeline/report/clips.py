@@ -56,7 +56,7 @@ class RenderSummary:
 
 def dataset_root(videos: Path | None, cache: FeatureCache, data_videos: Path | None, notes: list[str]) -> Path:
     """--videos, else the cache's recorded root, else params.yaml's data.videos: the first that exists."""
-    looked = dataset_roots(videos, cache.attrs.get("dataset_root"), data_videos) or [Path(".")]
+    looked = dataset_roots(videos, cache.dataset_root, data_videos) or [Path(".")]
     root = first_existing(looked)
     if root is None:
         notes.append(f"no dataset folder found (looked in {', '.join(map(str, looked))}); --videos DIR points "

@@ -11,7 +11,6 @@ earlier render lingers and a crash leaves the earlier report whole.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import functools
 import json
 import math
@@ -27,6 +26,7 @@ from pipeline.head import checkpoint as ck
 from pipeline.report import overlay
 from pipeline.report.clips import Predicted, RenderedClip, RenderSummary
 from pipeline.report.metrics import accuracy_report
+from pipeline.stamps import source_date
 
 OUTPUTS = ("clips", "curves.png", "confusion.png", "deletion.png", "index.html")  # what a render owns inside out_dir
 
@@ -261,7 +261,7 @@ def render_page(summary: RenderSummary, metrics: dict[str, Any] | None, train: d
     versions = origin.get("versions")
     context = {
         "split": summary.split, "head_label": ckpt.head.label, "model_path": str(model_path),
-        "now": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "notes": list(summary.notes),
+        "now": source_date(), "notes": list(summary.notes),  # "now": no wall-clock time, or clones differ
         "metrics": _metrics(metrics, summary.metrics_source),
         "train_rows": [[k, _num(v)] for k, v in (train or {}).items() if not isinstance(v, (dict, list))],
         "per_class": _per_class(metrics), "localisation": _localisation(metrics),
@@ -272,7 +272,7 @@ def render_page(summary: RenderSummary, metrics: dict[str, Any] | None, train: d
                   "cards": [_clip(c) for c in summary.clips]},
         "scale": _colour_scale(ckpt.feature_shape),
         "provenance": _provenance(ckpt, model_path),
-        "cache": {"path": str(cache_path), "created": _text(origin.get("created")),
+        "cache": {"path": str(cache_path), "created": _text(origin.get("created")) if origin.get("created") else "",
                   "dataset_root": _text(origin.get("dataset_root")),
                   "versions": json.dumps(versions) if versions else ""},
     }
