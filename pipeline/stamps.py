@@ -1,6 +1,6 @@
 """What an output may say about *when* it was made: nothing, unless SOURCE_DATE_EPOCH says.
 
-Outputs are a function of their inputs (DESIGN.md, "Reproducible outputs and a cache the team shares"): two
+Outputs are a function of their inputs (docs/DESIGN.md, "Reproducible outputs and a cache the team shares"): two
 clones of one commit must write the same bytes, so DVC's md5s and dvc.lock do not move. A wall-clock time in
 the cache or the report breaks that; the reproducible-builds convention, SOURCE_DATE_EPOCH (seconds since
 1970, UTC), is the one time a writer may record.

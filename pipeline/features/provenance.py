@@ -57,7 +57,7 @@ def _digest(path: str | Path) -> tuple[str, int]:
 def source_fingerprint(path: str | Path) -> str:
     """"sha256:<hex> size:<bytes>" of a source file: its content alone.
 
-    No mtime and no path: the cache must be a function of the videos' bytes (DESIGN.md, "Reproducible outputs"),
+    No mtime and no path: the cache must be a function of the videos' bytes (docs/DESIGN.md, "Reproducible outputs"),
     so a clone, a copy or a `dvc pull` of the same dataset gives the same fingerprints and the same cache. The
     price is one read of every file per run (`source_changed`), cheap beside decoding it.
     """

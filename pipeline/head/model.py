@@ -1,4 +1,4 @@
-"""The attention head (stage two), written so DESIGN.md's equations can be checked line by line.
+"""The attention head (stage two), written so docs/DESIGN.md's equations ("The head") can be checked line by line.
 
 Input X_t in R^{C x H x W}, t = 1..T; d = head.channels, k = head.kernel.
 
@@ -21,15 +21,15 @@ the equation and the shapes in a comment; `LSTMHead.forward` is the same with a 
 
 M~_t is the clip's motion map from its own features (pipeline/features/motion.py: where X_t changes from
 X_{t-1}, camera motion taken out by the median, normalised, floored, summing to 1 over the cells); beta is a
-learned scalar, starting at 1, with a learning rate of its own (train.motion_lr). Why (DESIGN.md,
-"Motion-guided attention"): on real clips a scene gives evidence everywhere and a few hundred clips give the
+learned scalar, starting at 1, with a learning rate of its own (train.motion_lr). Why (docs/DESIGN.md,
+"The head"): on real clips a scene gives evidence everywhere and a few hundred clips give the
 attention almost no gradient to leave uniform; the prior starts it where things move, and beta lets the head
 trust that as much as the labels say. The normalised map says where things move, not how much; with
 `motion: input` (the default) P_t also carries log(1 + D_t), the raw change of each cell, so the evidence
-read through the attention includes the amount of motion there (on the real fight set: 74% on val splits
-against 67% for the prior alone; DESIGN.md). `motion: none` is the head without either, bit for bit.
+read through the attention includes the amount of motion there (docs/BENCHMARKS.md, "Real data: the CCTV
+fight set", has what each bought). `motion: none` is the head without either, bit for bit.
 
-Why the readout goes through A_t (DESIGN.md, "The head"): with avgpool(H_t), the first design (kept as
+Why the readout goes through A_t (docs/DESIGN.md, "The head"): with avgpool(H_t), the first design (kept as
 `readout: mean`), the ConvLSTM's own kernels pick the actor out and the attention is free to sit anywhere;
 read through A_t, the attention is the only way evidence reaches the classifier.
 
@@ -44,7 +44,11 @@ Variants (HeadConfig):
             none      Z_t = 0, so A_t = 1/(H*W) everywhere and X~_t == P_t exactly.
   motion    input     the prior, and log(1 + D_t) as one more channel of P_t (the default);
             prior     + beta * log M~_t on Z_t (convlstm and lstm, soft attention only);
-            none      no motion term: the head before 2026-12-06.
+            none      no motion term: the first head.
+  appearance none     (the default);
+            attended  + W_g dropout(LN(sum_i A_ti X_ti)) on y_t: the frame's appearance read through A_t;
+            mean      the same with mean_i X_ti, past the attention (to measure against).
+  heads     n         n heads of these settings read as one (HeadEnsemble: mean probability, mean map).
   readout   attention r_t = sum_i A_{t,i} H_{t,i} (the default);
             mean      r_t = avgpool(H_t), the first design. Only the ConvLSTM has a spatial state to read:
                       the setting does not apply to lstm (which reads h_t) or mean.
