@@ -119,7 +119,7 @@ def extract(
     workers: Optional[int] = typer.Option(None, show_default=_from_params("extract", "workers"), help="Decoding worker processes."),
     timeout: Optional[float] = typer.Option(None, show_default=_from_params("extract", "timeout"), help="Seconds per clip before it is recorded as failed."),
     device: Optional[str] = typer.Option(None, show_default=_from_params("extract", "device"), help="auto | cpu | cuda."),
-    precision: Optional[str] = typer.Option(None, show_default=_from_params("extract", "precision"), help="auto | fp32 | bf16."),
+    precision: Optional[str] = typer.Option(None, show_default=_from_params("extract", "precision"), help="auto | fp32 | bf16 | int8."),
     compile: Optional[str] = typer.Option(None, show_default=_from_params("extract", "compile"),
                                           help="auto | on | off: the trunk through torch.compile (auto: on a CPU, "
                                           "when the run has frames enough to win the compilation back)."),

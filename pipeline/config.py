@@ -26,7 +26,7 @@ PARAMS_FILE = "params.yaml"
 
 # The allowed values of the choice settings; head.py, backbone.py and training.py use these same tuples.
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 COMPILES = ("auto", "on", "off")
 LAYERS = ("pool5", "conv5_3")
 CELLS = ("convlstm", "lstm", "mean")
