@@ -12,8 +12,8 @@ What a cache records is the *calibration*, not the frames: the activation ranges
 them. Rebuilding from that record (a rerun, predict, watch, a Ray actor) gives the same quantised trunk
 without the dataset, so the same record always gives the same int8 weights and the same bytes.
 
-torchao is an optional extra (`pip install 'vgg-attn[int8]'`); it, like torch.export and inductor, is
-imported only here and only when int8 is asked for.
+torchao is an optional extra (`pip install 'videoattn-pipeline[int8]'`); it, like torch.export and inductor,
+is imported only here and only when int8 is asked for.
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def unavailable(device: torch.device) -> str | None:
     except Exception as exc:  # noqa: BLE001 - missing, or an install that does not fit this torch
         from pipeline.errors import first_line
 
-        return f"torchao is not usable ({type(exc).__name__}: {first_line(exc)[:120]}; pip install 'vgg-attn[int8]')"
+        return (f"torchao is not usable ({type(exc).__name__}: {first_line(exc)[:120]}; "
+                "pip install 'videoattn-pipeline[int8]')")
     return None
 
 
