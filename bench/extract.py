@@ -18,6 +18,15 @@ the end-to-end runs' extract.compile, default on) (the bare figure of a shared 2
 machine moves by up to 10% from one minute to the next); the median round decides, every round is printed.
 
     python bench/extract.py [--clips 100] [--rounds 3] [--frames 30] [--image-size 224] [--compile on|off]
+        [--precision auto|fp32|bf16|int8] [--real ../shared/data/fight] [--only all|precisions]
+
+Precisions (`--real DIR`, a real dataset such as the fight set): fp32 (eager), bf16 (compiled, where the CPU
+has it natively) and int8 (calibrated on 64 frames of DIR as `extract` chooses them, compiled) on the same real
+frames, alternately (`--rounds` times), so their ratios come from the same minutes; the quantisation time
+(choosing and decoding the calibration frames, export, calibration, conversion, the first compiled call)
+apart; and each precision's pool5 error against fp32 on 64 *other* real frames (8 clips not used to
+calibrate, 8 frames each): relative L2 over all of them, and the mean cosine of frame pairs.
+`--only precisions` runs that part alone.
 
 At 100 clips or more the run's fixed costs (start-up to the first backbone call, the compilation in it, the
 last shard and the join: `startup_s`, `first_call_s`, `join_s`) weigh what they weigh in a user's dataset; at a
@@ -112,6 +121,8 @@ def main() -> None:
     parser.add_argument("--naive-clips", type=int, default=4, help="clips for the (slow) naive baseline")
     parser.add_argument("--read-clips", type=int, default=200, help="clips in the cache-read benchmark")
     parser.add_argument("--rounds", type=int, default=3, help="end to end / bare trunk pairs; the median decides")
+    parser.add_argument("--real", type=Path, help="a real dataset (class folders): the precisions' table on its frames")
+    parser.add_argument("--only", default="all", choices=("all", "precisions"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--one-run", help=argparse.SUPPRESS)  # internal: one end-to-end run in this process
     args = parser.parse_args()
@@ -127,6 +138,14 @@ def main() -> None:
     from pipeline.features.backbone import Backbone
     from pipeline.video.decode import decode_sampled
 
+    table = precisions(args) if args.real else None
+    if args.only == "precisions":
+        if table is None:
+            raise SystemExit("--only precisions needs --real DIR")
+        print(json.dumps(table, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(table, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "videos"
         paths = make_clips(root, args.clips, args.length, 320, 240)
@@ -134,6 +153,12 @@ def main() -> None:
                    workers=args.workers, device=args.device, precision=args.precision, compile=args.compile)
         backbone = Backbone(args.weights, "pool5", args.image_size, args.device, args.precision)
         compiled = Backbone(args.weights, "pool5", args.image_size, args.device, args.precision)
+        if compiled.needs_calibration:  # int8: calibrated on the generated clips, as extract would
+            from pipeline.features import calibration
+
+            clips = [(f"{p.parent.name}/{p.name}", p) for p in paths]
+            for model in (backbone, compiled):
+                calibration.prepare(model, Path(tmp) / "none.h5", clips, args.frames)
         t0 = time.perf_counter()
         compiled.compile("on", 1)
         decoded = [decode_sampled(p, args.frames).frames for p in paths[:8]]
@@ -191,10 +216,79 @@ def main() -> None:
         "decode_seconds_per_clip_checked": round(checked, 4), "decode_seconds_per_clip_decord": round(alone, 4),
         "decode_checked_over_decord": round(checked / alone, 3),
         "cache_read_clips": args.read_clips, "cache_read_gb_per_s": round(read, 2),
+        "precisions": table,
     }
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
+
+
+GFLOP_PER_FRAME_224 = 30.7  # VGG-16 through pool5 at 224 x 224 (DESIGN, "Backbone")
+
+
+def precisions(args) -> dict:
+    """fp32, bf16 (where native) and int8 trunks on the frames of the real dataset `args.real`: frames/s
+    alternately, the int8 quantisation time, the pool5 error against fp32 on frames no calibration saw."""
+    import torch
+
+    from pipeline.features import calibration
+    from pipeline.features.backbone import Backbone, cpu_supports_bf16
+    from pipeline.features.int8 import unavailable
+    from pipeline.video.decode import decode_sampled
+    from pipeline.video.folders import discover
+
+    clips = [(c.video, c.path) for c in discover(args.real).clips]
+    names = ["fp32"] + (["bf16"] if cpu_supports_bf16() else []) + (["int8"] if unavailable(torch.device("cpu"))
+                                                                    is None else [])
+    models, quantize = {}, {}
+    for name in names:
+        model = Backbone(args.weights, "pool5", args.image_size, "cpu", name)
+        if name == "bf16":
+            model.compile("on", 1)
+        if name == "int8":
+            with tempfile.TemporaryDirectory() as tmp:
+                quantize["calibration_s"] = calibration.prepare(model, Path(tmp) / "none.h5", clips, args.frames)
+        models[name] = model
+    calibrated = set(models["int8"].quantization["calibration"]["clips"]) if "int8" in models else set()
+    order = [clips[i] for i in calibration.choose([k for k, _ in clips], 2 * calibration.CLIPS)]
+    held_out = [c for c in order if c[0] not in calibrated][:calibration.CLIPS]
+    frames = [decode_sampled(path, args.frames).frames for _, path in held_out]  # (T, H, W, 3) each
+    x = torch.cat([models["fp32"].preprocess(torch.from_numpy(f)) for f in frames])  # (8T, 3, S, S)
+    picked = torch.cat([models["fp32"].preprocess(torch.from_numpy(f[calibration.frame_positions(len(f))]))
+                        for f in frames])  # the 64 error frames
+    first = {}
+    for name, model in models.items():  # the first call (a compiled trunk compiles here)
+        start = time.perf_counter()
+        model.forward(x[:args.batch_size])
+        first[name] = time.perf_counter() - start
+    if "int8" in models:
+        quantize["first_compiled_call_s"] = first["int8"]
+        quantize["total_s"] = quantize["calibration_s"] + first["int8"]
+    fps: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(max(1, args.rounds)):  # fp32, bf16, int8, fp32, ...: ratios from the same minutes
+        for name, model in models.items():
+            start = time.perf_counter()
+            for i in range(0, len(x), args.batch_size):
+                model.forward(x[i:i + args.batch_size])
+            fps[name].append(len(x) / (time.perf_counter() - start))
+    reference = models["fp32"].forward(picked).flatten(1).double()  # (64, C*h*w)
+    gflop = GFLOP_PER_FRAME_224 * (args.image_size / 224) ** 2
+    table: dict = {"real_dataset": str(args.real), "frames_timed": len(x), "error_frames": len(picked),
+                   "error_clips": [k for k, _ in held_out], "batch_size": args.batch_size,
+                   "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(), "quantize": quantize}
+    for name, model in models.items():
+        y = model.forward(picked).flatten(1).double()
+        median = statistics.median(fps[name])
+        table[name] = {
+            "frames_per_s": round(median, 2), "rounds": [round(v, 2) for v in fps[name]],
+            "gflop_per_s": round(median * gflop, 1),
+            "over_fp32": round(statistics.median(a / b for a, b in zip(fps[name], fps["fp32"])), 2),
+            "over_bf16": (round(statistics.median(a / b for a, b in zip(fps[name], fps["bf16"])), 2)
+                          if "bf16" in fps else None),
+            "relative_l2_vs_fp32": round(float((y - reference).norm() / reference.norm()), 4),
+            "cosine_vs_fp32": round(float(torch.nn.functional.cosine_similarity(y, reference).mean()), 5),
+            "trunk": model.trunk_form, "first_call_s": round(first[name], 2)}
+    return table
 
 
 def median_profile(rounds: list[dict], key: str) -> float:
@@ -207,7 +301,8 @@ def cpu_flags() -> str:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
         return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none"
 
 
 def figures_of(run: dict) -> dict:

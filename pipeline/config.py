@@ -27,7 +27,7 @@ PARAMS_FILE = "params.yaml"
 # The allowed values of the choice settings; pipeline/head/model.py, pipeline/features/backbone.py and
 # pipeline/head/fit.py use these same tuples.
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 COMPILES = ("auto", "on", "off")
 LAYERS = ("pool5", "conv5_3")
 CELLS = ("convlstm", "lstm", "mean")
@@ -90,7 +90,8 @@ class ExtractConfig:
     workers: int = _setting(2, "Decoding worker processes.", at_least=1)
     timeout: float = _setting(60.0, "Seconds per clip before it is recorded as failed.", above=0)
     device: str = _device()
-    precision: str = _setting("auto", "auto | fp32 | bf16.", choices=PRECISIONS)
+    precision: str = _setting("auto", "auto | fp32 | bf16 | int8 (int8 is opt-in: README \"Extracting a real "
+                              "dataset\").", choices=PRECISIONS)
     compile: str = _compile(" (auto: on a CPU, when the run has frames enough to win the compilation back).")
     shard_clips: int = _setting(32, "Clips per shard written as the run goes: the most a crash can lose.",
                                 at_least=1)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline.config import ExtractConfig, check
 from pipeline.errors import describe
+from pipeline.features import calibration
 from pipeline.features.cache import main_file
 from pipeline.features.extractor import Extracted, ExtractError, Extractor, decode_pool, fingerprint_or_blank
 from pipeline.features.plan import Incompatible, exclusive_lock, parts_dir_for, rerun_plan, start_over
@@ -53,6 +54,7 @@ class ExtractSummary:
     unverified: int = 0  # clips in the cache with no source fingerprint (made before fingerprints existed)
     redecoded: list[tuple[str, str]] = field(default_factory=list)  # (key, why): decoded by PyAV, not decord
     startup_seconds: float | None = None  # --engine ray only: ray.init + dataset plan + first backbone actor
+    quantize_seconds: float = 0.0  # precision int8: choosing, decoding and calibrating (or reusing) the calibration
 
     @property
     def frames_per_second(self) -> float:
@@ -132,10 +134,13 @@ def _run(videos: Path, cache: Path, cfg: ExtractConfig, found, pool, overwrite: 
         backbone = Backbone(cfg.weights, cfg.layer, cfg.image_size, cfg.device, cfg.precision)
     except ValueError as exc:  # an option the user gave: layer, device, precision, image size
         raise ExtractError(str(exc)) from None
-    settings = extraction_settings(backbone.provenance(), cfg.frames)
     pinned = backbone.precision if cfg.precision != "auto" else None  # rows made otherwise are made again
     summary, start = ExtractSummary(cache), time.monotonic()
     with exclusive_lock(cache):
+        if backbone.needs_calibration and found.clips:  # int8: the cache's calibration, else the dataset's frames
+            summary.quantize_seconds = calibration.prepare(backbone, cache, [(c.video, c.path) for c in found.clips],
+                                                           cfg.frames)
+        settings = extraction_settings(backbone.provenance(), cfg.frames)
         parts = parts_dir_for(cache)
         remove_unfinished(parts)
         temp_path(cache).unlink(missing_ok=True)

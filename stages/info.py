@@ -32,6 +32,10 @@ def run(cache_path: Path, show_failed: int = 20) -> dict:
                 "precision", "trunk", "dataset_root", "created", "versions"):
         if key in described["attrs"]:
             prov.add_row(key, escape(str(described["attrs"][key])))
+        if key == "precision" and described["attrs"].get("quantization", "none") != "none":
+            from pipeline.features.int8 import short  # the record is long: what calibrated it, in one line
+
+            prov.add_row("quantization", escape(short(described["attrs"]["quantization"])))
     prov.add_row("clips", str(described["clips"]))
     prov.add_row("feature shape", " x ".join(map(str, described["feature_shape"])))
     prov.add_row("size", f"{described['bytes'] / 2**20:.1f} MiB")

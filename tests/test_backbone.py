@@ -145,7 +145,7 @@ def test_provenance_names_everything_that_changes_the_features(fp32_64):
 
     assert p == {"backbone": "vgg16", "layer": "conv5_3", "weights": "random:0",
                  "weights_sha256": fp32_64.weights_sha256, "image_size": 64, "mean": list(MEAN),
-                 "std": list(STD), "precision": "fp32"}
+                 "std": list(STD), "precision": "fp32", "quantization": "none"}
 
 
 def test_unknown_options_are_one_line_errors():

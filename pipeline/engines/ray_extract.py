@@ -216,6 +216,13 @@ def start_ray(address: str | None, cpus: int = 0):
     return ray, True
 
 
+def _actor_precision(precision: str, settings: dict[str, Any]) -> str:
+    """int8 with the driver's calibration record; where the driver fell back from int8, what auto gives."""
+    if settings.get("quantization", "none") != "none":
+        return "int8"
+    return "auto" if precision == "int8" else precision
+
+
 def extract(todo: Sequence, cfg, parts_dir: Path, settings: dict[str, Any], *, address: str | None = None,
             progress: bool = True) -> RayOutcome:
     """Extract every clip of `todo` (objects with .video, .label, .path) into shards in `parts_dir`."""
@@ -255,7 +262,9 @@ def _run(todo: Sequence, cfg, parts_dir: Path, settings: dict[str, Any], address
         ds = ds.map_batches(BackboneActor, batch_size=clips_per_batch, batch_format="numpy",
                             fn_constructor_kwargs=dict(weights=cfg.weights, layer=cfg.layer,
                                                        image_size=cfg.image_size, device=device,
-                                                       precision=cfg.precision, batch_size=cfg.batch_size,
+                                                       precision=_actor_precision(cfg.precision, settings),
+                                                       quantization=settings.get("quantization", "none"),
+                                                       batch_size=cfg.batch_size,
                                                        threads=plan.threads, counter=counter, compile=cfg.compile,
                                                        frames=len(rows) * cfg.frames // plan.actors),
                             compute=ray.data.ActorPoolStrategy(size=plan.actors), **actor_args)

@@ -86,13 +86,16 @@ class BackboneActor:
     """Built once per actor: the trunk; called on batches of decoded clips, returns their float16 cubes."""
 
     def __init__(self, weights: str, layer: str, image_size: int, device: str, precision: str, batch_size: int,
-                 threads: int, counter=None, compile: str = "off", frames: int = 0) -> None:
+                 threads: int, counter=None, compile: str = "off", frames: int = 0,
+                 quantization: str = "none") -> None:
         import torch
 
         from pipeline.features.backbone import Backbone
 
         torch.set_num_threads(max(1, threads))
-        self.backbone = Backbone(weights, layer, image_size, device, precision)
+        # int8: the driver's calibration record, so every actor quantises alike (and none calibrates)
+        self.backbone = Backbone(weights, layer, image_size, device, precision,
+                                 quantization if precision == "int8" else None)
         self.backbone.compile(compile, frames)  # `frames`: this actor's share of the run
         self.batch_size, self.counter = batch_size, counter
         if counter is not None:

@@ -154,11 +154,19 @@ class Backbone:
     """The frozen trunk on its device, in eval mode, channels_last, at the chosen precision."""
 
     def __init__(self, weights: str = "imagenet", layer: str = "pool5", image_size: int = 224,
-                 device: str = "auto", precision: str = "auto") -> None:
+                 device: str = "auto", precision: str = "auto", quantization: dict | None = None) -> None:
+        """`precision` int8 builds the fp32 trunk and waits for `calibrate` (extract) or a recorded
+        `quantization` (a rerun, predict, watch, a Ray actor); where int8 cannot run here, one line says why
+        and the backbone is what `auto` gives."""
         self.layer = layer
         self.image_size = image_size
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.quantization: str | dict = "none"  # the cache's `quantization` setting: "none" or the int8 record
+        if self.precision == "int8" and (reason := _int8_unavailable(self.device)):
+            _say(f"int8 is unavailable here ({reason}); extracting at "
+                 f"{resolve_precision('auto', self.device)} instead")
+            self.precision = resolve_precision("auto", self.device)
         trunk = build_trunk(layer, device="meta")
         self.out_shape = output_shape(trunk, image_size)  # (C, h, w)
         if self.out_shape[1] < 1:
@@ -167,6 +175,7 @@ class Backbone:
         self.weights_sha256 = state_dict_sha256(state_dict)
         trunk.load_state_dict(state_dict, assign=True)
         self.trunk = self._deployed(trunk)
+        self._input_dtype = self.trunk[0].weight.dtype
         self.trunk_form = "eager"  # or "compiled": what made the features, recorded per clip like precision
         self._compiled: nn.Module | None = None
         self._compiled_batch = 0
@@ -174,6 +183,68 @@ class Backbone:
             keep_freed_memory()
         self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+        if self.precision == "int8" and quantization not in (None, "none"):
+            self.use_quantization(quantization)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True for an int8 backbone that has no calibration yet: `calibrate` or `use_quantization` first."""
+        return self.precision == "int8" and self.quantization == "none"
+
+    def calibrate(self, frames: Tensor, clips: list[str], frames_per_clip: int, batch: int = 8) -> bool:
+        """Calibrate the int8 trunk on `frames` (normalised (N, 3, S, S), chosen from `clips`) and switch to it;
+        False when quantising failed here (one line said why, and the backbone is now what `auto` gives)."""
+        import hashlib
+
+        from pipeline.features import int8
+
+        digest = hashlib.sha256(frames.float().cpu().contiguous().numpy().tobytes()).hexdigest()
+        try:
+            graph, qparams = int8.quantize(self.trunk, self.image_size, list(frames.split(batch)))
+        except Exception as exc:  # noqa: BLE001 - export or the quantizer failing on this install
+            self._int8_failed(exc)
+            return False
+        self._use(graph, int8.record(qparams, clips, frames_per_clip, digest))
+        return True
+
+    def use_quantization(self, record: dict) -> bool:
+        """Quantise the trunk with a calibration record (`quantization` of a cache or checkpoint) and compile it
+        with frozen weights; False when that failed here (one line said why; the backbone is now what `auto`
+        gives). A record of another scheme is the user's error (QuantizeError, a ValueError)."""
+        from pipeline.features import int8
+
+        record = int8.parse(record)
+        try:
+            graph, _ = int8.quantize(self.trunk, self.image_size, qparams=record["qparams"])
+        except int8.QuantizeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - export or the quantizer failing on this install
+            self._int8_failed(exc)
+            return False
+        self._use(graph, record)
+        return True
+
+    def _use(self, graph: nn.Module, record: dict) -> None:
+        """Run the quantised `graph` from now on, compiled with frozen weights (compiled at the first call)."""
+        import torch._inductor.config as inductor
+
+        self.trunk, self._input_dtype, self.quantization = graph, torch.float32, record
+        inductor.freezing = True  # weights folded and pre-packed: what makes oneDNN run the int8 kernels
+        self._compiled = torch.compile(graph, dynamic=False)
+        self._compiled_batch = 0
+        self.trunk_form = "compiled"
+
+    def _int8_failed(self, exc: BaseException) -> None:
+        from pipeline.errors import first_line
+
+        fallback = resolve_precision("auto", self.device)
+        _say(f"the int8 trunk cannot be built here ({type(exc).__name__}: {first_line(exc)[:160]}); "
+             f"extracting at {fallback} instead")
+        self.precision = fallback
+        trunk = self.trunk if isinstance(self.trunk, nn.Sequential) else None
+        if trunk is not None:
+            self.trunk = self._deployed(trunk)
+            self._input_dtype = self.trunk[0].weight.dtype
 
     def _deployed(self, trunk: nn.Sequential) -> nn.Sequential:
         """Frozen, eval, channels_last on the device; bf16 weights on CPU (CUDA uses autocast instead)."""
@@ -191,6 +262,8 @@ class Backbone:
         shapes compiles faster. Where compiling is unavailable or fails, the first call says so in one line and
         the run goes on eager.
         """
+        if self.precision == "int8":  # compiled whatever `mode` says: the int8 kernels exist only compiled
+            return self._compiled is not None
         if not compile_wanted(mode, self.device, frames, self.precision):
             return False
         import torch._inductor.config as inductor
@@ -239,7 +312,9 @@ class Backbone:
                 y = None if self._compiled is None else self._run_compiled(x)
                 y = self.trunk(x) if y is None else y
         else:
-            x = x.to(next(self.trunk.parameters()).dtype)
+            if self.needs_calibration:
+                raise RuntimeError("the int8 backbone runs only once calibrated (Backbone.calibrate)")
+            x = x.to(self._input_dtype)
             y = None if self._compiled is None else self._run_compiled(x)
             y = self.trunk(x) if y is None else y
         return y.float().contiguous()  # (B, C, h, w)
@@ -252,15 +327,26 @@ class Backbone:
         """What a cache records so later stages can show, and refuse to mix, how features were made."""
         return {"backbone": "vgg16", "layer": self.layer, "weights": self.weights_label,
                 "weights_sha256": self.weights_sha256, "image_size": self.image_size,
-                "mean": list(MEAN), "std": list(STD), "precision": self.precision}
+                "mean": list(MEAN), "std": list(STD), "precision": self.precision,
+                "quantization": self.quantization}
 
 
-def _say_eager(exc: BaseException) -> None:
+def _int8_unavailable(device: torch.device) -> str | None:
+    from pipeline.features.int8 import unavailable
+
+    return unavailable(device)
+
+
+def _say(text: str) -> None:
+    """One yellow note line on stderr (markup in `text` is shown as text)."""
     from rich.console import Console
     from rich.markup import escape
 
+    Console(stderr=True, soft_wrap=True).print(f"[yellow]note[/] {escape(text)}", highlight=False)
+
+
+def _say_eager(exc: BaseException) -> None:
     from pipeline.errors import first_line
 
-    Console(stderr=True, soft_wrap=True).print(
-        f"[yellow]note[/] the compiled trunk is unavailable here ({escape(type(exc).__name__)}: "
-        f"{escape(first_line(exc))[:200]}); extracting eager (extract.compile: off skips the attempt)", highlight=False)
+    _say(f"the compiled trunk is unavailable here ({type(exc).__name__}: {first_line(exc)[:200]}); "
+         "extracting eager (extract.compile: off skips the attempt)")

@@ -11,7 +11,12 @@ from typing import Any, Sequence
 import numpy as np
 
 # Attributes that define what a feature *is*; two runs that differ in any of them must never be mixed.
-SETTINGS_KEYS = ("backbone", "layer", "weights", "image_size", "frames", "sampling", "mean", "std", "dtype")
+# `quantization` is "none" for fp32 and bf16 (which may share a cache: they differ by ~1%, see README) and the
+# calibration record of an int8 trunk (pipeline/features/int8.py): int8 features differ from fp32 by ~7% and
+# from another calibration's, so an int8 cache holds one calibration only. Caches made before it: "none".
+SETTINGS_KEYS = ("backbone", "layer", "weights", "image_size", "frames", "sampling", "mean", "std", "dtype",
+                 "quantization")
+DEFAULTS = {"quantization": "none"}  # what a cache written before a key existed had
 _HASH_BLOCK = 1 << 20
 
 
@@ -28,12 +33,16 @@ def settings_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two extraction settings, empty when they may be mixed."""
     diffs = []
     for key in SETTINGS_KEYS:
-        a, b = jsonable(old.get(key)), jsonable(new.get(key))
+        a, b = (jsonable(d.get(key) if d.get(key) is not None else DEFAULTS.get(key)) for d in (old, new))
         if isinstance(a, list) and isinstance(b, list):
             same = len(a) == len(b) and np.allclose(a, b)
         else:
             same = a == b
         if not same:
+            if key == "quantization":  # a calibration record is long JSON: say what it is
+                from pipeline.features.int8 import short
+
+                a, b = short(a), short(b)
             diffs.append(f"{key}: cache has {a!r}, asked for {b!r}")
     return diffs
 
@@ -145,17 +154,20 @@ def extraction_settings(provenance: dict[str, Any], frames: int, weights_label: 
     return {"backbone": provenance["backbone"], "layer": provenance["layer"],
             "weights": f"{label} sha256:{provenance['weights_sha256']}", "image_size": provenance["image_size"],
             "frames": frames, "sampling": SAMPLING, "mean": list(provenance["mean"]), "std": list(provenance["std"]),
-            "dtype": "float16"}
+            "dtype": "float16", "quantization": provenance.get("quantization", "none")}
 
 
 def versions() -> dict[str, str]:
     """Versions of what made the features, each asked of the module itself (decord may be decord2 or 0.6)."""
     import importlib
+    import sys
 
     import pipeline
 
     found = {"pipeline": pipeline.__version__}
-    for name in ("torch", "torchvision", "decord", "av", "h5py"):
+    for name in ("torch", "torchvision", "decord", "av", "h5py", "torchao"):
+        if name == "torchao" and name not in sys.modules:  # loaded only for int8: recorded where it made features
+            continue
         try:
             found[name] = str(getattr(importlib.import_module(name), "__version__", "unknown"))
         except Exception:  # noqa: BLE001 - a broken optional install must not stop the record

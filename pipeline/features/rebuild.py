@@ -37,7 +37,7 @@ def _precision(recorded: Any, device: str) -> str:
     """The recorded precision where this device runs it; fp32 (the exact one) where it cannot."""
     from pipeline.features.backbone import resolve_device, resolve_precision
 
-    precision = recorded if recorded in ("fp32", "bf16") else "auto"
+    precision = recorded if recorded in ("fp32", "bf16", "int8") else "auto"
     try:
         resolve_precision(precision, resolve_device(device))
     except ValueError:
@@ -50,19 +50,25 @@ def rebuild_backbone(extraction: dict[str, Any], device: str, weights: str | Non
     """The backbone of `extraction` (a checkpoint's record), checked to make the very same features, and, given
     the checkpoint's `feature_shape` [T, C, h, w] (from file `source`), to make features of that shape."""
     from pipeline.features.backbone import Backbone
+    from pipeline.features.int8 import QuantizeError
     from pipeline.features.provenance import extraction_settings, settings_mismatch
     from pipeline.features.weights import WeightsError
 
     spec, label = _weights_spec(str(extraction.get("weights", "")), weights)
     try:
+        precision = _precision(extraction.get("precision"), device)
+        quantization = extraction.get("quantization") if precision == "int8" else None
         backbone = Backbone(spec, str(extraction.get("layer")), int(extraction.get("image_size") or 0), device,
-                            _precision(extraction.get("precision"), device))
+                            precision, quantization)
     except WeightsError as exc:
         raise PredictError(f"cannot rebuild the model's backbone: {first_line(exc, 200)}") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, QuantizeError) as exc:
         raise PredictError(f"cannot rebuild the model's backbone ({first_line(exc, 200)})") from None
     frames = int(extraction.get("frames") or 0)
-    diffs = settings_mismatch(extraction, extraction_settings(backbone.provenance(), frames, label))
+    made = extraction_settings(backbone.provenance(), frames, label)
+    if precision == "int8" and backbone.precision != "int8":  # int8 unavailable here (one line said so): the
+        made["quantization"] = extraction.get("quantization")  # fallback's features are the closer to fp32 ones
+    diffs = settings_mismatch(extraction, made)
     if diffs:
         detail = "; ".join(d.replace("cache has", "model has").replace("asked for", "here") for d in diffs[:3])
         raise PredictError(f"this backbone would not make the features the model was trained on ({detail}); "
