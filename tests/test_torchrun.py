@@ -81,8 +81,8 @@ def test_two_ranks_train_what_one_process_trains(tiny_project, one_process, tmp_
 def test_dropout_masks_follow_the_clip_not_its_batch():
     import torch
 
+    from pipeline.head.dropout import ClipDropout
     from pipeline.head.fit import clip_noise
-    from pipeline.head.model import ClipDropout
 
     drop = ClipDropout(0.5, salt=1).train()
     x = torch.ones(6, 3, 4)

@@ -64,7 +64,7 @@ class EpochResult:
 
 def clip_noise(seed: int, epoch: int, rows: np.ndarray) -> "torch.Tensor":  # noqa: F821
     """(B,) int64 dropout seeds of the clips at positions `rows` in epoch `epoch`: a function of the clip, not
-    of its batch or rank (model.ClipDropout)."""
+    of its batch or rank (pipeline/head/dropout.py)."""
     import torch
 
     base = (seed * 1_000_003 + epoch) * 1_000_000_007

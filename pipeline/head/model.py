@@ -14,24 +14,16 @@ Input X_t in R^{C x H x W}, t = 1..T; d = head.channels, k = head.kernel.
     r_t  = sum_i A_{t,i} H_{t,i}                           readout: attention          ConvLSTMHead.readout
          = mean_i((H*W) A_{t,i} H_{t,i})                   (the (H*W) A_t attend() computes; uniform: avgpool)
     y_t  = W_c dropout(r_t) + b_c                          per-frame logits            w_c
+           + W_g dropout(LN(sum_i A_{t,i} X_{t,i}))        appearance: attended        Appearance
 
-`ConvLSTMHead.forward` computes them in this order, one line each (H_0, C_0 before the first step), naming
-the equation and the shapes in a comment; `LSTMHead.forward` is the same with a vector state (below), and
-`MeanHead.forward` the baseline. The layers both recurrent heads share are built in `RecurrentHead`.
+`ConvLSTMHead.forward` computes them in this order, one line each, shapes in comments; `LSTMHead.forward` the
+same with a vector state, `MeanHead.forward` the baseline; `RecurrentHead` builds the layers both share.
+Training only, before W_p: FeatureDropout (whole channels of X, one mask per clip; pipeline/head/dropout.py).
 
-M~_t is the clip's motion map from its own features (pipeline/features/motion.py: where X_t changes from
-X_{t-1}, camera motion taken out by the median, normalised, floored, summing to 1 over the cells); beta is a
-learned scalar, starting at 1, with a learning rate of its own (train.motion_lr). Why (docs/DESIGN.md,
-"The head"): on real clips a scene gives evidence everywhere and a few hundred clips give the
-attention almost no gradient to leave uniform; the prior starts it where things move, and beta lets the head
-trust that as much as the labels say. The normalised map says where things move, not how much; with
-`motion: input` (the default) P_t also carries log(1 + D_t), the raw change of each cell, so the evidence
-read through the attention includes the amount of motion there (docs/BENCHMARKS.md, "Real data: the CCTV
-fight set", has what each bought). `motion: none` is the head without either, bit for bit.
-
-Why the readout goes through A_t (docs/DESIGN.md, "The head"): with avgpool(H_t), the first design (kept as
-`readout: mean`), the ConvLSTM's own kernels pick the actor out and the attention is free to sit anywhere;
-read through A_t, the attention is the only way evidence reaches the classifier.
+M~_t is the clip's motion map from its own features (pipeline/features/motion.py); beta is a learned scalar,
+starting at 1, with a learning rate of its own (train.motion_lr); with `motion: input` P_t also carries
+log(1 + D_t), the raw change of each cell. Why motion guides the attention, and why the readout goes through
+A_t: docs/DESIGN.md, "The head". `motion: none` is the head without either, bit for bit.
 
 Variants (HeadConfig):
   cell      convlstm  the equations above;
@@ -57,13 +49,8 @@ Layout: inside the heads a feature map is (B, H, W, channels). A 1x1 conv is the
 axis, which runs as one matrix product; on 7x7 maps that is several times faster than mkldnn's 1x1
 convolution, and the kxk convolutions read the same memory as channels_last (see `conv_hwc`).
 
-Training only: FeatureDropout drops whole input channels of X (one mask per clip, shared over t and the
-positions) before W_p; in eval mode the equations above hold exactly.
-
-Loss (head_loss): mean over t of CE(y_t, label) + lambda * sum_i (1 - sum_t A_{t,i} * HW/T)^2, the second
-term averaged over the batch; it is 0 for uniform attention. Video prediction (video_probabilities): mean
-over t of the per-frame softmax.
-"""
+Loss (head_loss): mean_t CE(y_t, label) + lambda sum_i (1 - sum_t A_ti HW/T)^2 (0 for uniform attention);
+video prediction (video_probabilities): the mean over t of the per-frame softmax."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -74,6 +61,7 @@ from torch import nn
 
 from pipeline.config import HeadConfig, check
 from pipeline.features.motion import Motion, clip_motion
+from pipeline.head.dropout import ClipDropout, FeatureDropout
 
 
 class HeadOutput(NamedTuple):
@@ -97,51 +85,6 @@ def conv2d_hwc(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
 def features_hwc(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, T, C, H, W) of any float dtype -> (B, T, H, W, C) in `dtype`, contiguous, in one copy."""
     return x.permute(0, 1, 3, 4, 2).to(dtype, memory_format=torch.contiguous_format)
-
-
-class ClipDropout(nn.Module):
-    """Dropout (x (B, ...) -> x * mask / (1 - p) in training, identity in eval) whose mask for clip i is drawn
-    from a generator seeded by `noise[i]` when `noise` is given.
-
-    Why per clip: training on N ranks must be the training on one (pipeline/head/ranks.py), and a batch's
-    mask drawn from one generator depends on which clips share the batch; seeded by the clip, a clip gets
-    the same mask whichever rank and batch it lands in. `salt` keeps two dropouts of one clip apart.
-    Without `noise` (a caller outside fit()) the mask comes from torch's global generator.
-    """
-
-    def __init__(self, p: float, salt: int):
-        super().__init__()
-        self.p, self.salt = p, salt
-
-    def mask_shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        """The shape of one clip's mask: every element of the clip."""
-        return tuple(x.shape[1:])
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        shape = self.mask_shape(x)
-        if noise is None:
-            u = torch.rand(x.shape[0], *shape, device=x.device)
-        else:  # (B,) int64 seeds
-            seeds = [(int(s) * 2 + self.salt) % 2**63 for s in noise.tolist()]
-            u = torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(x.device)
-        return x * ((u >= self.p).to(x.dtype) / (1.0 - self.p))
-
-
-class FeatureDropout(ClipDropout):
-    """Training-time dropout of whole input channels: one mask per clip, shared by all frames and positions.
-
-    The cached VGG features are 512 sparse channels; a head fitted on a few hundred clips otherwise learns
-    the clips by heart from a handful of them (on the embedded set: 100% train, ~55% val accuracy; with
-    p = 0.5, ~95% val). Sharing the mask over t keeps the motion between frames intact. Identity in eval.
-    """
-
-    def __init__(self, p: float):
-        super().__init__(p, salt=0)
-
-    def mask_shape(self, x: torch.Tensor) -> tuple[int, ...]:  # x (B, T, C, H, W) -> (1, C, 1, 1)
-        return (1, x.shape[2], 1, 1)
 
 
 # --- attention -------------------------------------------------------------------------------------------
@@ -209,14 +152,9 @@ def make_attention(kind: str, channels: int, in_channels: int) -> nn.Module:
 
 
 class Appearance(nn.Module):
-    """y_t += W_g dropout(LN(a_t)): the frame's appearance, a_t = sum_i A_{t,i} X_{t,i} (attended) or the mean
-    of X_t over the cells (mean), straight to the logits.
-
-    Why (docs/DESIGN.md, "Small real datasets"): where appearance decides the class, a linear probe on the
-    clip's mean feature beats a head that must learn W_p, the cell and the readout from a few clips a class;
-    this gives the classifier that linear path. `attended` reads it through A_t, so the attention stays the
-    only way evidence reaches the classifier and the deletion test still measures what the map is worth;
-    `mean` reads past it (kept to measure against). W_g starts at zero: training starts from the head alone.
+    """y_t += W_g dropout(LN(a_t)), a_t = sum_i A_{t,i} X_{t,i} (attended: read through the map, so the deletion
+    test still measures it) or mean_i X_{t,i} (mean: past the map). A linear path for the clip's appearance,
+    where it decides the class (docs/DESIGN.md, "Small real datasets"); W_g starts at zero.
     """
 
     def __init__(self, kind: str, in_channels: int, num_classes: int, dropout: float):
@@ -430,14 +368,9 @@ class MeanHead(nn.Module):
 
 
 class HeadEnsemble(nn.Module):
-    """Several heads of one config, trained together from different initial weights and dropout masks, read as
-    one: the video probability is the mean of theirs, the attention map the mean of their maps.
-
-    Why (docs/DESIGN.md, "Small real datasets"): on a few hundred clips the seed alone moved a head's accuracy
-    by 20 points; the mean of several heads is the seeds' consensus. Each member learns from its own loss
-    (`head_loss` reads `HeadOutput.members`), so they stay as different as separate runs; validation, early
-    stopping and every report read the ensemble. The motion map comes from the features, so it is computed
-    once for all members.
+    """Several heads of one config read as one: the mean of their video probabilities and of their maps. Each
+    member has its own initial weights, dropout masks and loss (`head_loss` reads `HeadOutput.members`); the
+    motion map is computed once (docs/DESIGN.md, "Small real datasets").
     """
 
     def __init__(self, members: list[nn.Module]):

@@ -13,7 +13,7 @@ path is the same. pipeline/engines/torchrun.py forms the process group torchrun 
   N * (its clips / the global batch's), so the average is the global batch's mean, as in one process, also
   for a last batch that does not divide evenly.
 * **Dropout.** Masks are drawn per clip from a generator seeded by (seed, epoch, the clip's position)
-  (pipeline/head/model.py, `ClipDropout`), so a clip gets the same mask whichever rank holds it.
+  (pipeline/head/dropout.py, `ClipDropout`), so a clip gets the same mask whichever rank holds it.
 * **Decisions.** The training loss and accuracies are summed over ranks (`Ranks.sum`); validation runs on
   each rank's share and the outputs are gathered to every rank (`Ranks.gather`), so the validation loss,
   early stopping and the non-finite-loss stop are computed from the same numbers everywhere.
