@@ -24,19 +24,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from real_attention import parse_variant  # bench/ is the script's folder: the same variant syntax
 
 DEFAULT_VARIANTS = ["default:"]
-
-
-def parse_variant(text: str) -> tuple[str, dict[str, dict[str, str]]]:
-    """"name:head.heads=3,train.jitter=0.2" -> ("name", {"head": {"heads": "3"}, "train": {"jitter": "0.2"}})."""
-    name, _, fields = text.partition(":")
-    sections: dict[str, dict[str, str]] = {}
-    for item in filter(None, fields.split(",")):
-        key, _, value = item.partition("=")
-        section, _, field = key.partition(".")
-        sections.setdefault(section, {})[field] = value
-    return name, sections
 
 
 def subsample(splits: Path, out: Path, labels: dict[str, str], per_class: int | None, seed: int) -> int:
