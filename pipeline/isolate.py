@@ -18,6 +18,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -96,7 +97,9 @@ def run_forked(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in a forked child; its return value (picklable) or its exception, raised here (an OSError
     keeps its errno, a UserError its class; one that does not pickle becomes a RuntimeError of its class and
     first line). A child that dies without answering raises ChildDied naming the signal."""
-    if not hasattr(os, "fork"):
+    if not hasattr(os, "fork") or threading.current_thread() is not threading.main_thread():
+        # a fork from another thread was seen to hang in the child, inside os.fork itself (a futex, with the
+        # parent's other threads mid-flight): there the function runs in process, as it did before isolation
         return fn(*args)
     prctl = _prctl()
     read, write = os.pipe()
