@@ -82,17 +82,6 @@ def _pickled_error(exc: BaseException) -> bytes:
         return pickle.dumps(("error", f"{type(exc).__name__}: {text}" if text else type(exc).__name__))
 
 
-def _no_thread_in_hdf5():
-    """h5py's global lock, held across the fork: the child inherits every lock as it was, and one held by
-    another thread of the parent (a writer or reader still in h5py) would be held for ever in the child, whose
-    first h5py call would then wait for good. Held by the forking thread itself, it is released on both sides
-    as the block ends. A no-op where h5py is not imported."""
-    import contextlib
-
-    module = sys.modules.get("h5py._objects")
-    return module.phil if module is not None else contextlib.nullcontext()
-
-
 def run_forked(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` in a forked child; its return value (picklable) or its exception, raised here (an OSError
     keeps its errno, a UserError its class; one that does not pickle becomes a RuntimeError of its class and
@@ -104,8 +93,7 @@ def run_forked(fn: Callable[..., T], *args: Any) -> T:
     prctl = _prctl()
     read, write = os.pipe()
     parent = os.getpid()
-    with _no_thread_in_hdf5():
-        pid = os.fork()
+    pid = os.fork()
     if pid == 0:  # the child: answer, then leave without running anything of the parent's
         global _ANSWER_FD
         code = 1
