@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from real_attention import parse_variant  # bench/ is the script's folder: the same variant syntax
+from real_attention import machine, parse_variant  # bench/ is the script's folder: the same syntax
 
 DEFAULT_VARIANTS = ["default:"]
 
@@ -146,11 +145,8 @@ def main() -> None:
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     print()
     print(table(rows))
-    info = Path("/proc/cpuinfo").read_text()
-    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-               platform.processor())
-    print(f"\n{cpu}, {os.cpu_count()} cores, avx512_bf16: {'avx512_bf16' in info}, amx: {'amx_tile' in info}, "
-          f"split {args.split}, {args.jobs} jobs x {threads} threads, {time.perf_counter() - start:.0f} s in all")
+    print(f"\n{machine()}, split {args.split}, {args.jobs} jobs x {threads} threads, "
+          f"{time.perf_counter() - start:.0f} s in all")
     if args.json:
         Path(args.json).write_text(json.dumps({"cache": args.cache, "splits": args.splits, "split": args.split,
                                                "rows": rows}, indent=1))
