@@ -95,7 +95,7 @@ def table(rows: list[dict]) -> str:
     """One line per variant and size: mean, spread (max - min), the probe, the attention figures."""
     extra = [c for c in COLUMNS if any(c in r for r in rows)]
     lines = ["| variant | clips a class | seeds | video accuracy: mean | spread (max - min) | min | linear probe "
-             "| entropy / uniform | " + " | ".join(extra) + (" |" if extra else "|"),
+             "| entropy / uniform |" + "".join(f" {c} |" for c in extra),
              "|" + " --- |" * (8 + len(extra))]
     for name in dict.fromkeys(r["variant"] for r in rows):
         for size in dict.fromkeys(r["size"] for r in rows if r["variant"] == name):
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--params", default=None, help="a params.yaml to take settings from (default: the code's)")
     parser.add_argument("--deletion-draws", type=int, default=0, help="evaluate.deletion_draws (0: no deletion test)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads a job (0: the cores / --jobs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -132,7 +133,7 @@ def main() -> None:
         labels = {key: cache.classes[int(lab)] for key, lab in zip(cache.videos, cache.labels[:])}
     sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
-    threads = max(1, (os.cpu_count() or 2) // max(args.jobs, 1))
+    threads = args.threads or max(1, (os.cpu_count() or 2) // max(args.jobs, 1))
     jobs = [{"cache": args.cache, "splits": args.splits, "labels": labels, "name": name, "fields": fields,
              "size": size, "seed": int(s), "split": args.split, "params": args.params, "draws": args.deletion_draws,
              "threads": threads}

@@ -177,6 +177,9 @@ class TrainConfig:
     # temporal jitter: why, docs/DESIGN.md "Small real datasets"
     jitter: float = _setting(0.0, "Temporal jitter: each clip trains on a window of (1 - jitter) of its cached "
                              "frames at a random offset (evaluation reads them all).", at_least=0, below=1)
+    # weight averaging: why, pipeline/head/average.py and docs/DESIGN.md "Small real datasets"
+    ema_epochs: float = _setting(0.0, "Validate, select and save a moving average of the weights over about this "
+                                 "many recent epochs (0: the weights as they are).", at_least=0)
     patience: int = _setting(8, "Stop after this many epochs without a better val loss.", at_least=1)
     device: str = _device("auto | cpu | cuda (bf16 autocast on CUDA).")
     max_memory_gb: float = _setting(8.0, "Load a split into memory when it fits under this; else stream it from "

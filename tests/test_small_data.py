@@ -1,4 +1,5 @@
-"""Small real datasets: several heads read as one, the appearance term, temporal jitter and the linear probe."""
+"""Small real datasets: several heads read as one, the appearance term, temporal jitter, the moving average of the
+weights and the linear probe."""
 from __future__ import annotations
 
 import json
@@ -152,6 +153,60 @@ def test_training_with_jitter_is_reproducible_and_differs_from_training_without(
     a, b, plain = trained("a", 0.3), trained("b", 0.3), trained("c", 0.0)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], plain[k]) for k in a)
+
+
+# --- the moving average of the weights ----------------------------------------------------------------------
+
+
+def test_the_weight_average_follows_the_steps_with_its_warm_up_and_is_applied_only_inside_the_block():
+    from pipeline.head.average import WeightAverage
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average = WeightAverage.of(model, ema_epochs=2.0, train_clips=40, batch_size=8)  # 5 steps an epoch
+    assert average.decay == pytest.approx(0.9)
+    assert WeightAverage.of(model, 0.0, 40, 8) is None  # off
+    expected = 0.0
+    for step in range(1, 30):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        average.update(model)
+        d = min(0.9, (1 + step) / (10 + step))  # warm-up: the first steps follow the weights closely
+        expected = d * expected + (1 - d) * step
+    assert average.shadow["weight"][0, 0].item() == pytest.approx(expected, rel=1e-5)
+    with average.applied(model):
+        assert model.weight[0, 0].item() == pytest.approx(expected, rel=1e-5)
+    assert model.weight[0, 0].item() == 29.0  # the live weights again after the block
+
+
+def test_training_with_the_average_saves_it_and_a_resumed_run_equals_one_straight_through(tiny_project, tmp_path,
+                                                                                        monkeypatch):
+    from pipeline.head import fit as fitting
+    from stages import train
+
+    head, cfg = HeadConfig(channels=4), TrainConfig(epochs=3, batch_size=4, device="cpu", ema_epochs=1.0)
+
+    def trained(name: str, config: TrainConfig, resume: bool = False) -> dict:
+        out = tmp_path / name / "h.pt"
+        train.run(tiny_project["cache"], tiny_project["splits"], out, head, config, progress=False, resume=resume)
+        return torch.load(out, weights_only=True)["state_dict"]
+
+    straight, plain = trained("a", cfg), trained("plain", TrainConfig(epochs=3, batch_size=4, device="cpu"))
+    assert any(not torch.equal(straight[k], plain[k]) for k in straight)  # the average is what is saved
+    real_epoch = fitting.train_epoch
+
+    def interrupted(model, clips, optimiser, config, device, epoch, on_batch=None, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(model, clips, optimiser, config, device, epoch, on_batch, **kwargs)
+
+    monkeypatch.setattr(fitting, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trained("b", cfg)
+    monkeypatch.setattr(fitting, "train_epoch", real_epoch)
+    resumed = trained("b", cfg, resume=True)  # the average resumes with the weights
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 # --- the linear probe ----------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ probe keeps the best weights in memory. `fit()` stops on its own when the valida
 for `patience` epochs, or when an epoch's loss is not finite (more epochs would only train on NaNs); that
 epoch is not recorded. With `save_to` it writes, after every epoch, everything needed to continue the run
 exactly (model, optimiser, schedule, random state, history), and `resume_from` picks such a run up again.
+With `train.ema_epochs` a moving average of the weights (pipeline/head/average.py) is what is validated,
+selected and handed to `on_best`, and the state file carries it too.
 torch is imported inside the functions, so importing this module stays cheap.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from pipeline.config import HeadConfig, TrainConfig
 from pipeline.files import atomic_file
+from pipeline.head.average import WeightAverage
 from pipeline.head.batches import ClipSet
 from pipeline.head.checkpoint import CheckpointError
 from pipeline.head.infer import Outputs, accuracies, infer, interleave, is_correct, loss_of
@@ -91,8 +94,10 @@ def jitter_frames(x: "torch.Tensor", jitter: float, noise: "torch.Tensor") -> "t
 
 
 def train_epoch(model, clips: ClipSet, optimiser, cfg: TrainConfig, device, epoch: int,
-                on_batch: Callable[[int], None] | None = None, ranks: Ranks = ALONE) -> EpochResult:
-    """One pass over `clips` in a seeded random order (seed, epoch), updating `model` in place.
+                on_batch: Callable[[int], None] | None = None, ranks: Ranks = ALONE,
+                average: WeightAverage | None = None) -> EpochResult:
+    """One pass over `clips` in a seeded random order (seed, epoch), updating `model` in place (and `average`,
+    the moving average of its weights, after every step).
 
     With several `ranks` each takes its share of every global batch (pipeline/head/ranks.py) and `model` is
     DDP-wrapped; the loss is scaled so the averaged gradient is the global batch's mean, and the returned
@@ -127,6 +132,8 @@ def train_epoch(model, clips: ClipSet, optimiser, cfg: TrainConfig, device, epoc
         optimiser.zero_grad(set_to_none=True)
         step_loss.backward()
         optimiser.step()
+        if average is not None:
+            average.update(model)
         if not empty:
             with torch.no_grad():
                 total += float(loss) * n
@@ -196,9 +203,10 @@ def fit(model, train_set: ClipSet, val_set: ClipSet, cfg: TrainConfig, device, *
     """
     optimiser = make_optimiser(model, cfg)
     schedule = make_schedule(optimiser, cfg)
+    average = WeightAverage.of(model, cfg.ema_epochs, len(train_set), cfg.batch_size)
     state = FitState() if state is None else state
     if resume_from is not None:
-        load_state(resume_from, model, optimiser, schedule, identity or {}, state)
+        load_state(resume_from, model, optimiser, schedule, identity or {}, state, average)
     if on_start is not None:
         on_start(state)
     net = ranks.wrap(model)  # what trains (DDP across ranks); `model` itself validates and is saved
@@ -208,37 +216,40 @@ def fit(model, train_set: ClipSet, val_set: ClipSet, cfg: TrainConfig, device, *
                 state.stopped_early = True
                 break
             _run_epoch(model, net, train_set, val_set, optimiser, schedule, cfg, device, index, state, live,
-                       save_to if ranks.main else None, identity or {}, on_best, on_epoch, ranks)
+                       save_to if ranks.main else None, identity or {}, on_best, on_epoch, ranks, average)
             if state.diverged is not None:
                 break
     return state
 
 
 def _run_epoch(model, net, train_set, val_set, optimiser, schedule, cfg, device, index: int, state: FitState, bar,
-               save_to: Path | None, identity: dict, on_best, on_epoch, ranks: Ranks) -> None:
-    """Epoch `index` (0-based) of `fit()`: train, validate, and record it, or mark the run diverged."""
+               save_to: Path | None, identity: dict, on_best, on_epoch, ranks: Ranks,
+               average: WeightAverage | None) -> None:
+    """Epoch `index` (0-based) of `fit()`: train, validate, and record it, or mark the run diverged. With an
+    `average`, it is the average that is validated and handed to `on_best`; the live weights train on."""
     if bar is not None:
         bar.restart(len(train_set), label=f"epoch {index + 1}/{cfg.epochs}")
     lr = optimiser.param_groups[0]["lr"]
     done = train_epoch(net, train_set, optimiser, cfg, device, index,
-                       on_batch=bar.advance if bar is not None else None, ranks=ranks)
+                       on_batch=bar.advance if bar is not None else None, ranks=ranks, average=average)
     schedule.step()
-    val = validate(model, val_set, cfg, device, ranks)
-    val_loss = loss_of(val, cfg.attention_reg)
-    val_acc, val_frame_acc = accuracies(val)
-    epoch = Epoch(index + 1, done.loss, done.accuracy, val_loss, val_acc, val_frame_acc, lr, done.seconds)
-    if not (math.isfinite(done.loss) and math.isfinite(val_loss)):
-        state.diverged = epoch
-        return
-    state.history.append(epoch)
-    if val_loss < state.best_loss:
-        state.best_loss, state.bad_epochs, state.best_epoch = val_loss, 0, epoch.epoch
-        if on_best is not None:
-            on_best(epoch)
-    else:
-        state.bad_epochs += 1
+    with average.applied(model) if average is not None else contextlib.nullcontext():
+        val = validate(model, val_set, cfg, device, ranks)
+        val_loss = loss_of(val, cfg.attention_reg)
+        val_acc, val_frame_acc = accuracies(val)
+        epoch = Epoch(index + 1, done.loss, done.accuracy, val_loss, val_acc, val_frame_acc, lr, done.seconds)
+        if not (math.isfinite(done.loss) and math.isfinite(val_loss)):
+            state.diverged = epoch
+            return
+        state.history.append(epoch)
+        if val_loss < state.best_loss:
+            state.best_loss, state.bad_epochs, state.best_epoch = val_loss, 0, epoch.epoch
+            if on_best is not None:
+                on_best(epoch)
+        else:
+            state.bad_epochs += 1
     if save_to is not None:
-        save_state(save_to, model, optimiser, schedule, state, identity)
+        save_state(save_to, model, optimiser, schedule, state, identity, average)
     if on_epoch is not None:
         on_epoch(state)
     if bar is not None:
@@ -252,11 +263,14 @@ def resume_identity(head: HeadConfig, cfg: TrainConfig, extraction: dict) -> dic
     """What must not change between a run and its resumption (patience, device and how a streamed split is
     read may), as `identity`."""
     keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("patience", "device", "loader_workers")}
+    if not keep["ema_epochs"]:  # added later: left out while off, so a state written before it still resumes
+        del keep["ema_epochs"]
     return {"head": dataclasses.asdict(head), "train": keep, "weights": extraction.get("weights"),
             "frames": extraction.get("frames"), "layer": extraction.get("layer")}
 
 
-def save_state(path: Path, model, optimiser, schedule, state: FitState, identity: dict) -> None:
+def save_state(path: Path, model, optimiser, schedule, state: FitState, identity: dict,
+               average: WeightAverage | None = None) -> None:
     """Everything a resumed run needs to continue exactly as if it had never stopped, written atomically."""
     import torch
 
@@ -265,13 +279,14 @@ def save_state(path: Path, model, optimiser, schedule, state: FitState, identity
         "best_loss": state.best_loss, "bad_epochs": state.bad_epochs,
         "model": model.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
         "rng": torch.get_rng_state(), "history": [dataclasses.asdict(e) for e in state.history],
-        "identity": identity,
+        "identity": identity, "average": average.state() if average is not None else None,
     }
     with atomic_file(path) as fh:
         torch.save(payload, fh)
 
 
-def load_state(path: Path, model, optimiser, schedule, identity: dict, state: FitState) -> None:
+def load_state(path: Path, model, optimiser, schedule, identity: dict, state: FitState,
+               average: WeightAverage | None = None) -> None:
     """Load a state file into the live objects and `state` (whose `resumed_from`: the epochs done)."""
     import torch
 
@@ -288,6 +303,8 @@ def load_state(path: Path, model, optimiser, schedule, identity: dict, state: Fi
     model.load_state_dict(payload["model"])
     optimiser.load_state_dict(payload["optimiser"])
     schedule.load_state_dict(payload["schedule"])
+    if average is not None:
+        average.load(payload["average"])
     torch.set_rng_state(payload["rng"])
     state.history = [Epoch(**e) for e in payload["history"]]
     state.best_epoch, state.best_loss = payload["best_epoch"], payload["best_loss"]
