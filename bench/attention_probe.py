@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import line  # bench/ is the script's folder
 
 
 def box_covers(cache, rows: np.ndarray, truth: dict[str, np.ndarray]) -> np.ndarray:
@@ -121,7 +122,6 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-    import torch
 
     from pipeline.config import load_section
     from pipeline.errors import first_line
@@ -182,8 +182,7 @@ def main() -> None:
     for r in results:
         print(f"| {r['attention']} | {r['best_epoch']} | {r['val_loss']:.3f} | {r['test_loss']:.3f} | "
               f"{r['test_video_accuracy']:.1%} | {r['mass_ratio']:.2f}x | {r['pointing']:.1%} |")
-    print(f"\n{platform.node()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"\n{platform.node()}, {line()}")
     if args.json:
         Path(args.json).write_text(json.dumps({"params": args.params, "results": results}, indent=2))
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import line as machine_line  # bench/ is the script's folder
 
 
 def make_clips(root: Path, clips: int, length: int, width: int, height: int) -> list[Path]:
@@ -188,9 +188,7 @@ def main() -> None:
 
     middle = sorted(rounds, key=lambda r: r["extraction_over_bare"])[len(rounds) // 2]
     figures = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                   f"cpu capability {torch.backends.cpu.get_cpu_capability()}",
-        "cpu_flags": cpu_flags(),
+        "machine": f"{machine_line()}, cpu capability {torch.backends.cpu.get_cpu_capability()}",
         "precision": backbone.precision, "device": str(backbone.device), "compile": args.compile,
         "clips": args.clips, "frames": args.frames, "image_size": args.image_size,
         "batch_size": args.batch_size, "threads": torch.get_num_threads(), "workers": args.workers,
@@ -275,7 +273,7 @@ def precisions(args) -> dict:
     gflop = GFLOP_PER_FRAME_224 * (args.image_size / 224) ** 2
     table: dict = {"real_dataset": str(args.real), "frames_timed": len(x), "error_frames": len(picked),
                    "error_clips": [k for k, _ in held_out], "batch_size": args.batch_size,
-                   "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(), "quantize": quantize}
+                   "threads": torch.get_num_threads(), "machine": machine_line(), "quantize": quantize}
     for name, model in models.items():
         y = model.forward(picked).flatten(1).double()
         median = statistics.median(fps[name])
@@ -293,16 +291,6 @@ def precisions(args) -> dict:
 
 def median_profile(rounds: list[dict], key: str) -> float:
     return round(statistics.median(r["profile"][key] for r in rounds), 3)
-
-
-def cpu_flags() -> str:
-    """The lscpu flags that decide the trunk's kernels (DEVELOPERS: record them with every benchmark)."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
-    return " ".join(f for f in wanted if f in flags) or "none"
 
 
 def figures_of(run: dict) -> dict:

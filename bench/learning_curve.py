@@ -23,7 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from real_attention import machine, parse_variant  # bench/ is the script's folder: the same syntax
+from machine import line
+from real_attention import parse_variant  # bench/ is the script's folder: the same syntax
 
 DEFAULT_VARIANTS = ["default:"]
 
@@ -146,7 +147,7 @@ def main() -> None:
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     print()
     print(table(rows))
-    print(f"\n{machine()}, split {args.split}, {args.jobs} jobs x {threads} threads, "
+    print(f"\n{line()}, split {args.split}, {args.jobs} jobs x {threads} threads, "
           f"{time.perf_counter() - start:.0f} s in all")
     if args.json:
         Path(args.json).write_text(json.dumps({"cache": args.cache, "splits": args.splits, "split": args.split,

@@ -19,13 +19,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from machine import line  # bench/ is the script's folder
 
 DEFAULT_VARIANTS = ["none:head.motion=none", "prior:head.motion=prior"]
 
@@ -136,17 +136,6 @@ def energy_rule(cache_path: str, splits: int = 20, held_out: int = 48) -> dict[s
     return out
 
 
-def machine() -> str:
-    """The CPU a bench ran on, in one line: model, cores, whether it runs bf16 natively, torch's version."""
-    import torch
-
-    info = Path("/proc/cpuinfo").read_text()
-    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-               platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores, avx512_bf16: {'avx512_bf16' in info}, amx: {'amx_tile' in info}, "
-            f"torch {torch.__version__}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cache")
@@ -177,7 +166,7 @@ def main() -> None:
                               if k != "deletion"}), flush=True)
     print()
     print(table(rows))
-    print(f"\n{machine()}, split {args.split}, {args.jobs} jobs x {threads} threads, "
+    print(f"\n{line()}, split {args.split}, {args.jobs} jobs x {threads} threads, "
           f"{time.perf_counter() - start:.0f} s in all")
     if args.json:
         Path(args.json).write_text(json.dumps({"cache": args.cache, "split": args.split, "rows": rows}, indent=1))

@@ -52,7 +52,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -61,21 +60,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe  # bench/ is the script's folder
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def machine() -> dict:
-    flags, model = "", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "avx512_bf16": " avx512_bf16" in flags,
-            "python": platform.python_version()}
 
 
 def make_dataset(root: Path, clips: int, length: int, width: int, height: int) -> Path:
@@ -112,7 +99,7 @@ def ray_part(args) -> dict:
 
     cfg = ExtractConfig(weights="random:0", frames=args.frames, image_size=args.image_size, layer="pool5",
                         batch_size=args.batch_size, workers=args.workers, device="cpu", precision="auto")
-    result = {"part": "ray", "machine": machine(),
+    result = {"part": "ray", "machine": describe(),
               "settings": {"clips": args.clips, "length": args.length, "size": f"{args.width}x{args.height}",
                            "frames": args.frames, "image_size": args.image_size, "batch_size": args.batch_size,
                            "local_workers": args.workers, "weights": "random:0", "precision": "auto",
@@ -350,7 +337,7 @@ def grow_part(args) -> dict:
     clips = args.clips or 2000
     grown = clips + max(1, round(clips * args.grow))
     clip_bytes = args.frames * args.channels * args.grid ** 2 * 2
-    result = {"part": "grow", "machine": machine(),
+    result = {"part": "grow", "machine": describe(),
               "settings": {"clips": clips, "clips_after": grown, "clip_shape": [args.frames, args.channels,
                                                                                 args.grid, args.grid],
                            "clip_bytes": clip_bytes, "cache_gb": round(clips * clip_bytes / 1e9, 2),
@@ -410,7 +397,7 @@ def ddp_part(args) -> dict:
                                      "ranks": timings["ranks"]})
         med = {name: {k: statistics.median(x[k] for x in rs) for k in ("seconds_per_epoch", "wall_seconds")}
                for name, rs in rounds.items()}
-        return {"part": "ddp", "machine": machine(),
+        return {"part": "ddp", "machine": describe(),
                 "settings": {"train_clips": clips, "val_clips": val, "frames": args.frames, "epochs": args.epochs,
                              "repeat": args.repeat, "head": "code defaults (convlstm, 48 channels, batch 16)"},
                 "rounds": rounds, "median": med,

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import line  # bench/ is the script's folder
 
 
 def make_cache(path: Path, clips: int, frames: int, classes: int, seed: int = 0) -> Path:
@@ -106,10 +106,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    import torch
 
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                     "torch": torch.__version__, "clips": args.clips, "frames": args.frames, "device": args.device}
+    results: dict = {"machine": line(), "clips": args.clips, "frames": args.frames, "device": args.device}
     with tempfile.TemporaryDirectory() as tmp:
         cache = make_cache(Path(tmp) / "bench.h5", args.clips, args.frames, args.classes)
         fps, precision = backbone_fps(args.device, args.backbone_frames)

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
+from machine import line  # bench/ is the script's folder
 
 
 def measure(source: str, model: Path, mode: str, device: str, stride: int, window: int, queue: int) -> dict:
@@ -56,14 +55,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    import torch
     from rich.console import Console
     from rich.table import Table
 
     rows = [measure(args.source, args.model, mode.strip(), args.device, args.stride, args.window, args.queue)
             for mode in args.modes.split(",")]
-    table = Table(title=f"watch {args.source} ({platform.processor() or platform.machine()}, "
-                        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    table = Table(title=f"watch {args.source} ({line()})")
     cols = ("mode", "outcome", "source_seconds", "x_real_time", "required_fps", "sampled_fps", "sampled", "dropped",
             "latency_p50", "latency_p95", "latency_p95_by_fifth")
     for col in cols:

@@ -38,6 +38,13 @@ MOTIONS = ("none", "prior", "input")
 APPEARANCES = ("none", "attended", "mean")
 SPLITS = ("train", "val", "test")
 
+# what a setting added later was before it existed: a checkpoint or a training state written without the key loads
+# and compares as what it was trained with, never as today's default
+BEFORE_THE_KEY = {
+    "head": {"readout": "mean", "motion": "none", "appearance": "none", "heads": 1},
+    "train": {"jitter": 0.0, "ema_epochs": 0.0},
+}
+
 
 class ConfigError(UserError, ValueError):
     """A params file or override a user wrote that cannot be used."""

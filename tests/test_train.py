@@ -260,6 +260,36 @@ def test_resume_with_other_settings_is_refused_and_keeps_the_run(tiny_project, r
     assert {p: p.read_bytes() for p in before} == before  # nothing already computed is lost
 
 
+def test_a_state_file_from_before_a_setting_existed_resumes_and_one_set_otherwise_is_refused(tiny_project, reference,
+                                                                                              tmp_path):
+    """Settings added since a state file was written (absent from its identity) count as what they were before
+    they existed; set otherwise on either side, they are a difference."""
+    import torch
+
+    _, ref = reference
+    shutil.copytree(ref["model"].parent, tmp_path / "run")
+    state_path = train.resume_path(outputs_in(tmp_path / "run")["model"])
+    payload = torch.load(state_path, weights_only=True)
+    for name in ("jitter", "ema_epochs"):  # added after the first resumable runs
+        del payload["identity"]["train"][name]
+    for name in ("heads", "appearance"):
+        del payload["identity"]["head"][name]
+    torch.save(payload, state_path)
+    result = run_in_process(*cli_args(tiny_project, tmp_path / "run", "--epochs", "3", "--resume"))
+    assert result.exit_code == 0, result.output  # the run had finished: it resumes and has nothing left to do
+    assert same_tensors(state_of(outputs_in(tmp_path / "run")["model"]), state_of(ref["model"]))
+
+    identity = resume_state_of(ref["model"])["identity"]  # today's, every key present
+    assert fitting.same_identity(payload["identity"], identity)  # the missing keys count as their old values
+    assert not fitting.same_identity(payload["identity"], {**identity, "train": {**identity["train"], "jitter": 0.2}})
+    assert not fitting.same_identity({**identity, "train": {**identity["train"], "jitter": 0.2}}, identity)
+    assert not fitting.same_identity(identity, {**identity, "frames": 7})
+    # a key from before: a file without `readout` was trained with the mean readout, not today's default
+    old = {**payload["identity"], "head": {k: v for k, v in identity["head"].items() if k != "readout"}}
+    assert not fitting.same_identity(old, identity)
+    assert fitting.same_identity(old, {**identity, "head": {**identity["head"], "readout": "mean"}})
+
+
 def test_resume_without_or_with_a_broken_state_file_is_refused(tiny_project, tmp_path):
     result = run_in_process(*cli_args(tiny_project, tmp_path, "--epochs", "3", "--resume"))
     assert_one_line_error(result, "no training state to resume from")

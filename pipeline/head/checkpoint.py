@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import HeadConfig
+from pipeline.config import BEFORE_THE_KEY, HeadConfig
 from pipeline.errors import UserError, first_line
 from pipeline.features.cache import FeatureCache
 from pipeline.features.provenance import SETTINGS_KEYS, settings_mismatch
@@ -100,11 +100,6 @@ def save(path: str | Path, ckpt: Checkpoint) -> Path:
     return path
 
 
-# what a head config without the key was: a checkpoint from before the key existed loads as the head it was
-# trained as, never as today's default
-PRE_KEYS = {"readout": "mean", "motion": "none", "appearance": "none", "heads": 1}
-
-
 def load(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by `save`; anything else (corrupt, foreign, newer) is a CheckpointError."""
     import torch
@@ -130,7 +125,7 @@ def load(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: malformed head checkpoint: {problem}")
     head_fields = {f.name for f in dataclasses.fields(HeadConfig)}
     try:  # _type_problem checks what it knows; anything else of a foreign payload is one line too
-        head = {**PRE_KEYS, **{k: v for k, v in payload["head"].items() if k in head_fields}}
+        head = {**BEFORE_THE_KEY["head"], **{k: v for k, v in payload["head"].items() if k in head_fields}}
         return Checkpoint(state_dict=dict(payload["state_dict"]), head=HeadConfig(**head),
                           classes=list(payload["classes"]), feature_shape=list(payload["feature_shape"]),
                           extraction=dict(payload["extraction"]), cache=dict(payload.get("cache") or {}),

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.config import HeadConfig, TrainConfig
+from pipeline.config import BEFORE_THE_KEY, HeadConfig, TrainConfig
 from pipeline.files import atomic_file
 from pipeline.head.average import WeightAverage
 from pipeline.head.batches import ClipSet
@@ -263,10 +263,17 @@ def resume_identity(head: HeadConfig, cfg: TrainConfig, extraction: dict) -> dic
     """What must not change between a run and its resumption (patience, device and how a streamed split is
     read may), as `identity`."""
     keep = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("patience", "device", "loader_workers")}
-    if not keep["ema_epochs"]:  # added later: left out while off, so a state written before it still resumes
-        del keep["ema_epochs"]
     return {"head": dataclasses.asdict(head), "train": keep, "weights": extraction.get("weights"),
             "frames": extraction.get("frames"), "layer": extraction.get("layer")}
+
+
+def same_identity(stored: dict, identity: dict) -> bool:
+    """Whether a state file's identity is this run's. A head or train key the file lacks was added since it was
+    written: it counts as its value from before it existed (config.BEFORE_THE_KEY), so a run of today's code with
+    that setting at its old behaviour resumes, and one that sets it otherwise does not."""
+    filled = {key: ({**BEFORE_THE_KEY[key], **value} if key in BEFORE_THE_KEY and isinstance(value, dict) else value)
+              for key, value in stored.items()}
+    return filled == identity
 
 
 def save_state(path: Path, model, optimiser, schedule, state: FitState, identity: dict,
@@ -297,7 +304,7 @@ def load_state(path: Path, model, optimiser, schedule, identity: dict, state: Fi
         assert isinstance(payload, dict) and payload.get("format") == RESUME_FORMAT
     except Exception:  # noqa: BLE001 - any unreadable file means the same thing to the user
         raise CheckpointError(f"{path}: not a readable training state; train without --resume") from None
-    if payload["identity"] != identity:
+    if not isinstance(payload["identity"], dict) or not same_identity(payload["identity"], identity):
         raise CheckpointError(f"{path}: was trained with other head/train settings or another cache; "
                               "train without --resume (or restore those settings)")
     model.load_state_dict(payload["model"])
