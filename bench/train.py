@@ -62,8 +62,8 @@ def head_epoch(cache_path: Path, cell: str, max_memory_gb: float, device: str, e
     with open_cache(cache_path) as cache:
         clips = ClipSet(cache, cache.videos, max_memory_gb)
         seed_everything(0)
-        model = build_head(HeadConfig(cell=cell, readout=readout), cache.feature_shape[1],
-                           len(cache.classes)).to(dev)
+        head = HeadConfig(cell=cell, readout=readout).for_train_split(len(clips) / len(cache.classes))
+        model = build_head(head, cache.feature_shape[1], len(cache.classes)).to(dev)
         optimiser = make_optimiser(model, cfg)
         warm = next(iter(clips.batches(cfg.batch_size)))
         for _ in range(2):  # warm-up at the full batch shape: oneDNN builds its kernels per shape, once

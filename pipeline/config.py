@@ -35,8 +35,10 @@ ATTENTIONS = ("soft", "none")
 SCHEDULES = ("cosine", "step")
 READOUTS = ("attention", "mean")
 MOTIONS = ("none", "prior", "input")
-APPEARANCES = ("none", "attended", "mean")
+APPEARANCES = ("auto", "none", "attended", "mean")
 SPLITS = ("train", "val", "test")
+# head.appearance auto: the attended appearance term below this many train clips a class (docs/DESIGN.md)
+APPEARANCE_AUTO_BELOW = 50
 
 # what a setting added later was before it existed: a checkpoint or a training state written without the key loads
 # and compares as what it was trained with, never as today's default
@@ -137,10 +139,13 @@ class HeadConfig:
         "prior: the clip's own motion map M~_t (from its cached features) is added to the attention logits as "
         "beta * log M~_t, beta learned | none: no motion term (the first head).", choices=MOTIONS)
     # none | attended: + W_g LN(sum_i A_ti X_ti), the frame's appearance read through the attention, on y_t |
-    # mean: the same with the plain mean over the cells (reads past the attention: kept to measure against)
+    # mean: the same with the plain mean over the cells (reads past the attention: kept to measure against) |
+    # auto: attended on a small train split, none on a larger one (for_train_split; docs/DESIGN.md "Small real
+    # datasets": below ~50 clips a class the attended appearance helped at every size measured, above it cost)
     appearance: str = _setting(
-        "none", "attended: the frame's features weighted by the attention, W_g LN(sum_i A_ti X_ti), added to the "
-        "logits | mean: the same with the plain mean (reads past the attention) | none.", choices=APPEARANCES)
+        "auto", f"auto: attended where the train split holds fewer than {APPEARANCE_AUTO_BELOW} clips a class, "
+        "else none | attended: the frame's features weighted by the attention, W_g LN(sum_i A_ti X_ti), added to "
+        "the logits | mean: the same with the plain mean (reads past the attention) | none.", choices=APPEARANCES)
     heads: int = _setting(1, "Heads trained together from different initial weights; the model's video probability "
                           "is the mean of theirs, its map the mean of their maps.", at_least=1)
 
@@ -154,10 +159,17 @@ class HeadConfig:
         """Channels that motion adds to P_t: 1 (log(1 + D_t)) for motion: input where motion applies, else 0."""
         return int(self.uses_motion and self.motion == "input")
 
+    def for_train_split(self, clips_a_class: float) -> HeadConfig:
+        """This config with `appearance: auto` made concrete for a train split of `clips_a_class` clips a class
+        (its mean over the classes): the head that is built, trained and saved. Any other value is kept."""
+        if self.appearance != "auto":
+            return self
+        return dataclasses.replace(self, appearance="attended" if clips_a_class < APPEARANCE_AUTO_BELOW else "none")
+
     @property
     def uses_appearance(self) -> bool:
         """The appearance term applies to the attention heads (mean has no attention to read through)."""
-        return self.appearance != "none" and self.cell != "mean"
+        return self.appearance not in ("none", "auto") and self.cell != "mean"
 
     @property
     def label(self) -> str:

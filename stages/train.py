@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import HeadConfig, TrainConfig, check
+import numpy as np
+
+from pipeline.config import APPEARANCE_AUTO_BELOW, HeadConfig, TrainConfig, check
 from pipeline.errors import UserError
 from pipeline.features.reader import open_cache
 from pipeline.files import write_json_atomic, write_tsv_atomic
@@ -126,6 +128,8 @@ def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfi
         classes, shape = list(cache.classes), list(cache.feature_shape)
         # seconds between the sampled frames of the train clips: the rate `watch` samples a stream at
         interval = ck.clips_sample_interval(cache.frame_index[train_set.index], cache.fps[train_set.index])
+        requested = head.appearance
+        head = head.for_train_split(len(train_set) / max(len(np.unique(train_set.labels.numpy())), 1))
         seed_everything(cfg.seed)
         model = build_head(head, shape[1], len(classes)).to(device)
         summary = TrainSummary(model=model_path, parameters=count_parameters(model), device=str(device),
@@ -138,6 +142,10 @@ def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfi
                           f"{len(train_set)} train / {len(val_set)} val clips "
                           f"({'in memory' if train_set.in_memory else 'streamed from the cache'}), {on}",
                           highlight=False)
+            if requested == "auto":
+                size = "fewer" if head.appearance == "attended" else "at least"
+                console.print(f"head.appearance auto: {head.appearance} (the train split has {size} than "
+                              f"{APPEARANCE_AUTO_BELOW} clips a class)", highlight=False)
 
         def save_best(epoch: Epoch) -> None:
             info = dict(dataclasses.asdict(cfg), epoch=epoch.epoch, val_loss=epoch.val_loss,

@@ -97,7 +97,7 @@ def test_cli_writes_eval_json_predictions_and_confusion_that_agree(cli_eval, tin
     assert report["top3_accuracy"] == 1.0  # 3 classes: the true one is always among the top 3
     assert report["entropy"]["uniform"] == round(math.log(GRID * GRID), 6)
     ckpt = ck.load(model)
-    assert report["model"] == {"path": str(model), "head": "convlstm/soft/attention/motion-input",
+    assert report["model"] == {"path": str(model), "head": "convlstm/soft/attention/motion-input/appearance-attended",
                                "epoch": ckpt.train["epoch"], "weights": ckpt.extraction["weights"]}
 
     predictions = read_csv(out / "predictions.csv")

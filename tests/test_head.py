@@ -32,7 +32,7 @@ def _seed():
 def small_head(cell: str, attention: str, in_channels: int = 6, num_classes: int = 4, **kw) -> torch.nn.Module:
     """The head's equations without the motion term unless `motion` says otherwise (it has tests of its own)."""
     cfg = HeadConfig(cell=cell, attention=attention, channels=kw.pop("channels", 8), motion=kw.pop("motion", "none"),
-                     **kw)
+                     appearance=kw.pop("appearance", "none"), **kw)
     return build_head(cfg, in_channels, num_classes)
 
 
@@ -188,7 +188,7 @@ def test_default_head_parameter_count_follows_the_equations():
     c, k, classes = 512, 3, 8
     d = HeadConfig().channels
 
-    head = build_head(HeadConfig(), c, classes)
+    head = build_head(HeadConfig().for_train_split(clips_a_class=100), c, classes)  # a large split: no appearance
 
     p = d + 1  # P_t's channels: d, and log(1 + D_t) (head.motion: input, the default)
     w_p = c * d  # P_t = W_p * X_t (no bias)
@@ -207,7 +207,7 @@ def test_default_head_parameter_count_follows_the_equations():
 )
 def test_unusable_head_settings_are_reported_in_one_line(change, message):
     with pytest.raises(ConfigError, match=message) as err:
-        build_head(HeadConfig(**change), 512, 8)
+        build_head(HeadConfig(appearance="none", **change), 512, 8)
     assert "\n" not in str(err.value)
 
 
@@ -236,7 +236,8 @@ def moving_blob_clips(n: int, generator: torch.Generator, frames: int = 5, size:
 def training_accuracy(cell: str, steps: int) -> float:
     """Fit the head to 64 moving-blob clips; the video accuracy on those same clips."""
     x, labels = moving_blob_clips(64, torch.Generator().manual_seed(1))
-    head = build_head(HeadConfig(cell=cell, attention="soft", channels=8, dropout=0.0), 3, DIRECTIONS)
+    head = build_head(HeadConfig(appearance="none", cell=cell, attention="soft", channels=8, dropout=0.0), 3,
+                      DIRECTIONS)
     optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
     for _ in range(steps):
         loss, _ = head_loss(head(x), labels, attention_reg=1e-3)
@@ -329,7 +330,7 @@ def test_the_default_head_reads_through_the_attention_without_the_regulariser():
 def test_a_checkpoint_saved_before_readout_existed_loads_as_the_mean_readout(tmp_path):
     from pipeline.head import checkpoint as ck
 
-    head = HeadConfig(cell="convlstm", attention="soft", channels=8, readout="mean")
+    head = HeadConfig(cell="convlstm", attention="soft", channels=8, readout="mean", appearance="none")
     model = build_head(head, 6, 4).eval()
     old = ck.Checkpoint(model.state_dict(), head, ["a", "b", "c", "d"], [4, 6, 7, 7], {"weights": "random:0"},
                         {}, {"epoch": 1})
@@ -361,7 +362,7 @@ def test_motion_none_is_the_head_before_motion_existed_bit_for_bit(cell):
     """tests/data/head_before_motion.pt: weights, input and outputs saved by the code before head.motion
     (commit 1c5220f), eval and train mode (per-clip dropout seeds 5, 6)."""
     ref = torch.load(REFERENCE, weights_only=True)[cell]
-    head = build_head(HeadConfig(cell=cell, channels=8, motion="none"), 16, 3)
+    head = build_head(HeadConfig(appearance="none", cell=cell, channels=8, motion="none"), 16, 3)
     head.load_state_dict(ref["state_dict"])  # strict: no parameter added or renamed
     head.eval()
     with torch.no_grad():
@@ -400,8 +401,8 @@ def test_the_motion_map_sits_where_the_features_change_and_ignores_global_change
 def test_the_motion_prior_adds_beta_log_m_to_the_attention_logits():
     """With beta = 0 the prior head is the plain head; with beta = 1 and w_z = 0 its maps are M~_t itself."""
     x = moving_patch()
-    plain = build_head(HeadConfig(channels=8, motion="none"), 4, 3).eval()
-    guided = build_head(HeadConfig(channels=8, motion="prior"), 4, 3).eval()
+    plain = build_head(HeadConfig(appearance="none", channels=8, motion="none"), 4, 3).eval()
+    guided = build_head(HeadConfig(appearance="none", channels=8, motion="prior"), 4, 3).eval()
     assert set(dict(guided.named_parameters())) - set(dict(plain.named_parameters())) == {"beta"}
     assert float(guided.beta.detach()) == 1.0
     with torch.no_grad():
@@ -414,7 +415,7 @@ def test_the_motion_prior_adds_beta_log_m_to_the_attention_logits():
 
 def test_attention_none_stays_uniform_with_the_motion_prior_and_the_label_says_which_head():
     x = moving_patch()
-    head = build_head(HeadConfig(channels=8, attention="none", motion="prior"), 4, 3).eval()
+    head = build_head(HeadConfig(appearance="none", channels=8, attention="none", motion="prior"), 4, 3).eval()
     assert not head.uses_motion and not hasattr(head, "beta")
     assert torch.equal(head(x).attention, torch.full((1, 6, 7, 7), 1 / 49))
     assert HeadConfig(motion="prior").label == "convlstm/soft/attention/motion-prior"
@@ -426,7 +427,7 @@ def test_beta_learns_at_its_own_rate_without_weight_decay():
     from pipeline.config import TrainConfig
     from pipeline.head.fit import make_optimiser
 
-    head = build_head(HeadConfig(channels=8, motion="prior"), 4, 3)
+    head = build_head(HeadConfig(appearance="none", channels=8, motion="prior"), 4, 3)
     groups = make_optimiser(head, TrainConfig(lr=1e-3, motion_lr=0.05)).param_groups
     (beta_group,) = [g for g in groups if any(p is head.beta for p in g["params"])]
     assert beta_group["lr"] == 0.05 and beta_group["weight_decay"] == 0.0 and len(beta_group["params"]) == 1
@@ -441,7 +442,7 @@ def test_a_checkpoint_from_before_head_motion_loads_as_the_head_it_was_trained_a
     from pipeline.head import checkpoint as ck
 
     ref = torch.load(REFERENCE, weights_only=True)["convlstm"]
-    head = {k: v for k, v in dataclasses.asdict(HeadConfig(channels=8)).items() if k != "motion"}
+    head = {k: v for k, v in dataclasses.asdict(HeadConfig(channels=8, appearance="none")).items() if k != "motion"}
     payload = {"format": ck.FORMAT, "format_version": ck.FORMAT_VERSION, "state_dict": ref["state_dict"],
                "head": head, "classes": ["a", "b", "c"], "feature_shape": [4, 16, 7, 7], "extraction": {}}
     torch.save(payload, tmp_path / "old.pt")
@@ -459,8 +460,8 @@ def test_motion_input_gives_p_t_the_cells_own_motion_energy_as_one_more_channel(
     from pipeline.features.motion import motion_energy
 
     d = 8
-    prior = build_head(HeadConfig(channels=d, motion="prior"), 4, 3)
-    guided = build_head(HeadConfig(channels=d, motion="input"), 4, 3).eval()
+    prior = build_head(HeadConfig(appearance="none", channels=d, motion="prior"), 4, 3)
+    guided = build_head(HeadConfig(appearance="none", channels=d, motion="input"), 4, 3).eval()
     extra = count_parameters(guided) - count_parameters(prior)
     k = HeadConfig().kernel
     assert extra == d + 2 * d * k * k + 4 * d * k * k  # W_xa, the state init and the cell: one more input channel

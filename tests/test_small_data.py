@@ -24,7 +24,7 @@ def clips(b: int = 3, t: int = 6, c: int = 16, size: int = 5) -> torch.Tensor:
 
 def test_an_ensemble_reads_as_the_mean_of_its_members_probabilities_and_maps():
     torch.manual_seed(0)
-    head = build_head(HeadConfig(channels=8, heads=3), 16, 4).eval()
+    head = build_head(HeadConfig(appearance="none", channels=8, heads=3), 16, 4).eval()
     x = clips()
     with torch.no_grad():
         out = head(x)
@@ -39,16 +39,16 @@ def test_an_ensemble_reads_as_the_mean_of_its_members_probabilities_and_maps():
 
 def test_the_first_member_is_the_single_head_of_the_same_seed():
     torch.manual_seed(5)
-    one = build_head(HeadConfig(channels=8), 16, 4)
+    one = build_head(HeadConfig(appearance="none", channels=8), 16, 4)
     torch.manual_seed(5)
-    three = build_head(HeadConfig(channels=8, heads=3), 16, 4)
+    three = build_head(HeadConfig(appearance="none", channels=8, heads=3), 16, 4)
     for (name, a), (_, b) in zip(one.state_dict().items(), three.members[0].state_dict().items()):
         assert torch.equal(a, b), name
 
 
 def test_each_member_learns_from_its_own_loss_with_its_own_dropout_masks():
     torch.manual_seed(0)
-    head = build_head(HeadConfig(channels=8, heads=2), 16, 4).train()
+    head = build_head(HeadConfig(appearance="none", channels=8, heads=2), 16, 4).train()
     x, labels, noise = clips(), torch.tensor([0, 1, 2]), torch.tensor([11, 12, 13])
     out = head(x, noise)
     assert out.members.shape == (2, 3, 6, 4)
@@ -75,7 +75,7 @@ def test_an_ensemble_checkpoint_holds_every_member_and_rebuilds_the_same_outputs
 def test_a_checkpoint_from_before_these_keys_loads_as_one_head_without_appearance(tmp_path):
     import dataclasses
 
-    head = build_head(HeadConfig(channels=8), 16, 4)
+    head = build_head(HeadConfig(appearance="none", channels=8), 16, 4)
     old = {k: v for k, v in dataclasses.asdict(HeadConfig(channels=8)).items() if k not in ("heads", "appearance")}
     payload = {"format": ck.FORMAT, "format_version": ck.FORMAT_VERSION, "state_dict": head.state_dict(),
                "head": old, "classes": ["a", "b", "c", "d"], "feature_shape": [6, 16, 5, 5], "extraction": {}}
@@ -91,7 +91,7 @@ def test_a_checkpoint_from_before_these_keys_loads_as_one_head_without_appearanc
 @pytest.mark.parametrize("kind", ["attended", "mean"])
 def test_the_appearance_term_starts_at_zero_so_the_head_starts_as_it_was(kind):
     torch.manual_seed(3)
-    plain = build_head(HeadConfig(channels=8), 16, 4).eval()
+    plain = build_head(HeadConfig(appearance="none", channels=8), 16, 4).eval()
     torch.manual_seed(3)
     with_term = build_head(HeadConfig(channels=8, appearance=kind), 16, 4).eval()
     x = clips()
@@ -125,6 +125,48 @@ def test_with_the_attended_appearance_deleting_unattended_cells_changes_nothing_
     emptied[:, :, :, 0, 0] = 0.0  # a cell the map does not look at
     hwc = [v.permute(0, 1, 3, 4, 2) for v in (x, emptied)]
     assert torch.equal(head.appearance(hwc[0], maps, None), head.appearance(hwc[1], maps, None))
+
+
+def test_auto_appearance_is_attended_below_the_threshold_and_none_from_it():
+    from pipeline.config import APPEARANCE_AUTO_BELOW
+
+    auto = HeadConfig()
+    assert auto.appearance == "auto"
+    assert auto.for_train_split(15).appearance == "attended"
+    assert auto.for_train_split(APPEARANCE_AUTO_BELOW - 0.5).appearance == "attended"
+    assert auto.for_train_split(APPEARANCE_AUTO_BELOW).appearance == "none"
+    for chosen in ("none", "attended", "mean"):  # a value the user set is kept whatever the split
+        assert HeadConfig(appearance=chosen).for_train_split(15).appearance == chosen
+        assert HeadConfig(appearance=chosen).for_train_split(500).appearance == chosen
+    with pytest.raises(ValueError, match="resolved from the train split"):
+        build_head(auto, 16, 4)
+
+
+def test_train_resolves_auto_from_its_split_says_so_and_the_checkpoint_holds_the_head_it_built(tiny_project, tmp_path):
+    """Typed as a user would: the code default (auto) on the tiny project's 2 train clips a class builds the
+    attended head and says why; `--appearance none` and a params file's `none` are kept."""
+    from tests.cli_helpers import run_in_process
+
+    args = [str(tiny_project["cache"]), str(tiny_project["splits"])]
+    auto = run_in_process("train", *args, str(tmp_path / "auto" / "h.pt"), "--channels", "4", "--epochs", "1",
+                          "--device", "cpu")
+    assert auto.exit_code == 0, auto.output
+    assert "head.appearance auto: attended (the train split has fewer than 50 clips a class)" in auto.output
+    assert ck.load(tmp_path / "auto" / "h.pt").head.appearance == "attended"
+    params = tmp_path / "params.yaml"
+    params.write_text("head:\n  appearance: none\n  channels: 4\ntrain:\n  epochs: 1\n  lr: 3e-4\n")
+    from typer.testing import CliRunner
+
+    from pipeline.__main__ import app
+
+    flag = run_in_process("train", *args, str(tmp_path / "flag" / "h.pt"), "--device", "cpu", "--appearance", "none",
+                          "--channels", "4", "--epochs", "1")
+    written = CliRunner().invoke(app, ["train", *args, str(tmp_path / "params" / "h.pt"), "--device", "cpu",
+                                       "--params", str(params)], env={"COLUMNS": "250"})
+    for name, kept in (("flag", flag), ("params", written)):
+        assert kept.exit_code == 0, kept.output
+        assert "head.appearance auto" not in kept.output
+        assert ck.load(tmp_path / name / "h.pt").head.appearance == "none"
 
 
 # --- temporal jitter ---------------------------------------------------------------------------------------

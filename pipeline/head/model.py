@@ -402,6 +402,9 @@ def build_head(cfg: HeadConfig, in_channels: int, num_classes: int) -> nn.Module
     """The head that `cfg` names, for C = in_channels input channels and K = num_classes classes: one head, or a
     HeadEnsemble of `cfg.heads` of them (drawn one after the other, so the first is the single head of a seed)."""
     cfg = check(cfg)
+    if cfg.appearance == "auto":  # a programming error, not a user's: stages/train.py resolves it from the split
+        raise ValueError("head.appearance auto is resolved from the train split (HeadConfig.for_train_split) "
+                         "before a head is built")
     members = [HEADS[cfg.cell](cfg, in_channels, num_classes) for _ in range(cfg.heads)]
     return members[0] if cfg.heads == 1 else HeadEnsemble(members)
 

@@ -21,7 +21,9 @@ def print_report(report: dict[str, Any]) -> None:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.1%}"
 
-    table = Table(title=f"evaluate: {escape(report['model']['head'])} on {report['split']} ({report['clips']} clips)")
+    # the head's label under the table: it grows with the settings, and a title wider than the table wraps
+    table = Table(title=f"evaluate on {report['split']} ({report['clips']} clips)",
+                  caption=f"head {escape(report['model']['head'])}")
     table.add_column("metric")
     table.add_column("model", justify="right")
     table.add_column("baseline", justify="right")
