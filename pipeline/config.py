@@ -141,7 +141,7 @@ class HeadConfig:
     # none | attended: + W_g LN(sum_i A_ti X_ti), the frame's appearance read through the attention, on y_t |
     # mean: the same with the plain mean over the cells (reads past the attention: kept to measure against) |
     # auto: attended on a small train split, none on a larger one (for_train_split; docs/DESIGN.md "Small real
-    # datasets": below ~50 clips a class the attended appearance helped at every size measured, above it cost)
+    # datasets": on the fight set it helped at every size measured below 50 clips a class and cost at 73)
     appearance: str = _setting(
         "auto", f"auto: attended where the train split holds fewer than {APPEARANCE_AUTO_BELOW} clips a class, "
         "else none | attended: the frame's features weighted by the attention, W_g LN(sum_i A_ti X_ti), added to "

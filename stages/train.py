@@ -143,8 +143,8 @@ def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfi
                           f"({'in memory' if train_set.in_memory else 'streamed from the cache'}), {on}",
                           highlight=False)
             if requested == "auto":
-                size = "fewer" if head.appearance == "attended" else "at least"
-                console.print(f"head.appearance auto: {head.appearance} (the train split has {size} than "
+                size = "fewer than" if head.appearance == "attended" else "at least"
+                console.print(f"head.appearance auto: {head.appearance} (the train split has {size} "
                               f"{APPEARANCE_AUTO_BELOW} clips a class)", highlight=False)
 
         def save_best(epoch: Epoch) -> None:

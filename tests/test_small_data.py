@@ -169,6 +169,21 @@ def test_train_resolves_auto_from_its_split_says_so_and_the_checkpoint_holds_the
         assert ck.load(tmp_path / name / "h.pt").head.appearance == "none"
 
 
+def test_train_on_a_split_at_the_threshold_resolves_auto_to_none_and_says_so(tiny_project, tmp_path, monkeypatch):
+    """The other side of the threshold, on the tiny project's 2 train clips a class with the threshold at 2."""
+    from pipeline import config
+    from stages import train
+    from tests.cli_helpers import run_in_process
+
+    monkeypatch.setattr(config, "APPEARANCE_AUTO_BELOW", 2)
+    monkeypatch.setattr(train, "APPEARANCE_AUTO_BELOW", 2)
+    result = run_in_process("train", str(tiny_project["cache"]), str(tiny_project["splits"]), str(tmp_path / "h.pt"),
+                            "--channels", "4", "--epochs", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "head.appearance auto: none (the train split has at least 2 clips a class)" in result.output
+    assert ck.load(tmp_path / "h.pt").head.label == "convlstm/soft/attention/motion-input"
+
+
 # --- temporal jitter ---------------------------------------------------------------------------------------
 
 
