@@ -122,7 +122,6 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
-
     from pipeline.config import load_section
     from pipeline.errors import first_line
     from pipeline.features.cache import CacheError
@@ -148,7 +147,7 @@ def main() -> None:
             raise ValueError(f"{boxes_path}: no boxes file; the probe needs ground-truth boxes (--boxes)")
         truth = read_boxes_file(boxes_path)
         sets = {name: open_split(cache, args.splits, name) for name in ("train", "val", "test")}
-        head_cfg = head_cfg.for_train_split(len(sets["train"]) / len(cache.classes))  # as train resolves auto
+        head_cfg = head_cfg.for_train_split(sets["train"].clips_a_class)  # as train resolves auto
         missing = [cache.videos[i] for s in sets.values() for i in s.index if cache.videos[i] not in truth]
         if missing:
             raise ValueError(f"{boxes_path}: no boxes for {len(missing)} clips of the splits, e.g. '{missing[0]}'")

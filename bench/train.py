@@ -62,7 +62,7 @@ def head_epoch(cache_path: Path, cell: str, max_memory_gb: float, device: str, e
     with open_cache(cache_path) as cache:
         clips = ClipSet(cache, cache.videos, max_memory_gb)
         seed_everything(0)
-        head = HeadConfig(cell=cell, readout=readout).for_train_split(len(clips) / len(cache.classes))
+        head = HeadConfig(cell=cell, readout=readout).for_train_split(clips.clips_a_class)
         model = build_head(head, cache.feature_shape[1], len(cache.classes)).to(dev)
         optimiser = make_optimiser(model, cfg)
         warm = next(iter(clips.batches(cfg.batch_size)))
@@ -105,7 +105,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-
 
     results: dict = {"machine": line(), "clips": args.clips, "frames": args.frames, "device": args.device}
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.config import APPEARANCE_AUTO_BELOW, HeadConfig, TrainConfig, check
 from pipeline.errors import UserError
 from pipeline.features.reader import open_cache
@@ -129,7 +127,7 @@ def _train(cache_path: Path, splits_dir: Path, model_path: Path, head: HeadConfi
         # seconds between the sampled frames of the train clips: the rate `watch` samples a stream at
         interval = ck.clips_sample_interval(cache.frame_index[train_set.index], cache.fps[train_set.index])
         requested = head.appearance
-        head = head.for_train_split(len(train_set) / max(len(np.unique(train_set.labels.numpy())), 1))
+        head = head.for_train_split(train_set.clips_a_class)
         seed_everything(cfg.seed)
         model = build_head(head, shape[1], len(classes)).to(device)
         summary = TrainSummary(model=model_path, parameters=count_parameters(model), device=str(device),

@@ -52,6 +52,11 @@ class ClipSet:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def clips_a_class(self) -> float:
+        """The mean number of clips over the classes this set holds (what `head.appearance: auto` is decided on)."""
+        return len(self) / max(len(np.unique(self.labels.numpy())), 1)
+
     def batches(self, batch_size: int, order: Sequence[int] | np.ndarray | None = None) -> Iterator[Batch]:
         """Batches of `batch_size` clips in `order` (positions into this set; default: as listed)."""
         order = np.arange(len(self)) if order is None else np.asarray(order, dtype=np.int64)
